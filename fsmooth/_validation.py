@@ -1,0 +1,42 @@
+"""Argument checks shared by the public API: clear errors naming the argument."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_float_tensor(value, name: str, *, min_dim: int = 1, dim: int | None = None) -> torch.Tensor:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` unless ``value`` is a float tensor of the right rank."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in _FLOAT:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if dim is not None and value.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(value.shape)}")
+    if value.dim() < min_dim:
+        raise ValueError(f"{name} must have at least {min_dim} dims, got shape {tuple(value.shape)}")
+    return value
+
+
+def check_finite(value: torch.Tensor, name: str) -> None:
+    """Raise ``ValueError`` if ``value`` holds NaN or Inf (synchronises on GPU)."""
+    if value.numel() and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_number(value, name: str, *, min_value: float | None = None, positive: bool = False,
+                 integer: bool = False) -> None:
+    """Raise ``TypeError``/``ValueError`` naming ``name`` for a non-number or out-of-range value."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        kind = "an integer" if integer else "a number"
+        raise TypeError(f"{name} must be {kind}, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if min_value is not None and value < min_value:
+        raise ValueError(f"{name} must be >= {min_value}, got {value}")

@@ -1,0 +1,122 @@
+"""Functional API, mirroring :mod:`torch.nn.functional`.
+
+``feature_loss`` dispatches to the fused Triton kernel (:mod:`fsmooth.kernels`)
+on CUDA tensors, and on CPU tensors when ``TRITON_INTERPRET=1`` is set before
+the kernels are imported, so CI exercises the real kernel code; everywhere else
+it uses the pure-PyTorch reference (:mod:`fsmooth.reference`).
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+
+from ._validation import check_float_tensor
+from .reference import feature_loss_grad_reference, feature_loss_reference
+
+__all__ = ["feature_loss", "feature_loss_and_grad", "triton_available", "select_backend"]
+
+_log = logging.getLogger(__name__)
+_BACKENDS = ("auto", "triton", "reference")
+_REDUCTIONS = ("none", "mean", "sum")
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_kernels():
+    """The kernel module, or the reason it cannot be imported."""
+    try:
+        from .kernels import feature_loss as module
+    except Exception as exc:  # ImportError, or a Triton without a usable backend
+        return None, f"{type(exc).__name__}: {exc}"
+    return module, None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
+    """Whether the Triton kernel can run on ``device``; the reason when it cannot."""
+    device = torch.device(device)
+    if device.type != "cuda" and not _interpreting():
+        return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), got {device}"
+    module, reason = _triton_kernels()
+    if module is None:
+        return False, f"cannot import the Triton kernels ({reason})"
+    return True, ""
+
+
+def select_backend(features: torch.Tensor, backend: str = "auto") -> str:
+    """Resolve ``backend`` for ``features`` to ``"triton"`` or ``"reference"``."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    ok, reason = triton_available(features.device)
+    if ok and features.dtype not in _TRITON_DTYPES:
+        ok, reason = False, f"the Triton kernel supports {_TRITON_DTYPES}, got {features.dtype}"
+    if ok:
+        return "triton"
+    if backend == "triton":
+        raise RuntimeError(f"backend='triton' is unavailable: {reason}")
+    return "reference"
+
+
+def _check_features(features) -> None:
+    check_float_tensor(features, "features", min_dim=2)
+    if features.shape[0] and features[0].numel() == 0:
+        raise ValueError(f"features must have at least one element per sample, got shape {tuple(features.shape)}")
+
+
+def feature_loss(features: torch.Tensor, reduction: str = "none", *, backend: str = "auto") -> torch.Tensor:
+    """Feature-smoothing loss ``mean(|F - mean(F)|)`` of each sample.
+
+    Args:
+        features: ``(B, ...)`` activations; each sample's elements are reduced together.
+        reduction: ``"none"`` (per-sample ``(B,)``), ``"mean"`` or ``"sum"`` over the batch.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns fp32 for fp32/fp16/bf16 inputs (fp32 accumulation), fp64 for fp64.
+    Differentiable: the gradient is ``(sign(F - m) - mean(sign(F - m))) / N``.
+    """
+    _check_features(features)
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if features.shape[0] == 0:
+        loss = features.new_zeros((0,), dtype=torch.promote_types(features.dtype, torch.float32))
+    elif select_backend(features, backend) == "triton":
+        loss = _triton_kernels()[0].feature_loss_triton(features)
+    else:
+        loss = feature_loss_reference(features)
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def feature_loss_and_grad(
+    features: torch.Tensor, grad_scale: torch.Tensor | None = None, *, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample loss ``(B,)`` and ``grad_scale[:, None] * dL_F/dF`` without building an autograd graph.
+
+    This is the fused forward+gradient the Active Defense loop uses: the
+    gradient has the shape, dtype and layout of ``features`` and lives in its
+    own buffer.
+    """
+    _check_features(features)
+    if grad_scale is not None and grad_scale.shape != features.shape[:1]:
+        raise ValueError(f"grad_scale must have shape {tuple(features.shape[:1])}, got {tuple(grad_scale.shape)}")
+    if features.shape[0] == 0:
+        return features.new_zeros((0,), dtype=torch.promote_types(features.dtype, torch.float32)), features.clone()
+    with torch.no_grad():
+        if select_backend(features, backend) == "triton":
+            return _triton_kernels()[0].feature_loss_and_grad_triton(features, grad_scale)
+        loss, grad = feature_loss_grad_reference(features)
+        if grad_scale is not None:
+            shape = (-1,) + (1,) * (features.dim() - 1)
+            grad = (grad * grad_scale.to(grad.dtype).view(shape)).to(features.dtype)
+        return loss, grad

@@ -1,0 +1,88 @@
+"""Install fsmooth; build the optional CUDA extension ``fsmooth._C`` from ``csrc/``.
+
+The extension is built only when torch and a CUDA toolkit (nvcc) are present;
+set ``FSMOOTH_SKIP_CUDA_BUILD=1`` to skip it. Without it, fsmooth works and
+falls back to engines that need no extension. Build with
+``pip install --no-build-isolation .`` so the build uses the installed torch.
+"""
+import glob
+import os
+import shutil
+import warnings
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _nvidia_include_dirs():
+    """Headers (cuBLAS, cuSPARSE, ...) that torch's CUDA headers include, shipped by pip's nvidia packages."""
+    dirs = []
+    try:
+        import nvidia
+        for base in nvidia.__path__:
+            dirs += sorted(glob.glob(os.path.join(base, "*", "include")))
+    except ImportError:
+        pass
+    return dirs
+
+
+def _extensions():
+    if os.environ.get("FSMOOTH_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return [], {}
+    if "CUDA_HOME" not in os.environ and "CUDA_PATH" not in os.environ and os.path.isdir("/usr/local/cuda"):
+        # torch guesses CUDA_HOME from nvcc's location, which a wrapper script in /usr/local/bin misleads.
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    try:
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+    except ImportError:
+        warnings.warn("torch is not importable at build time: skipping the CUDA extension fsmooth._C "
+                      "(install with --no-build-isolation to build it)")
+        return [], {}
+    if CUDA_HOME is None or shutil.which("nvcc") is None and not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
+        warnings.warn("no CUDA toolkit (nvcc) found: skipping the CUDA extension fsmooth._C; "
+                      "fsmooth falls back to engines that do not need it")
+        return [], {}
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
+    if not sources:
+        return [], {}
+    ext = CUDAExtension(
+        name="fsmooth._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        py_limited_api=False,
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="fsmooth",
+    version="0.1.0",
+    description="Feature-smoothing training and GPU-accelerated Active Defense against adversarial examples",
+    long_description=open(os.path.join(ROOT, "README.md"), encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # kernels/ ships inside the package as fsmooth.kernels: no generic top-level name in site-packages.
+    packages=["fsmooth", "fsmooth.models", "fsmooth.defense", "fsmooth.evaluation", "fsmooth.kernels"],
+    package_dir={"fsmooth": "fsmooth", "fsmooth.kernels": "kernels"},
+    package_data={"fsmooth.models": ["weights/*.safetensors", "weights/*.json", "weights/*.jsonl"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton; platform_system == 'Linux'",
+        "torchvision",
+        "numpy",
+        "pyautoattack",
+        "ninja",
+        "safetensors",
+        "tqdm",
+        "pillow",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "torchattacks"]},
+    entry_points={"console_scripts": ["fsmooth = fsmooth.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
