@@ -34,14 +34,26 @@ def _triton_kernels():
     return module, None
 
 
-def _interpreting() -> bool:
+def _interpret_requested() -> bool:
+    """``TRITON_INTERPRET=1`` in the environment: ``backend="auto"`` then runs the kernel on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _interpreter_active() -> bool:
+    """Triton is in interpreter mode (environment or ``triton.knobs``), so CPU tensors can run kernels."""
+    if _interpret_requested():
+        return True
+    try:
+        import triton
+        return bool(triton.knobs.runtime.interpret)
+    except (ImportError, AttributeError):
+        return False
 
 
 def triton_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
     """Whether the Triton kernel can run on ``device``; the reason when it cannot."""
     device = torch.device(device)
-    if device.type != "cuda" and not _interpreting():
+    if device.type != "cuda" and not _interpreter_active():
         return False, f"Triton kernels need a CUDA device (or TRITON_INTERPRET=1), got {device}"
     module, reason = _triton_kernels()
     if module is None:
@@ -55,6 +67,8 @@ def select_backend(features: torch.Tensor, backend: str = "auto") -> str:
         raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
     if backend == "reference":
         return backend
+    if backend == "auto" and features.device.type != "cuda" and not _interpret_requested():
+        return "reference"
     ok, reason = triton_available(features.device)
     if ok and features.dtype not in _TRITON_DTYPES:
         ok, reason = False, f"the Triton kernel supports {_TRITON_DTYPES}, got {features.dtype}"

@@ -188,15 +188,18 @@ def feature_loss_forward(features: torch.Tensor, need_grad: bool):
 
 
 def feature_loss_backward(
-    signs: torch.Tensor, sign_mean: torch.Tensor, grad_loss: torch.Tensor, like: torch.Tensor
+    signs: torch.Tensor, sign_mean: torch.Tensor, grad_loss: torch.Tensor, like: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gradient with respect to the features for upstream per-sample gradient ``grad_loss``.
 
-    The result has the shape, dtype and memory layout of ``like``.
+    The result has the shape, dtype and memory layout of ``like``; it is
+    written into ``out`` when given (a static buffer, e.g. inside a CUDA graph).
     """
     b, n = signs.shape
     block, chunk, num_chunks = _launch_shape(n)
-    out = torch.empty_like(like)
+    if out is None:
+        out = torch.empty_like(like)
     scale = grad_loss.to(torch.float32).contiguous() / n
     _grad_kernel[(b, num_chunks)](signs, sign_mean, scale, out, n, out.stride(0), CHUNK=chunk, BLOCK=block)
     return out

@@ -70,13 +70,16 @@ def _traced_prefix(model: nn.Module, layer: str) -> fx.GraphModule:
         raise ValueError(f"layer {layer!r} is called {len(calls)} times in {type(model).__name__}.forward; "
                          "its output is ambiguous")
     cut = calls[0]
-    for node in list(graph.nodes):
+    module = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Prefix")
+    for node in list(module.graph.nodes):
         if node.op == "output":
-            graph.erase_node(node)
-    graph.output(cut)
-    graph.eliminate_dead_code()
-    graph.lint()
-    return fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Prefix")
+            module.graph.erase_node(node)
+    module.graph.output(cut)
+    module.graph.eliminate_dead_code()  # drops everything after the cut
+    module.graph.lint()
+    module.recompile()
+    module.delete_all_unused_submodules()
+    return module
 
 
 def prefix(model: nn.Module, layer: str | None = None) -> nn.Module:

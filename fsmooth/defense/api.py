@@ -1,0 +1,234 @@
+"""Public entry points: :class:`ActiveDefense` (a reusable engine) and :func:`defend`.
+
+Noise: each call draws ``U(-sigma, sigma)`` once for the whole batch, from
+``generator`` when given. The generator may live on ``x``'s device or on the
+CPU; the draw happens on the generator's device (then moves to ``x``'s), so
+a CPU generator gives the same noise whatever device the defense runs on.
+Without a generator the global RNG of ``x``'s device is used.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+import weakref
+
+import torch
+from torch import nn
+
+from .._validation import check_finite, check_float_tensor
+from .config import DEFAULT_DELTA, DefenseConfig
+from .eager import run_eager
+from .engines import ENGINES, resolve_engine
+from .prefix_state import PrefixState, model_device
+from .result import DefenseResult
+
+__all__ = ["ActiveDefense", "defend", "DefenseNotConvergedWarning"]
+
+
+class DefenseNotConvergedWarning(RuntimeWarning):
+    """Some samples stopped at ``max_iters`` with ``L_F > delta``."""
+
+
+def _expected_channels(module: nn.Module) -> int | None:
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            return m.in_channels
+    return None
+
+
+@contextlib.contextmanager
+def _autograd_allowed():
+    """Autograd on, even for ``torch.no_grad()`` / ``torch.inference_mode()`` callers."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
+
+
+def _inference_error(exc: RuntimeError) -> RuntimeError | None:
+    if "nference tensor" not in str(exc):
+        return None
+    return RuntimeError(
+        "Active Defense differentiates the network prefix with respect to its input, which is impossible "
+        "because the model's parameters or buffers are inference tensors (created or loaded under "
+        "torch.inference_mode()). Create/load the model outside inference_mode; calling the defense from "
+        f"inside inference_mode is fine. ({exc})")
+
+
+class ActiveDefense:
+    """Active Defense (Algorithm 1) on ``model``'s features at ``layer``; owns the prefix and captured graphs.
+
+    Args:
+        model: a classifier taking [0, 1] inputs. Its weights are never modified.
+        layer: layer whose output feeds ``L_F`` (default: ``model.default_layer``, ``block1`` for WRNs).
+        config: :class:`DefenseConfig`; default: paper values with ``delta`` from
+            ``model.defense_delta`` when set (checkpoints calibrated by fsmooth set it) else 0.0124.
+        engine: ``"auto"``, ``"eager"``, ``"graph"`` (single-launch WHILE node) or ``"chunked"``.
+        dtype: prefix compute dtype; ``torch.bfloat16`` runs the prefix in bf16 channels_last while ``t``,
+            ``L_F`` and the exit decision stay fp32. ``None``: the model's dtype.
+        enforce_eager: never use CUDA graphs (also ``FSMOOTH_ENFORCE_EAGER=1``).
+        max_batch: graph engines: largest captured bucket (more samples stream through its slots).
+        chunk: ``"chunked"`` engine: iterations unrolled per graph replay.
+        backend: feature-loss backend (``"auto"``, ``"triton"``, ``"reference"``).
+
+    Call with ``(x, generator=None, return_info=False)``.
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None, config: DefenseConfig | None = None, *,
+                 engine: str = "auto", dtype: torch.dtype | None = None, enforce_eager: bool = False,
+                 max_batch: int = 256, chunk: int = 8, backend: str = "auto"):
+        if config is None:
+            calibrated = getattr(model, "defense_delta", None)
+            config = DefenseConfig(delta=DEFAULT_DELTA if calibrated is None else float(calibrated))
+        if not isinstance(config, DefenseConfig):
+            raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
+        if not isinstance(engine, str) or engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        for name, value in (("max_batch", max_batch), ("chunk", chunk)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.prefix = PrefixState(model, layer, dtype)
+        self.model = model
+        self.config = config
+        self.engine = engine
+        self.enforce_eager = bool(enforce_eager)
+        self.max_batch = max_batch
+        self.chunk = chunk
+        self.backend = backend
+        self._in_channels = _expected_channels(self.prefix.module)
+        self._runners = {}
+
+    @property
+    def layer(self) -> str:
+        return self.prefix.layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.prefix.dtype
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"{type(self).__name__}(layer={self.layer!r}, sigma={c.sigma}, beta={c.beta}, delta={c.delta}, "
+                f"max_iters={c.max_iters}, clamp={c.clamp}, engine={self.engine!r}, dtype={self.dtype})")
+
+    # ---------------------------------------------------------------- checks and noise
+    def _check_inputs(self, x) -> None:
+        check_float_tensor(x, "x")
+        if x.dim() != 4:
+            raise ValueError(f"x must be a 4-D (B, C, H, W) batch, got shape {tuple(x.shape)}")
+        if self._in_channels is not None and x.shape[1] != self._in_channels:
+            raise ValueError(f"x must have {self._in_channels} channels for this model, got shape {tuple(x.shape)}")
+        check_finite(x, "x")
+        device = model_device(self.model)
+        if device is not None and device != x.device:
+            raise ValueError(f"model is on {device} but x is on {x.device}; move one of them")
+
+    def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None,
+                   sigma: float | None = None) -> torch.Tensor:
+        """The ``U(-sigma, sigma)`` offsets one call would add to ``x`` (state dtype, on ``x``'s device)."""
+        sigma = self.config.sigma if sigma is None else sigma
+        dtype = self.prefix.state_dtype
+        if generator is None:
+            u = torch.rand(x.shape, dtype=dtype, device=x.device)
+        else:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+            gen_device = torch.device(generator.device)
+            if gen_device.type != "cpu" and gen_device != x.device:
+                raise ValueError(f"generator must be on the CPU or on x's device ({x.device}), got {gen_device}")
+            u = torch.rand(x.shape, dtype=dtype, device=gen_device, generator=generator).to(x.device)
+        return (2.0 * u - 1.0) * sigma
+
+    # ---------------------------------------------------------------- running
+    def _runner(self, engine: str, x: torch.Tensor):
+        key = (engine, x.device, tuple(x.shape[1:]))
+        runner = self._runners.get(key)
+        if runner is None:
+            from .graph import GraphRunner
+            runner = GraphRunner(self.prefix, x.device, tuple(x.shape[1:]), mode=engine,
+                                 max_batch=self.max_batch, chunk=self.chunk, backend=self.backend)
+            self._runners[key] = runner
+        return runner
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, return_info: bool = False, *,
+                 noise: torch.Tensor | None = None, config: DefenseConfig | None = None):
+        """Defend ``x``; ``noise`` (internal/tests) replaces the random draw with given offsets."""
+        config = self.config if config is None else config
+        if not isinstance(config, DefenseConfig):
+            raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
+        self._check_inputs(x)
+        engine = resolve_engine(self.engine, x.device, self.enforce_eager)
+        if noise is not None:
+            check_float_tensor(noise, "noise")
+            if noise.shape != x.shape:
+                raise ValueError(f"noise must have x's shape {tuple(x.shape)}, got {tuple(noise.shape)}")
+        b = x.shape[0]
+        with _autograd_allowed():
+            if noise is None:
+                noise = self.draw_noise(x, generator, config.sigma)
+            t0 = x.detach().to(self.prefix.state_dtype) + noise.detach().to(x.device, self.prefix.state_dtype)
+            occupancy = None
+            if b == 0:
+                t, iterations = t0, torch.zeros(0, dtype=torch.int64, device=x.device)
+                loss = torch.zeros(0, dtype=torch.float32, device=x.device)
+            else:
+                try:
+                    with self.prefix.session() as module:
+                        if engine == "eager":
+                            t, iterations, loss = run_eager(lambda s: self.prefix.features(module, s), t0, config,
+                                                            backend=self.backend)
+                        else:
+                            t, iterations, loss, occupancy = self._runner(engine, x).run(module, t0, config)
+                except RuntimeError as exc:
+                    better = _inference_error(exc)
+                    if better is not None:
+                        raise better from exc
+                    raise
+            converged = loss <= config.delta
+            result = DefenseResult(inputs=t.detach().to(x.dtype), iterations=iterations,
+                                   converged=converged, feature_loss=loss.float(), engine=engine,
+                                   occupancy=occupancy)
+        stuck = result.num_unconverged
+        if stuck:
+            warnings.warn(f"{stuck} of {b} samples reached max_iters={config.max_iters} with feature loss above "
+                          f"delta={config.delta}", DefenseNotConvergedWarning, stacklevel=2)
+        return result if return_info else result.inputs
+
+
+# defend() reuses one engine per (model, layer, dtype, engine): graphs and buffers survive between calls.
+_ENGINE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _cached_engine(model: nn.Module, layer, engine: str, dtype) -> ActiveDefense:
+    per_model = _ENGINE_CACHE.setdefault(model, {})
+    key = (layer, engine, dtype)
+    defense = per_model.get(key)
+    if defense is None:
+        defense = ActiveDefense(model, layer, engine=engine, dtype=dtype)
+        per_model[key] = defense
+    return defense
+
+
+def defend(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, sigma: float = 0.075,
+           beta: float = 80.0, delta: float | None = None, max_iters: int = 1000, clamp=None,
+           generator: torch.Generator | None = None, engine: str = "auto", dtype: torch.dtype | None = None,
+           return_info: bool = False):
+    """Active Defense of the batch ``x`` (values in [0, 1]) against ``model``.
+
+    Per sample: ``t = x + U(-sigma, sigma)``; while ``L_F(t) > delta`` (and at most
+    ``max_iters`` times): ``t -= beta * dL_F/dt``. ``delta=None`` uses
+    ``model.defense_delta`` when set, else the paper's CIFAR-10 value 0.0124.
+
+    Returns the defended inputs (shape, dtype and device of ``x``), or with
+    ``return_info=True`` a :class:`DefenseResult` with per-sample iteration
+    counts, convergence flags, final ``L_F`` and the engine used.
+    Works for ``torch.no_grad()`` callers; the model's weights and modes are untouched.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if delta is None:
+        calibrated = getattr(model, "defense_delta", None)
+        delta = DEFAULT_DELTA if calibrated is None else float(calibrated)
+    config = DefenseConfig(sigma=sigma, beta=beta, delta=delta, max_iters=max_iters, clamp=clamp)
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    defense = _cached_engine(model, layer, engine, dtype)
+    return defense(x, generator, return_info, config=config)

@@ -1,0 +1,119 @@
+"""The network prefix as the defense loop runs it: compute dtype, layout, eval mode, frozen weights.
+
+The loop differentiates only with respect to its input, so for its duration
+the prefix's parameters stop requiring gradients (no weight gradients are
+computed, no ``.grad`` is created) and every module runs in eval mode
+(BatchNorm uses running statistics, dropout is off: the per-sample semantics
+need a deterministic, batch-independent prefix). Both are restored afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import torch
+from torch import nn
+
+from ..models.prefix import prefix as build_prefix
+from ..models.prefix import resolve_layer
+
+__all__ = ["PrefixState", "model_device"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_COMPUTE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """Device of the model's first parameter or buffer (``None`` for a stateless model)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+class PrefixState:
+    """``model``'s prefix up to ``layer``, run in ``dtype``.
+
+    ``dtype=None`` runs the prefix in the model's own parameter dtype with
+    shared weights. Another dtype (bf16 for speed) uses a private copy of the
+    prefix in that dtype, in channels_last layout, whose weights are refreshed
+    from the model at the start of every call (cheap next to hundreds of
+    iterations, and never stale after training). The loop state ``t`` and the
+    loss stay fp32 (fp64 when the prefix is fp64).
+    """
+
+    def __init__(self, model: nn.Module, layer: str | None = None, dtype: torch.dtype | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if dtype is not None and dtype not in _COMPUTE_DTYPES:
+            raise TypeError(f"dtype must be None or one of {_COMPUTE_DTYPES}, got {dtype!r}")
+        self.model = model
+        self.layer = resolve_layer(model, layer)
+        self.module = build_prefix(model, self.layer)
+        self.model_dtype = _param_dtype(model)
+        self.dtype = dtype or self.model_dtype
+        self.channels_last = self.dtype in _HALF
+        self.state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self._shadow = None
+
+    @property
+    def runs_copy(self) -> bool:
+        return self.dtype != self.model_dtype
+
+    def _compute_module(self) -> nn.Module:
+        if not self.runs_copy:
+            return self.module
+        if self._shadow is None or model_device(self._shadow) != model_device(self.module):
+            with torch.no_grad():
+                shadow = copy.deepcopy(self.module).to(dtype=self.dtype)
+                if self.channels_last:
+                    shadow = shadow.to(memory_format=torch.channels_last)
+            for p in shadow.parameters():
+                p.requires_grad_(False)
+            self._shadow = shadow
+        return self._shadow
+
+    def _refresh_copy(self, shadow: nn.Module) -> None:
+        with torch.no_grad():
+            src = dict(self.module.named_parameters())
+            src.update(self.module.named_buffers())
+            for name, dst in list(shadow.named_parameters()) + list(shadow.named_buffers()):
+                dst.copy_(src[name])
+
+    @contextlib.contextmanager
+    def session(self):
+        """Eval mode and frozen weights for the duration of a call; yields the module to run."""
+        module = self._compute_module()
+        modules = list(dict.fromkeys(list(self.model.modules()) + list(self.module.modules())
+                                     + list(module.modules())))
+        modes = [(m, m.training) for m in modules]
+        params = list(dict.fromkeys(list(self.module.parameters()) + list(module.parameters())))
+        flags = [(p, p.requires_grad) for p in params]
+        try:
+            for m in modules:
+                m.training = False
+            for p in params:
+                p.requires_grad_(False)
+            if module is not self.module:
+                self._refresh_copy(module)
+            yield module
+        finally:
+            for p, flag in flags:
+                p.requires_grad_(flag)
+            for m, flag in modes:
+                m.training = flag
+
+    def features(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+        """The layer's output for loop state ``t`` (fp32/fp64), computed in the prefix dtype."""
+        x = t.to(self.dtype)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return module(x)

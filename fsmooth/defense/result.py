@@ -1,0 +1,49 @@
+"""What a defense call returns when asked for more than the defended inputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["DefenseResult"]
+
+
+@dataclass
+class DefenseResult:
+    """Defended inputs and per-sample diagnostics of one call.
+
+    Attributes:
+        inputs: the defended inputs, shape/dtype/device of ``x``.
+        iterations: int64 ``(B,)`` number of updates each sample took.
+        converged: bool ``(B,)``; ``False`` where a sample stopped at ``max_iters`` with ``L_F > delta``.
+        feature_loss: fp32 ``(B,)`` ``L_F`` of each sample's final ``t`` (the value the exit test saw).
+        engine: the engine that ran (``"eager"``, ``"graph"``, ``"chunked"``).
+        occupancy: graph engines: the fraction of slot-iterations that did useful work
+            (``None`` for the eager engine, which only ever runs active samples).
+    """
+
+    inputs: torch.Tensor
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    feature_loss: torch.Tensor
+    engine: str
+    occupancy: float | None = None
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    @property
+    def num_unconverged(self) -> int:
+        return int((~self.converged).sum())
+
+    def summary(self) -> dict:
+        """Plain numbers for logs and reports."""
+        it = self.iterations.double()
+        return {
+            "samples": len(self),
+            "engine": self.engine,
+            "mean_iterations": float(it.mean()) if len(self) else 0.0,
+            "max_iterations": int(self.iterations.max()) if len(self) else 0,
+            "unconverged": self.num_unconverged,
+            "occupancy": self.occupancy,
+        }

@@ -1,0 +1,3 @@
+"""placeholder"""
+def while_loop_unavailable_reason(device):
+    return "not implemented yet"
