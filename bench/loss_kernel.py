@@ -107,7 +107,12 @@ def bytes_moved(features: torch.Tensor) -> tuple[int, int]:
     return minimal, triton_model
 
 
-_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+# Loss: fp32 accumulation whatever the input dtype. Gradient: stored in the input dtype (bf16 rounding is
+# ~4e-3), and an element within rounding of its sample's mean may take the other sign in fp32 than in
+# fp64 (one flip in a 64x160x32x32 batch is ~6e-4 of the norm): correct kernels stay far below 1e-2,
+# wrong ones land near 1.
+LOSS_TOLERANCE = 1e-5
+GRAD_TOLERANCE = 1e-2
 
 
 def bench_shape(shape_text: str, dtype_name: str, device: torch.device, copy_bw: float | None,
@@ -125,8 +130,8 @@ def bench_shape(shape_text: str, dtype_name: str, device: torch.device, copy_bw:
             continue
         try:
             checked = check(fn, inputs[0])
-            ok = checked["finite"] and checked["grad_rel_err"] < _TOLERANCE[dtype] * 10 \
-                and checked["loss_rel_err"] < _TOLERANCE[dtype]
+            ok = checked["finite"] and checked["grad_rel_err"] < GRAD_TOLERANCE \
+                and checked["loss_rel_err"] < LOSS_TOLERANCE
             counter = iter(range(1 << 62))
             timing = benchlib.bench_kernel_ms(lambda: fn(inputs[next(counter) % len(inputs)]), device,
                                               rep_ms=rep_ms)

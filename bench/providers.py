@@ -190,6 +190,7 @@ class EngineProvider:
         self.engine = engine
         self.precision = precision
         self.options = dict(options or {})
+        self.options_used = dict(self.options)
         self._defense = None
         self._engine_used = None
 
@@ -217,23 +218,39 @@ class EngineProvider:
         return unavailable_reason(self.engine, device)
 
     def prepare(self, model: nn.Module, layer: str | None, schedule: Schedule, example: torch.Tensor) -> None:
-        from fsmooth.defense import ActiveDefense, DefenseConfig
-        config = DefenseConfig(sigma=0.0, beta=schedule.beta, delta=schedule.delta, max_iters=schedule.max_iters)
+        from fsmooth.defense import ActiveDefense
+        options = dict(self.options)
+        params = inspect.signature(ActiveDefense).parameters
+        if self.engine != "eager" and "max_batch" in params:
+            # One captured bucket as large as the batch: a timed batch never streams through smaller slots.
+            options.setdefault("max_batch", max(int(example.shape[0]), 1))
+        self.options_used = options
         with benchlib.float32_matmul(self.matmul_mode()):
-            self._defense = ActiveDefense(model, layer, config, engine=self.engine, dtype=self.dtype,
-                                          **self.options)
+            self._defense = ActiveDefense(model, layer, self._config(schedule), engine=self.engine,
+                                          dtype=self.dtype, **options)
+
+    @staticmethod
+    def _config(schedule: Schedule):
+        from fsmooth.defense import DefenseConfig
+        return DefenseConfig(sigma=0.0, beta=schedule.beta, delta=schedule.delta, max_iters=schedule.max_iters)
 
     def run(self, t0: torch.Tensor, schedule: Schedule) -> RunOutput:
-        cfg = self._defense.config
-        if (cfg.beta, cfg.delta, cfg.max_iters) != (schedule.beta, schedule.delta, schedule.max_iters):
-            raise ValueError("EngineProvider.run: prepare() was called with another schedule")
-        with benchlib.float32_matmul(self.matmul_mode()):
-            result = self._defense(t0, return_info=True)
+        import warnings
+        config = self._config(schedule)
+        kwargs = {}
+        if config != self._defense.config:
+            if "config" not in inspect.signature(self._defense.__call__).parameters:
+                raise ValueError("this ActiveDefense takes no per-call config: prepare() with the schedule")
+            kwargs["config"] = config
+        with benchlib.float32_matmul(self.matmul_mode()), warnings.catch_warnings():
+            # Fixed-iteration schedules end every sample at max_iters on purpose.
+            warnings.filterwarnings("ignore", message=".*reached max_iters.*")
+            result = self._defense(t0, return_info=True, **kwargs)
         self._engine_used = result.engine
         return RunOutput(result.inputs, result.iterations, getattr(result, "occupancy", None))
 
     def describe(self) -> dict:
-        return {"engine": self.engine, "engine_used": self._engine_used, "options": self.options}
+        return {"engine": self.engine, "engine_used": self._engine_used, "options": self.options_used}
 
     def close(self) -> None:
         self._defense = None
@@ -256,10 +273,11 @@ def build_providers(names: list[str], compile_modes: tuple[str, ...] = _DEFAULT_
     }
     for engine in ("graph", "chunked"):
         for precision in ("fp32", "tf32", "bf16"):
+            # The engines compact by default; "-nocompact" is masking only (ActiveDefense(compact=False)).
             name = f"{engine}-{precision}"
-            table[name] = (lambda e=engine, p=precision, n=name: EngineProvider(n, e, p, {"compaction": True}))
+            table[name] = (lambda e=engine, p=precision, n=name: EngineProvider(n, e, p))
             nc = f"{name}-nocompact"
-            table[nc] = (lambda e=engine, p=precision, n=nc: EngineProvider(n, e, p, {"compaction": False}))
+            table[nc] = (lambda e=engine, p=precision, n=nc: EngineProvider(n, e, p, {"compact": False}))
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(table)}")

@@ -133,16 +133,14 @@ def _detect(path: Path, dataset: str) -> tuple[str, list[Path]]:
             return "tar", [path]
         raise DataError(f"data source {str(path)!r} is a file but not a .tar.gz/.tar archive")
     folder = _TORCHVISION_DIRS[dataset]
-    for candidate in (path / folder, path):
-        if candidate.name == folder or (candidate / folder).is_dir():
-            candidate = candidate if candidate.name == folder else candidate / folder
-            if candidate.is_dir():
-                names = (["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
-                          "test_batch"] if dataset == "cifar10" else ["train", "test"])
-                missing = [n for n in names if not (candidate / n).is_file()]
-                if missing:
-                    raise DataError(f"torchvision {dataset} folder {str(candidate)!r} lacks {missing}")
-                return "torchvision", [candidate / n for n in names]
+    candidate = path if path.name == folder else path / folder
+    if candidate.is_dir():
+        names = ([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"] if dataset == "cifar10"
+                 else ["train", "test"])
+        missing = [n for n in names if not (candidate / n).is_file()]
+        if missing:
+            raise DataError(f"torchvision {dataset} folder {str(candidate)!r} lacks {missing}")
+        return "torchvision", [candidate / n for n in names]
     other = [d for k, d in _TORCHVISION_DIRS.items() if k != dataset and ((path / d).is_dir() or path.name == d)]
     if other:
         raise DataError(f"{str(path)!r} holds {other[0]!r}, not the {dataset} data ({folder!r})")
@@ -167,6 +165,9 @@ def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
         os.close(fd)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         try:
             save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp,
                       metadata={"source": source, "version": str(_CACHE_VERSION)})
@@ -190,6 +191,7 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
         ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("__builtin__", "object"),
         ("builtins", "object"),
+        ("_codecs", "encode"),  # how Python 3 pickles bytes at protocol 2; only builds a bytes object
     }
 
     def find_class(self, module, name):
@@ -367,12 +369,13 @@ class DeviceLoader:
     The order and augmentation of epoch ``e`` depend only on ``(seed, e)``, so a
     resumed run sees exactly the batches an uninterrupted one would. With
     ``world_size > 1`` each rank takes an interleaved shard of the permutation
-    (padded by wrapping, as ``DistributedSampler``) and ``batch_size`` is per rank.
+    (padded by wrapping, as ``DistributedSampler``; ``pad=False`` for evaluation, where each
+    sample must count once) and ``batch_size`` is per rank.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, shuffle: bool = False,
                  train_augment: bool = False, drop_last: bool = False, device=None, seed: int = 0,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = False):
+                 rank: int = 0, world_size: int = 1, channels_last: bool = False, pad: bool = True):
         if images.dtype != torch.uint8 or images.dim() != 4:
             raise TypeError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
@@ -384,7 +387,7 @@ class DeviceLoader:
         self.labels = labels.to(self.device, torch.int64)
         self.batch_size, self.shuffle, self.train_augment = batch_size, shuffle, train_augment
         self.drop_last, self.seed, self.rank, self.world_size = drop_last, seed, rank, world_size
-        self.channels_last = channels_last
+        self.channels_last, self.pad = channels_last, pad
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -399,14 +402,19 @@ class DeviceLoader:
             order = torch.arange(n)
         if self.world_size > 1:
             total = -(-n // self.world_size) * self.world_size
-            if total > n and n:
+            if self.pad and total > n and n:
                 order = torch.cat([order, order[: total - n]])
             order = order[self.rank::self.world_size]
         return order.to(self.device)
 
     def __len__(self) -> int:
         n = self.images.shape[0]
-        per_rank = -(-n // self.world_size) if self.world_size > 1 else n
+        if self.world_size == 1:
+            per_rank = n
+        elif self.pad:
+            per_rank = -(-n // self.world_size)
+        else:
+            per_rank = len(range(self.rank, n, self.world_size))
         return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
 
     def __iter__(self):

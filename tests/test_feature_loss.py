@@ -180,3 +180,39 @@ def test_bad_options_name_the_argument():
         feature_loss(x, backend="cuda")
     with pytest.raises(ValueError, match="grad_scale"):
         feature_loss_and_grad(x, torch.ones(3))
+
+
+@pytest.mark.slow
+def test_kernel_large_sample_many_chunks():
+    # N = 2^21 + 3: 257 chunks per sample, a ragged last block (about 12 s in the interpreter).
+    torch.manual_seed(8)
+    x = torch.randn(1, 2**21 + 3, device=DEVICE)
+    loss, grad = kernel.feature_loss_and_grad_triton(x)
+    ref_loss, ref_grad = closed_form_loss_grad(x.double())
+    assert rel_err(loss, ref_loss) < 1e-6 and rel_err(grad, ref_grad) < 1e-6
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_on_gpu_at_wrn_shape(dtype):
+    torch.manual_seed(9)
+    x = torch.randn(256, 160, 32, 32, device="cuda").to(dtype)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        xl = x.contiguous(memory_format=layout)
+        loss, grad = kernel.feature_loss_and_grad_triton(xl)
+        ref_loss, ref_grad = closed_form_loss_grad(xl.double())
+        assert rel_err(loss, ref_loss) < 1e-5
+        assert rel_err(grad, ref_grad) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.cuda
+def test_kernel_int64_offsets_on_gpu():
+    # B * N > 2^31 elements: offsets overflow int32.
+    n = 2**21 + 5
+    b = (2**31) // n + 2
+    x = torch.randn(b, n, device="cuda", dtype=torch.bfloat16)
+    loss, grad = kernel.feature_loss_and_grad_triton(x)
+    last = x[-1:].double()
+    ref_loss, ref_grad = closed_form_loss_grad(last)
+    assert rel_err(loss[-1:], ref_loss) < 1e-5
+    assert rel_err(grad[-1:], ref_grad) < 1e-2

@@ -67,6 +67,8 @@ class ActiveDefense:
         enforce_eager: never use CUDA graphs (also ``FSMOOTH_ENFORCE_EAGER=1``).
         max_batch: graph engines: largest captured bucket (more samples stream through its slots).
         chunk: ``"chunked"`` engine: iterations unrolled per graph replay.
+        compact: graph engines: move the remaining active samples into smaller captured buckets as
+            samples exit (``False``: ``"graph"`` runs a batch of at most ``max_batch`` in one launch).
         backend: feature-loss backend (``"auto"``, ``"triton"``, ``"reference"``).
 
     Call with ``(x, generator=None, return_info=False)``.
@@ -74,7 +76,7 @@ class ActiveDefense:
 
     def __init__(self, model: nn.Module, layer: str | None = None, config: DefenseConfig | None = None, *,
                  engine: str = "auto", dtype: torch.dtype | None = None, enforce_eager: bool = False,
-                 max_batch: int = 256, chunk: int = 8, backend: str = "auto"):
+                 max_batch: int = 256, chunk: int = 8, compact: bool = True, backend: str = "auto"):
         if config is None:
             calibrated = getattr(model, "defense_delta", None)
             config = DefenseConfig(delta=DEFAULT_DELTA if calibrated is None else float(calibrated))
@@ -92,6 +94,7 @@ class ActiveDefense:
         self.enforce_eager = bool(enforce_eager)
         self.max_batch = max_batch
         self.chunk = chunk
+        self.compact = bool(compact)
         self.backend = backend
         self._in_channels = _expected_channels(self.prefix.module)
         self._runners = {}
@@ -144,7 +147,8 @@ class ActiveDefense:
         if runner is None:
             from .graph import GraphRunner
             runner = GraphRunner(self.prefix, x.device, tuple(x.shape[1:]), mode=engine,
-                                 max_batch=self.max_batch, chunk=self.chunk, backend=self.backend)
+                                 max_batch=self.max_batch, chunk=self.chunk, backend=self.backend,
+                                 compact=self.compact)
             self._runners[key] = runner
         return runner
 

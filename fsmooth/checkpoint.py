@@ -1,0 +1,241 @@
+"""Checkpoints: safetensors weights + JSON metadata, with optimizer/RNG state kept apart.
+
+A checkpoint is a folder::
+
+    model.safetensors   weights (any float dtype; loaded as fp32)
+    meta.json           architecture, data set, training delta, epoch, metrics, delta_test, ...
+    state.pt            optional training state (optimizer, scheduler, RNG states), plain tensors and
+                        containers only, read back with ``torch.load(weights_only=True)``
+
+A training run keeps its checkpoints under ``<run>/checkpoints/epoch-NNNN/``: each is
+written to a temporary folder and renamed into place, then ``<run>/checkpoints/latest``
+is replaced atomically, so a run killed at any instant leaves the previous
+checkpoint intact. Nothing here unpickles arbitrary objects.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["save_checkpoint", "load_model", "load_meta", "load_training_state", "resolve_checkpoint",
+           "write_json_atomic", "save_run_checkpoint", "latest_checkpoint", "update_meta", "model_from_meta"]
+
+_log = logging.getLogger(__name__)
+FORMAT = "fsmooth-checkpoint/1"
+WEIGHTS, META, STATE = "model.safetensors", "meta.json", "state.pt"
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module
+    return getattr(model, "_orig_mod", model)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path, mode: int) -> None:
+    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual permissions."""
+    os.chmod(path, mode & ~_umask())
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    _public(tmp, 0o666)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    state = {}
+    for key, value in _unwrap(model).state_dict().items():
+        value = value.detach().to("cpu")
+        if dtype is not None and value.is_floating_point():
+            value = value.to(dtype)
+        state[key] = value.contiguous()
+    return state
+
+
+def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *, optimizer=None, scheduler=None,
+                    extra_state: dict | None = None, dtype: torch.dtype | None = None) -> Path:
+    """Write a checkpoint folder ``path_dir`` atomically (temp folder + rename); returns its path.
+
+    ``meta`` must be JSON-serialisable; the model's ``config`` (WRN depth, width,
+    ...) is added as ``model_config``. ``dtype`` (e.g. ``torch.float16``) casts the
+    stored float weights. Optimizer/scheduler state and ``extra_state`` go to
+    ``state.pt``. An existing ``path_dir`` is replaced.
+    """
+    from safetensors.torch import save_file
+    path_dir = Path(path_dir)
+    path_dir.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(meta)
+    meta.setdefault("format", FORMAT)
+    config = getattr(_unwrap(model), "config", None)
+    if config is not None:
+        meta.setdefault("model_config", dict(config))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.", dir=path_dir.parent))
+    _public(tmp, 0o777)
+    try:
+        save_file(_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        if optimizer is not None or scheduler is not None or extra_state:
+            state = dict(extra_state or {})
+            if optimizer is not None:
+                state["optimizer"] = optimizer.state_dict()
+            if scheduler is not None:
+                state["scheduler"] = scheduler.state_dict()
+            torch.save(state, tmp / STATE)
+        write_json_atomic(tmp / META, meta)
+        if path_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.old.", dir=path_dir.parent))
+            os.replace(path_dir, old / "x")
+            os.replace(tmp, path_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path_dir
+
+
+def save_run_checkpoint(run_dir: str | os.PathLike, epoch: int, model: nn.Module, meta: dict, *,
+                        keep: int = 2, **kwargs) -> Path:
+    """Save ``<run>/checkpoints/epoch-NNNN``, point ``<run>/checkpoints/latest`` at it, prune old ones."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"epoch-{epoch:04d}"
+    path = save_checkpoint(root / name, model, meta, **kwargs)
+    write_json_atomic(root / "latest", {"checkpoint": name, "epoch": epoch})
+    existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch-"))
+    for old in existing[:-keep] if keep > 0 else []:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint folder ``<run>/checkpoints/latest`` points at, or ``None`` if there is none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    try:
+        name = json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"corrupt checkpoint pointer {str(pointer)!r}: {exc}") from exc
+    path = pointer.parent / name
+    if not (path / WEIGHTS).is_file():
+        raise ValueError(f"checkpoint pointer {str(pointer)!r} names {name!r}, which has no {WEIGHTS}")
+    return path
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``(weights file, meta file)`` for a checkpoint folder, a run folder or a ``.safetensors`` file.
+
+    For ``NAME.safetensors`` the metadata is ``meta.json`` beside it or ``NAME.json``.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    if path.is_dir():
+        if not (path / WEIGHTS).is_file():
+            latest = latest_checkpoint(path)
+            if latest is None:
+                raise ValueError(f"{str(path)!r} is neither a checkpoint folder ({WEIGHTS}) nor a run folder")
+            path = latest
+        weights, meta = path / WEIGHTS, path / META
+    else:
+        if path.suffix != ".safetensors":
+            raise ValueError(f"checkpoint {str(path)!r} must be a folder or a .safetensors file")
+        weights = path
+        meta = path.with_suffix(".json") if path.name != WEIGHTS else path.parent / META
+    if not meta.is_file():
+        raise FileNotFoundError(f"checkpoint metadata {str(meta)!r} is missing")
+    return weights, meta
+
+
+def load_meta(path: str | os.PathLike) -> dict:
+    """The metadata dict of a checkpoint (any form :func:`resolve_checkpoint` accepts)."""
+    _, meta = resolve_checkpoint(path)
+    try:
+        return json.loads(meta.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise ValueError(f"corrupt checkpoint metadata {str(meta)!r}: {exc}") from exc
+
+
+def update_meta(path: str | os.PathLike, **changes) -> dict:
+    """Merge ``changes`` into a checkpoint's metadata (atomic rewrite); returns the new dict."""
+    _, meta_path = resolve_checkpoint(path)
+    meta = load_meta(path)
+    meta.update(changes)
+    write_json_atomic(meta_path, meta)
+    return meta
+
+
+def model_from_meta(meta: dict) -> nn.Module:
+    """An untrained model of the architecture ``meta`` describes."""
+    from .models import WideResNet
+    config = meta.get("model_config")
+    if not isinstance(config, dict):
+        raise ValueError("checkpoint metadata has no 'model_config'")
+    allowed = {"depth", "width", "num_classes", "dropout"}
+    unknown = set(config) - allowed
+    if unknown:
+        raise ValueError(f"checkpoint model_config has unknown keys {sorted(unknown)}")
+    return WideResNet(**config)
+
+
+def load_model(path: str | os.PathLike, device=None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode, meta)`` from a checkpoint; sets ``model.defense_delta`` from ``meta["delta_test"]``.
+
+    Weights are read with safetensors (no pickle) and cast to fp32.
+    """
+    from safetensors.torch import load_file
+    weights, _ = resolve_checkpoint(path)
+    meta = load_meta(path)
+    model = model_from_meta(meta)
+    try:
+        state = load_file(str(weights))
+    except Exception as exc:
+        raise ValueError(f"cannot read weights {str(weights)!r}: {type(exc).__name__}: {exc}") from exc
+    reference = model.state_dict()
+    state = {k: v.to(reference[k].dtype) if k in reference else v for k, v in state.items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise ValueError(f"weights {str(weights)!r} do not match {meta.get('model_config')}: {exc}") from exc
+    model.eval()
+    if meta.get("delta_test") is not None:
+        model.defense_delta = float(meta["delta_test"])
+    if device is not None:
+        model.to(device)
+    return model, meta
+
+
+def load_training_state(path: str | os.PathLike) -> dict:
+    """``state.pt`` of a checkpoint folder, loaded with ``weights_only=True``."""
+    weights, _ = resolve_checkpoint(path)
+    state_file = weights.parent / STATE
+    if not state_file.is_file():
+        raise FileNotFoundError(f"checkpoint {str(weights.parent)!r} has no training state ({STATE})")
+    return torch.load(state_file, map_location="cpu", weights_only=True)

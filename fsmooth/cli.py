@@ -1,0 +1,237 @@
+"""The ``fsmooth`` command: train, calibrate, plot-log, demo, defend, eval.
+
+Each subcommand lives in a small ``_add_*`` / ``_run_*`` pair; heavy modules are
+imported only when their subcommand runs, so ``fsmooth --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+
+__all__ = ["main", "build_parser"]
+
+
+def _delta(value: str):
+    if value.lower() in ("none", "off", "ce"):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--delta must be a number or 'none', got {value!r}") from None
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"--delta must be >= 0, got {value!r}")
+    return number
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _add_train(sub):
+    p = sub.add_parser("train", help="train a WRN with the feature-smoothing loss",
+                       description="Train a WideResNet on CIFAR with CE + max(L_F, delta). Runs under torchrun "
+                                   "for multi-GPU (DDP) training.")
+    p.add_argument("--out", required=True, help="run folder: log.jsonl and checkpoints/")
+    p.add_argument("--data", default=None, help="data source (torchvision folder, ImageFolder, .tar.gz); "
+                                                "default $FSMOOTH_DATA")
+    p.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
+    p.add_argument("--arch", default="wrn-16-4", help="wrn-28-10, wrn-16-4, ... or wrn-DEPTH-WIDTH")
+    p.add_argument("--epochs", type=_positive_int, default=200)
+    p.add_argument("--batch-size", type=_positive_int, default=128, help="global batch size")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--delta", type=_delta, default=0.02, help="training delta of max(L_F, delta); 'none': plain CE")
+    p.add_argument("--layer", default=None, help="feature layer (default: the model's, block1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--amp", default="auto", choices=["auto", "bf16", "off"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the model")
+    p.add_argument("--limit-train", type=_positive_int, default=None, help="train on a fixed subset")
+    p.add_argument("--limit-test", type=_positive_int, default=None, help="evaluate on a fixed subset")
+    p.add_argument("--max-epochs-this-run", type=_positive_int, default=None,
+                   help="stop after this many epochs (continue later with --resume)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
+    p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+    from .training import train
+    result = train(args.out, arch=args.arch, data=args.data, dataset=args.dataset, epochs=args.epochs,
+                   batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                   weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, delta=args.delta,
+                   layer=args.layer, seed=args.seed, device=args.device, amp=args.amp, compile=args.compile,
+                   limit_train=args.limit_train, limit_test=args.limit_test, resume=args.resume,
+                   max_epochs_this_run=args.max_epochs_this_run, quiet=args.quiet,
+                   command="fsmooth " + shlex.join(args.argv))
+    if result.history and not args.quiet and _is_rank0():
+        last = result.history[-1]
+        print(f"epoch {last['epoch']}: test acc {last['test_acc']:.4f}, test L_F {last['test_feature_loss']:.5f}; "
+              f"checkpoint {result.checkpoint}")
+    return 0
+
+
+def _is_rank0() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def _add_calibrate(sub):
+    p = sub.add_parser("calibrate", help="measure the clean L_F distribution and suggest delta_test",
+                       description="Compute the clean feature loss of a checkpoint on a split, print its quantiles "
+                                   "and the suggested delta_test (rule: see fsmooth.calibrate), and store it in the "
+                                   "checkpoint metadata unless --dry-run.")
+    p.add_argument("checkpoint", help="checkpoint folder, run folder or .safetensors file")
+    p.add_argument("--data", default=None)
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--limit", type=_positive_int, default=None, help="use a fixed subset of this many images")
+    p.add_argument("--batch-size", type=_positive_int, default=256)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dry-run", action="store_true", help="print only; do not write delta_test")
+    p.set_defaults(func=_run_calibrate)
+
+
+def _run_calibrate(args) -> int:
+    from .calibrate import calibrate_checkpoint
+    report = calibrate_checkpoint(args.checkpoint, data=args.data, split=args.split, limit=args.limit,
+                                  batch_size=args.batch_size, device=args.device, write=not args.dry_run)
+    print(f"clean L_F on {report['n']} {report['split']} images: mean {report['mean']:.5f}, "
+          f"std {report['std']:.5f}")
+    print("quantiles: " + ", ".join(f"q{float(q) * 100:g}={v:.5f}" for q, v in report["quantiles"].items()))
+    print(f"suggested delta_test = {report['delta_test']:.4f}  ({report['rule']}); "
+          f"{report['fraction_above'] * 100:.1f}% of clean images are above it")
+    print("stored in the checkpoint metadata" if not args.dry_run else "(dry run: nothing written)")
+    return 0
+
+
+# --------------------------------------------------------------------------- plot-log
+
+
+def _add_plot(sub):
+    p = sub.add_parser("plot-log", help="plot a training log (accuracy and feature loss per epoch)")
+    p.add_argument("logs", nargs="+", help="log.jsonl files or run folders")
+    p.add_argument("-o", "--output", default="training.png")
+    p.add_argument("--delta", type=float, default=None, help="draw this delta as a horizontal line")
+    p.set_defaults(func=_run_plot)
+
+
+def _run_plot(args) -> int:
+    from .plotting import plot_logs
+    path = plot_logs(args.logs, args.output, delta=args.delta)
+    print(f"wrote {path}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo / defend
+
+
+def _add_demo(sub):
+    p = sub.add_parser("demo", help="Active Defense on the embedded model: clean/PGD accuracy table + figure")
+    p.add_argument("--model", default=None, help="pretrained name or checkpoint (default: the embedded model)")
+    p.add_argument("--data", default=None, help="CIFAR-10 source (default $FSMOOTH_DATA, else torchvision download)")
+    p.add_argument("-n", "--num-images", type=_positive_int, default=None,
+                   help="test images (default 16 on CPU, 256 on GPU)")
+    p.add_argument("--pgd-steps", type=_positive_int, default=10)
+    p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--max-iters", type=_positive_int, default=None, help="cap on defense iterations")
+    p.add_argument("--batch-size", type=_positive_int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("-o", "--output", default="fsmooth_demo.png", help="Figure-4-style PNG")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from .demo import run_demo
+    return run_demo(args)
+
+
+def _add_defend(sub):
+    p = sub.add_parser("defend", help="classify image files with and without Active Defense")
+    p.add_argument("images", nargs="+", help="image files (resized to 32x32 if needed)")
+    p.add_argument("--model", default=None, help="pretrained name or checkpoint (default: the embedded model)")
+    p.add_argument("--outer-loops", type=_positive_int, default=1)
+    p.add_argument("--max-iters", type=_positive_int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_defend)
+
+
+def _run_defend(args) -> int:
+    from .demo import run_defend
+    return run_defend(args)
+
+
+# --------------------------------------------------------------------------- eval (issue 5)
+
+
+def _add_eval(sub) -> None:
+    import importlib
+    try:
+        eval_cli = importlib.import_module("fsmooth.evaluation.cli")
+    except ImportError as exc:
+        reason = str(exc)
+        p = sub.add_parser("eval", help="robustness evaluation (unavailable in this installation)")
+        def missing(args):
+            return _missing_eval(reason)
+        missing._fsmooth_missing = True
+        p.set_defaults(func=missing)
+        return
+    eval_cli.add_parser(sub)
+
+
+def _missing_eval(reason: str) -> int:
+    print(f"fsmooth eval is unavailable: fsmooth.evaluation.cli cannot be imported ({reason})", file=sys.stderr)
+    return 2
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fsmooth", description="Feature-smoothing training and Active Defense.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    _add_train(sub)
+    _add_calibrate(sub)
+    _add_plot(sub)
+    _add_demo(sub)
+    _add_defend(sub)
+    _add_eval(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    func = getattr(args, "func", None)
+    if args.command == "eval" and not getattr(func, "_fsmooth_missing", False):
+        import importlib  # issue 5 owns the subcommand: it runs via run(args)
+        func = importlib.import_module("fsmooth.evaluation.cli").run
+    try:
+        return int(func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"fsmooth {args.command}: error: {exc}", file=sys.stderr)
+        return 2

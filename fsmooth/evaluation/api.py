@@ -1,0 +1,237 @@
+"""``fsmooth.evaluate``: run protocols, score the worst case per image, re-score, report."""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import zlib
+from pathlib import Path
+
+import torch
+
+from .distributed import rank_and_world
+from .protocols import Budget, RunSpec, parse_protocols, plan
+from .report import build_report, write_outputs
+from .runner import Context, RunResult, execute
+from .scoring import choose_candidates, worst_case
+from .store import ChunkStore
+
+__all__ = ["evaluate", "default_defended_factory"]
+
+_log = logging.getLogger(__name__)
+
+
+def default_defended_factory(model, config, outer_loops: int, layer):
+    """``DefendedClassifier(model, config, outer_loops, layer=layer)``."""
+    from ..defense import DefendedClassifier
+
+    return DefendedClassifier(model, config, outer_loops, layer=layer)
+
+
+def _defense_config(value, model, fallback: str | None = None):
+    from ..defense.config import DEFAULT_DELTA, DefenseConfig
+
+    if value is None and fallback is not None:
+        value = fallback
+    if value is None:
+        return DefenseConfig(delta=float(getattr(model, "defense_delta", None) or DEFAULT_DELTA))
+    if isinstance(value, str):
+        return DefenseConfig.preset(value)
+    if not isinstance(value, DefenseConfig):
+        raise TypeError(f"defense must be None, a preset name or a DefenseConfig, got {type(value).__name__}")
+    return value
+
+
+def _as_images(images, labels, n, device) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
+        raise TypeError("images and labels must be torch.Tensors")
+    if images.dim() != 4:
+        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if labels.shape != images.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    if n is not None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        images, labels = images[:n], labels[:n]
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    elif images.is_floating_point():
+        images = images.float()
+        if images.numel() and not bool(torch.isfinite(images).all()):
+            raise ValueError("images contains NaN or Inf")
+        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+            raise ValueError("float images must lie in [0, 1]")
+    else:
+        raise TypeError(f"images must be uint8 or float, got {images.dtype}")
+    return images.to(device), labels.long().to(device)
+
+
+def _model_device(model) -> torch.device:
+    p = next(iter(model.parameters()), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _checksum(*tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _model_checksum(model) -> str:
+    return _checksum(*[t.float() for t in model.state_dict().values()]) if model is not None else "none"
+
+
+def _check_eps(eps) -> tuple[float, ...]:
+    eps = (eps,) if isinstance(eps, (int, float)) else tuple(eps)
+    for e in eps:
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e <= 1:
+            raise ValueError(f"eps values must be numbers in (0, 1] (e.g. 8/255), got {e!r}")
+    if not eps:
+        raise ValueError("eps must not be empty")
+    return tuple(float(e) for e in eps)
+
+
+def _check_outer_loops(outer_loops) -> tuple[int, ...]:
+    outer_loops = (outer_loops,) if isinstance(outer_loops, int) else tuple(outer_loops)
+    if not outer_loops or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in outer_loops):
+        raise ValueError(f"outer_loops must be positive ints, got {outer_loops!r}")
+    return outer_loops
+
+
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, protocol="paper",
+             n: int | None = None, eps=(8 / 255, 16 / 255), outer_loops=(1, 10), defense=None,
+             baseline_model: torch.nn.Module | None = None, baseline_defense="cifar10-standard",
+             layer: str | None = None, budget: Budget | None = None, seed: int = 0, chunk_size: int = 250,
+             batch_size: int = 250,
+             out: str | Path | None = None, resume: bool = True, quiet: bool = False,
+             defended_factory=None, meta: dict | None = None) -> dict:
+    """Evaluate ``model`` with Active Defense under the attacks of ``protocol``; returns the report dict.
+
+    Args:
+        model: classifier on [0, 1] inputs (its device is used).
+        images, labels: uint8 ``(N, 3, H, W)`` (or float in [0, 1]) and int64 labels; the first ``n`` are used.
+        protocol: names from :data:`~fsmooth.evaluation.protocols.PROTOCOLS`, comma-separated or a list,
+            or the groups ``"beyond"`` / ``"all"``.
+        eps: L-inf radii in [0, 1] units (``8/255``).
+        outer_loops: K values of the defended classifier (softmax averaged over K defense runs).
+        defense: ``DefenseConfig``, preset name, or ``None`` (``model.defense_delta`` else 0.0124).
+        baseline_model, baseline_defense: the model trained without ``L_F`` and its defense setting
+            (``"cifar10-standard"``: delta 0.0562) for the static baseline row.
+        budget: :class:`Budget` (paper defaults).
+        seed: every chunk of every run is seeded from (seed, run, chunk).
+        chunk_size: images per saved chunk (the resume granularity).
+        batch_size: images per forward pass / attack call for K = 1; divided by K for outer_loops K
+            (the defended batch holds K copies). Lower it if the GPU runs out of memory.
+        out: folder for ``report.json``, ``report.md``, per-image tensors and resumable state.
+        resume: reuse finished chunks under ``out/state``.
+        defended_factory: ``(model, config, outer_loops, layer) -> nn.Module``; default
+            :class:`fsmooth.defense.DefendedClassifier`.
+        meta: extra fields recorded in the report (command line, dataset label, ...).
+
+    Under ``torchrun`` each rank runs a share of the chunks; all ranks return the
+    merged report and rank 0 writes it.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    protocols = parse_protocols(protocol)
+    eps = _check_eps(eps)
+    outer_loops = _check_outer_loops(outer_loops)
+    budget = budget or Budget()
+    if not isinstance(budget, Budget):
+        raise TypeError(f"budget must be a Budget, got {type(budget).__name__}")
+    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    device = _model_device(model)
+    images, labels = _as_images(images, labels, n, device)
+    if images.shape[0] == 0:
+        raise ValueError("images is empty (or n=0): there is nothing to evaluate")
+    model.eval()
+    if baseline_model is not None:
+        baseline_model.eval()
+    config = _defense_config(defense, model)
+    baseline_config = _defense_config(baseline_defense, baseline_model) if baseline_model is not None else None
+    with torch.no_grad():
+        num_classes = int(model(images[:1]).shape[1])
+    rank, world = rank_and_world()
+    fingerprint = {"data": _checksum(images, labels), "model": _model_checksum(model),
+                   "baseline_model": _model_checksum(baseline_model), "seed": seed, "chunk_size": chunk_size,
+                   "batch_size": batch_size,
+                   "budget": budget.as_dict(), "defense": repr(config), "baseline_defense": repr(baseline_config),
+                   "layer": layer}
+    out = Path(out) if out is not None else None
+    store = ChunkStore(out / "state" if out is not None else None, fingerprint if rank == 0 else None, resume)
+    ctx = Context(model=model, images=images, labels=labels, defense_config=config,
+                  defended_factory=defended_factory or default_defended_factory, budget=budget,
+                  baseline_model=baseline_model, baseline_config=baseline_config, layer=layer, seed=seed,
+                  chunk_size=chunk_size, batch_size=batch_size, store=store, rank=rank, world=world, quiet=quiet,
+                  num_classes=num_classes)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    specs = plan(protocols, eps, outer_loops, budget, has_baseline=baseline_model is not None)
+    results: dict[str, RunResult] = {}
+    for spec in specs:
+        _log.info("running %s", spec.run_id)
+        results[spec.run_id] = execute(ctx, spec, results)
+    rescored = _rescore(ctx, specs, results)
+    info = {
+        "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "protocols": protocols, "n": int(labels.shape[0]), "eps": list(eps), "outer_loops": list(outer_loops),
+        "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size, "world_size": world,
+        "budget": budget.as_dict(),
+        "defense": _config_dict(config), "baseline_defense": _config_dict(baseline_config),
+        "layer": layer, "num_classes": num_classes, "fingerprint": fingerprint, **(meta or {}),
+    }
+    report = build_report(ctx, specs, results, rescored, info)
+    if out is not None and rank == 0:
+        write_outputs(report, results, rescored, out, ctx)
+    return report
+
+
+def _config_dict(config) -> dict | None:
+    if config is None:
+        return None
+    return {k: getattr(config, k) for k in ("sigma", "beta", "delta", "max_iters", "clamp")}
+
+
+def settings_of(specs: list[RunSpec]) -> dict[tuple, list[RunSpec]]:
+    """Attack runs grouped by (target, outer_loops, eps), plan order kept."""
+    groups: dict[tuple, list[RunSpec]] = {}
+    for spec in specs:
+        if spec.kind != "clean":
+            groups.setdefault(spec.setting, []).append(spec)
+    return groups
+
+
+def clean_run_id(target: str, outer_loops: int) -> str:
+    return f"clean/{target}/ol{outer_loops}"
+
+
+def _rescore(ctx: Context, specs, results) -> dict:
+    """Per setting: worst case over clean + all attacks, and (defended targets) re-scored candidates."""
+    out = {}
+    for setting, group in settings_of(specs).items():
+        target, k, _ = setting
+        clean = results[clean_run_id(target, k)]
+        correct = {"clean": clean.correct, **{s.run_id: results[s.run_id].correct for s in group}}
+        robust, fooled_by = worst_case(correct)
+        entry = {"robust": robust, "fooled_by": fooled_by, "runs": [s.run_id for s in group]}
+        if target != "undefended" and ctx.budget.rescore_runs > 0:
+            x_adv = {s.run_id: results[s.run_id].x_adv for s in group if results[s.run_id].x_adv is not None}
+            fallback = [s.run_id for s in group if s.kind == "attack"] + list(x_adv)
+            candidates, source = choose_candidates(ctx.images.cpu(), x_adv, fooled_by, fallback)
+            cand_id = f"candidates/{target}/ol{k}/eps{setting[2]:g}"
+            results_view = dict(results)
+            results_view[cand_id] = RunResult(spec=None, pred=clean.pred, correct=clean.correct,
+                                              iterations=clean.iterations, x_adv=candidates)
+            # The run id names the attack runs the candidates come from: another protocol set, another rescore.
+            tag = f"{zlib.crc32('|'.join(entry['runs']).encode()):08x}"
+            spec = RunSpec(f"rescore/{target}/ol{k}/eps{setting[2]:g}/{tag}", "scoring", "rescore", "rescore", target,
+                           k, group[0].eps, {"runs": ctx.budget.rescore_runs}, source=cand_id, threat="clean")
+            entry["rescore"] = execute(ctx, spec, results_view)
+            entry["candidate_source"] = source
+            entry["candidates"] = candidates
+        out[setting] = entry
+    return out

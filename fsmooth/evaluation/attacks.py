@@ -1,0 +1,322 @@
+"""Attacks, one class per attack (torchattacks-style): ``attack(x, y) -> x_adv`` in [0, 1], L-inf ball ``eps``.
+
+Every attack takes a classifier mapping [0, 1] images to logits. For Active
+Defense that is :class:`fsmooth.defense.DefendedClassifier`, whose backward
+pass is the straight-through (BPDA identity) gradient, so every white-box
+attack here attacks the defense through it. Defaults are the published ones
+(AutoAttack for APGD/Square, Athalye et al. 2018 for EOT); ``repr`` shows all
+hyperparameters and :meth:`Attack.settings` returns them for reports.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.square import SquareAttack
+
+from ..functional import feature_loss
+from ..models.prefix import prefix as network_prefix
+
+__all__ = ["Attack", "APGD", "APGDTargeted", "AdaptiveAPGD", "EOTPGD", "Square", "TorchattacksEOTPGD",
+           "dlr_loss", "dlr_loss_targeted", "AA_LOGGER"]
+
+# pyautoattack reports its checks (zero gradients, randomness, ...) on this logger.
+AA_LOGGER = "auto-attack"
+
+
+class Attack:
+    """Base class: stores the hyperparameters named in ``_params`` and prints them."""
+
+    _params: tuple[str, ...] = ()
+
+    def __init__(self, model, eps: float = 8 / 255, seed: int = 0):
+        if not callable(model):
+            raise TypeError(f"model must be callable, got {type(model).__name__}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+            raise ValueError(f"eps must be a number in [0, 1], got {eps!r}")
+        self.model = model
+        self.eps = float(eps)
+        self.seed = int(seed)
+
+    def settings(self) -> dict:
+        """The hyperparameters, for reports."""
+        return {"attack": type(self).__name__, "eps": self.eps, "seed": self.seed,
+                **{name: getattr(self, name) for name in self._params}}
+
+    def __repr__(self) -> str:
+        s = self.settings()
+        s.pop("attack")
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in s.items())})"
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.clone()
+        x_adv = self.perturb(x.detach(), y.detach())
+        # Guard against any attack stepping outside the threat model.
+        return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0.0, 1.0).detach()
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _logger() -> logging.Logger:
+    return logging.getLogger(AA_LOGGER)
+
+
+def set_apgd_iterations(attack: APGDAttack, n_iter: int) -> None:
+    """Change an APGD's iteration budget, including the checkpoint schedule its ``__init__`` derives from it."""
+    attack.n_iter = attack.n_iter_orig = int(n_iter)
+    attack.n_iter_2 = max(int(0.22 * n_iter), 1)
+    attack.n_iter_min = max(int(0.06 * n_iter), 1)
+    attack.size_decr = max(int(0.03 * n_iter), 1)
+
+
+class APGD(Attack):
+    """pyautoattack's APGD (Croce & Hein 2020) on the CE or DLR loss; ``eot_iter`` > 1 averages gradients (EOT)."""
+
+    _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho")
+
+    def __init__(self, model, eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
+                 loss: str = "ce", rho: float = 0.75, seed: int = 0):
+        super().__init__(model, eps, seed)
+        if loss not in ("ce", "dlr"):
+            raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
+        self.n_iter, self.n_restarts, self.eot_iter, self.loss, self.rho = n_iter, n_restarts, eot_iter, loss, rho
+
+    def _library_attack(self, x):
+        return APGDAttack(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts, eps=self.eps,
+                          seed=self.seed, loss=self.loss, eot_iter=self.eot_iter, rho=self.rho, device=x.device,
+                          logger=_logger())
+
+    def perturb(self, x, y):
+        return self._library_attack(x).perturb(x, y)
+
+
+class APGDTargeted(Attack):
+    """pyautoattack's APGD-T: targeted DLR loss against each of the ``n_target_classes`` most likely wrong classes."""
+
+    _params = ("n_iter", "n_restarts", "n_target_classes", "eot_iter", "rho")
+
+    def __init__(self, model, eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1,
+                 n_target_classes: int = 9, eot_iter: int = 1, rho: float = 0.75, seed: int = 0):
+        super().__init__(model, eps, seed)
+        self.n_iter, self.n_restarts, self.n_target_classes = n_iter, n_restarts, n_target_classes
+        self.eot_iter, self.rho = eot_iter, rho
+
+    def perturb(self, x, y):
+        attack = APGDAttack_targeted(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts,
+                                     eps=self.eps, seed=self.seed, eot_iter=self.eot_iter, rho=self.rho,
+                                     n_target_classes=self.n_target_classes, device=x.device, logger=_logger())
+        return attack.perturb(x, y)
+
+
+class _FeatureLossOracle:
+    """Supplies APGD with ``CE(model(x), y) + lam * max(L_F(x), delta)`` and its input gradient.
+
+    pyautoattack's ``APGDAttack`` chooses its loss from a fixed table of names
+    inside ``attack_single_run`` (the CE criterion is built inline), so it
+    cannot take a loss callable. Its only entry point for an external loss is
+    the framework-neutral oracle interface it uses for TensorFlow models
+    (``is_tf_model=True``): ``predict(x) -> logits`` and
+    ``get_logits_loss_grad_xent(x, y) -> (logits, per-sample loss, dloss/dx)``.
+    This class implements that interface, so the step-size schedule, momentum,
+    restarts and EOT loop are the library's, unchanged; with ``lam == 0`` the
+    attack is exactly the library's APGD-CE (tested).
+
+    ``L_F`` is taken on the *attacked input* ``x`` at ``layer`` of the
+    undefended ``base_model`` (the quantity Active Defense thresholds);
+    ``model`` is the defended classifier with its straight-through gradient.
+    """
+
+    def __init__(self, model, feature_net, lam: float, delta: float):
+        self.model, self.feature_net, self.lam, self.delta = model, feature_net, float(lam), float(delta)
+
+    def predict(self, x):
+        with torch.no_grad():
+            return self.model(x)
+
+    def loss(self, x, y):
+        logits = self.model(x)
+        loss = F.cross_entropy(logits, y, reduction="none")
+        if self.lam != 0.0:
+            lf = feature_loss(self.feature_net(x))
+            loss = loss + self.lam * lf.clamp_min(self.delta).to(loss.dtype)
+        return logits, loss
+
+    def get_logits_loss_grad_xent(self, x, y):
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits, loss = self.loss(x, y)
+            grad, = torch.autograd.grad(loss.sum(), x)
+        return logits.detach(), loss.detach(), grad.detach()
+
+
+class AdaptiveAPGD(Attack):
+    """The paper's adaptive attack (Table 3): APGD on ``CE + lam * max(L_F(x_adv), delta)``.
+
+    ``lam > 0`` pushes ``L_F`` up, ``lam < 0`` pulls it below ``delta`` so the
+    defense has little to undo. ``delta`` defaults to the defense's exit
+    threshold (below it the defense does not move the input at all).
+    """
+
+    _params = ("lam", "delta", "layer", "n_iter", "n_restarts", "eot_iter", "rho")
+
+    def __init__(self, model, base_model, eps: float = 8 / 255, lam: float = 1.0, delta: float = 0.0124,
+                 layer: str | None = None, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
+                 rho: float = 0.75, seed: int = 0):
+        super().__init__(model, eps, seed)
+        self.base_model, self.lam, self.delta, self.layer = base_model, float(lam), float(delta), layer
+        self.n_iter, self.n_restarts, self.eot_iter, self.rho = n_iter, n_restarts, eot_iter, rho
+        self._feature_net = network_prefix(base_model, layer)
+
+    def perturb(self, x, y):
+        oracle = _FeatureLossOracle(self.model, self._feature_net, self.lam, self.delta)
+        attack = APGDAttack(oracle, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts, eps=self.eps,
+                            seed=self.seed, loss="ce", eot_iter=self.eot_iter, rho=self.rho, device=x.device,
+                            is_tf_model=True, logger=_logger())
+        return attack.perturb(x, y)
+
+
+def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Untargeted DLR loss (Croce & Hein 2020), per sample."""
+    z, _ = logits.sort(dim=1)
+    zy = logits.gather(1, y[:, None])[:, 0]
+    top_other = torch.where(logits.argmax(1) == y, z[:, -2], z[:, -1])
+    return -(zy - top_other) / (z[:, -1] - z[:, -3] + 1e-12)
+
+
+def dlr_loss_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Targeted DLR loss (Croce & Hein 2020), per sample; needs at least 4 classes."""
+    z, _ = logits.sort(dim=1)
+    zy = logits.gather(1, y[:, None])[:, 0]
+    zt = logits.gather(1, target[:, None])[:, 0]
+    return -(zy - zt) / (z[:, -1] - 0.5 * (z[:, -3] + z[:, -4]) + 1e-12)
+
+
+class EOTPGD(Attack):
+    """L-inf PGD with Expectation over Transformation (Athalye et al. 2018) through the straight-through gradient.
+
+    Each step averages the gradient of ``eot_iter`` independent forward passes
+    (independent defense noise). ``loss``: ``"ce"``, ``"dlr"`` or
+    ``"dlr-targeted"`` (each of the ``n_target_classes`` most likely wrong
+    classes in turn, each with ``n_restarts`` random starts; after the first run only points whose
+    EOT-averaged prediction is still correct are attacked again, as AutoAttack does). Step size
+    ``alpha`` defaults to ``2.5 * eps / steps`` (Madry et al. 2018). The
+    returned point per sample is the iterate with the lowest EOT-averaged
+    margin ``p_y - max_{j != y} p_j`` of the mean softmax over all steps,
+    restarts and targets.
+    """
+
+    _params = ("steps", "alpha", "eot_iter", "n_restarts", "loss", "n_target_classes")
+
+    def __init__(self, model, eps: float = 8 / 255, steps: int = 100, eot_iter: int = 20, n_restarts: int = 2,
+                 alpha: float | None = None, loss: str = "ce", n_target_classes: int = 3, seed: int = 0):
+        super().__init__(model, eps, seed)
+        if loss not in ("ce", "dlr", "dlr-targeted"):
+            raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
+        for name, value in (("steps", steps), ("eot_iter", eot_iter), ("n_restarts", n_restarts),
+                            ("n_target_classes", n_target_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.steps, self.eot_iter, self.n_restarts, self.loss = steps, eot_iter, n_restarts, loss
+        self.n_target_classes = n_target_classes
+        self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / steps
+
+    def _loss(self, logits, y, target):
+        if self.loss == "ce":
+            return F.cross_entropy(logits, y, reduction="none")
+        if self.loss == "dlr":
+            return dlr_loss(logits, y)
+        return dlr_loss_targeted(logits, y, target)
+
+    def _eot(self, x_adv, y, target):
+        """Mean gradient and mean softmax over ``eot_iter`` forward passes."""
+        grad = torch.zeros_like(x_adv)
+        probs = 0.0
+        for _ in range(self.eot_iter):
+            xa = x_adv.detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = self.model(xa)
+                g, = torch.autograd.grad(self._loss(logits, y, target).sum(), xa)
+            grad += g
+            probs = probs + logits.detach().float().softmax(1)
+        return grad / self.eot_iter, probs / self.eot_iter
+
+    @staticmethod
+    def _margin(probs, y):
+        py = probs.gather(1, y[:, None])[:, 0]
+        other = probs.scatter(1, y[:, None], -1.0).max(1).values
+        return py - other
+
+    def perturb(self, x, y):
+        gen = torch.Generator(device="cpu").manual_seed(self.seed)
+        best = x.clone()
+        best_margin = torch.full((x.shape[0],), math.inf, device=x.device)
+        targets = [None]
+        if self.loss == "dlr-targeted":
+            with torch.no_grad():
+                order = self.model(x).argsort(dim=1, descending=True)
+            order = order[order != y[:, None]].view(x.shape[0], -1)  # wrong classes, most likely first
+            targets = [order[:, k] for k in range(min(self.n_target_classes, order.shape[1]))]
+        first = True
+        for target in targets:
+            for _ in range(self.n_restarts):
+                # Like AutoAttack's restarts: later runs attack only the points not yet fooled (EOT-mean margin).
+                idx = torch.arange(x.shape[0], device=x.device) if first else (best_margin >= 0).nonzero()[:, 0]
+                first = False
+                if idx.numel() == 0:
+                    return best
+                xs, ys = x[idx], y[idx]
+                ts = None if target is None else target[idx]
+                start = (torch.rand(xs.shape, generator=gen) * 2 - 1).to(x.device, x.dtype) * self.eps
+                x_adv = (xs + start).clamp(0.0, 1.0)
+                for step in range(self.steps + 1):
+                    grad, probs = self._eot(x_adv, ys, ts)
+                    margin = self._margin(probs, ys)
+                    better = margin < best_margin[idx]
+                    best[idx[better]], best_margin[idx[better]] = x_adv[better], margin[better]
+                    if step == self.steps:
+                        break
+                    x_adv = x_adv + self.alpha * grad.sign()
+                    x_adv = torch.min(torch.max(x_adv, xs - self.eps), xs + self.eps).clamp(0.0, 1.0).detach()
+        return best
+
+
+class Square(Attack):
+    """pyautoattack's Square attack (black-box, score-based; Andriushchenko et al. 2020), AutoAttack's settings."""
+
+    _params = ("n_queries", "p_init", "n_restarts")
+
+    def __init__(self, model, eps: float = 8 / 255, n_queries: int = 5000, p_init: float = 0.8,
+                 n_restarts: int = 1, seed: int = 0):
+        super().__init__(model, eps, seed)
+        self.n_queries, self.p_init, self.n_restarts = n_queries, p_init, n_restarts
+
+    def perturb(self, x, y):
+        attack = SquareAttack(self.model, p_init=self.p_init, n_queries=self.n_queries, eps=self.eps, norm="Linf",
+                              n_restarts=self.n_restarts, seed=self.seed, verbose=False, device=x.device,
+                              resc_schedule=False)
+        return attack.perturb(x, y)
+
+
+class TorchattacksEOTPGD(Attack):
+    """Cross-check with an independent implementation: ``torchattacks.EOTPGD``."""
+
+    _params = ("steps", "alpha", "eot_iter", "random_start")
+
+    def __init__(self, model, eps: float = 8 / 255, steps: int = 100, eot_iter: int = 20,
+                 alpha: float | None = None, random_start: bool = True, seed: int = 0):
+        super().__init__(model, eps, seed)
+        self.steps, self.eot_iter, self.random_start = steps, eot_iter, random_start
+        self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / steps
+
+    def perturb(self, x, y):
+        import torchattacks
+
+        attack = torchattacks.EOTPGD(self.model, eps=self.eps, alpha=self.alpha, steps=self.steps,
+                                     eot_iter=self.eot_iter, random_start=self.random_start)
+        torch.manual_seed(self.seed)
+        return attack(x, y)

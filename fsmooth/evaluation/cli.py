@@ -1,0 +1,174 @@
+"""``fsmooth eval`` and ``fsmooth figures``: registered on the main parser by :mod:`fsmooth.cli`.
+
+::
+
+    fsmooth eval --checkpoint runs/wrn/checkpoints/latest --data cifar10.tar.gz --protocol paper,adaptive \\
+        --n 1000 --eps 8 16 --outer-loops 1 10 --out results/eval
+    torchrun --nproc_per_node=4 --no-python fsmooth eval ...        # sharded over 4 GPUs, one merged report
+    fsmooth figures --report results/eval --checkpoint ... --log runs/wrn/log.jsonl --out results/figures
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+from pathlib import Path
+
+__all__ = ["add_parser", "run", "run_figures"]
+
+_log = logging.getLogger(__name__)
+
+
+def _budget_args(p) -> None:
+    g = p.add_argument_group("attack budgets (default: the published settings)")
+    g.add_argument("--budget", choices=("paper", "tiny"), default="paper",
+                   help="'tiny' only checks that everything runs; its numbers mean nothing")
+    for flag, kind, help_ in (("--apgd-iter", int, "APGD iterations (AutoAttack, adaptive)"),
+                              ("--fab-iter", int, "FAB-T iterations"),
+                              ("--square-queries", int, "Square queries"),
+                              ("--eot-draws", int, "EOT draws (AutoAttack rand, EOT-PGD, torchattacks)"),
+                              ("--pgd-steps", int, "EOT-PGD steps"),
+                              ("--pgd-restarts", int, "EOT-PGD restarts"),
+                              ("--adaptive-eot-draws", int, "EOT draws of the adaptive APGD (paper: 1)"),
+                              ("--rescore-runs", int, "fresh defense runs for re-scoring")):
+        g.add_argument(flag, type=kind, default=None, help=help_)
+    g.add_argument("--lambdas", type=float, nargs="+", default=None,
+                   help="adaptive-attack |lambda| values (each run with both signs)")
+    g.add_argument("--sweep-eps", type=float, nargs="+", default=None, help="eps sweep values in 1/255 units")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``eval`` (and ``figures``) on ``subparsers``."""
+    from .protocols import GROUPS, PROTOCOLS
+
+    p = subparsers.add_parser(
+        "eval", help="robustness evaluation: AutoAttack (paper) and adaptive attacks, JSON + markdown report",
+        description="Evaluate a checkpoint with Active Defense. Resumable: rerun the same command after an "
+                    "interruption. Under torchrun each rank evaluates a share of the test set.")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint folder (fsmooth.checkpoint)")
+    source.add_argument("--pretrained", help="an embedded model (fsmooth.models.available_pretrained())")
+    p.add_argument("--baseline-checkpoint", default=None,
+                   help="model trained without L_F, for the 'Standard (using Active Defense)' baseline row")
+    p.add_argument("--data", default=None, help="data source (default: $FSMOOTH_DATA)")
+    p.add_argument("--dataset", choices=("cifar10", "cifar100"), default=None,
+                   help="default: the checkpoint's data set")
+    p.add_argument("--dataset-label", default=None, help="how the data set is named in the report")
+    p.add_argument("--protocol", default="paper",
+                   help=f"comma-separated from {', '.join(PROTOCOLS)} or groups {', '.join(GROUPS)}")
+    p.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
+                   help="first N test images (under torchrun spell it --num-images: torchrun claims --n)")
+    p.add_argument("--eps", type=float, nargs="+", default=[8.0, 16.0], help="L-inf eps in 1/255 units")
+    p.add_argument("--outer-loops", type=int, nargs="+", default=[1, 10], help="K values (outerloop)")
+    p.add_argument("--defense-preset", default=None, help="cifar10, cifar100, ... (default: the checkpoint's delta)")
+    p.add_argument("--baseline-preset", default="cifar10-standard")
+    p.add_argument("--max-iters", type=int, default=None, help="defense iteration cap")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--out", default="runs/eval", help="output folder (report, per-image tensors, state)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chunk-size", type=int, default=250, help="images per resumable chunk")
+    p.add_argument("--batch-size", type=int, default=250,
+                   help="images per forward/attack call at K=1 (divided by K); lower it on out-of-memory")
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse finished chunks in OUT/state (default on)")
+    p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
+    _budget_args(p)
+    p.set_defaults(func=run)
+
+    f = subparsers.add_parser("figures", help="figures of an evaluation (Figs. 4/5, iterations, accuracy vs eps) "
+                                              "and training curves")
+    f.add_argument("--report", default=None, help="an eval --out folder")
+    f.add_argument("--checkpoint", default=None, help="model for the feature panels (Figures 4/5)")
+    f.add_argument("--pretrained", default=None, help="an embedded model for the feature panels")
+    f.add_argument("--log", action="append", default=[], help="training log.jsonl (Figures 2/3); repeatable")
+    f.add_argument("--out", default="figures")
+    f.set_defaults(func=run_figures)
+    return p
+
+
+def _budget(args):
+    from .protocols import Budget
+
+    budget = Budget.tiny() if args.budget == "tiny" else Budget()
+    names = ("apgd_iter", "fab_iter", "square_queries", "eot_draws", "pgd_steps", "pgd_restarts",
+             "adaptive_eot_draws", "rescore_runs")
+    changes = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.lambdas:
+        changes["lambdas"] = tuple(abs(v) for v in args.lambdas)
+    if args.sweep_eps:
+        changes["eps_sweep"] = tuple(v / 255 for v in args.sweep_eps)
+    return budget.replace(**changes)
+
+
+def _dataset_label(args, dataset: str) -> str:
+    if args.dataset_label:
+        return args.dataset_label
+    name = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[dataset]
+    source = str(args.data or "")
+    return f"{name} (JPEG q75 copy)" if "jpeg" in source.lower() else f"{name} test split ({source or '$FSMOOTH_DATA'})"
+
+
+def _load(args, device=None):
+    """``(model, meta)`` from ``--checkpoint`` or ``--pretrained``."""
+    if getattr(args, "pretrained", None):
+        from ..models import pretrained
+        model = pretrained(args.pretrained, device=device)
+        return model, dict(model.pretrained_meta)
+    from ..checkpoint import load_model
+    return load_model(args.checkpoint, device=device)
+
+
+def run(args) -> int:
+    import torch
+
+    from ..checkpoint import load_model
+    from ..data import load_dataset
+    from ..defense.config import DefenseConfig
+    from .api import _defense_config, evaluate
+    from .distributed import init_from_env, local_device, rank_and_world
+
+    if any(e < 0.5 for e in args.eps):
+        raise ValueError(f"--eps is in 1/255 units (8 means 8/255), got {args.eps}")
+    init_from_env()
+    device = torch.device(args.device) if args.device else local_device()
+    model, meta = _load(args, device)
+    dataset = args.dataset or meta.get("dataset", "cifar10")
+    images, labels = load_dataset(args.data, "test", dataset=dataset)
+    defense = _defense_config(args.defense_preset, model)
+    baseline, baseline_defense = None, args.baseline_preset
+    if args.baseline_checkpoint:
+        baseline, _ = load_model(args.baseline_checkpoint, device=device)
+    if args.max_iters is not None:
+        defense = defense.replace(max_iters=args.max_iters)
+        baseline_defense = DefenseConfig.preset(args.baseline_preset, max_iters=args.max_iters)
+    argv = getattr(args, "argv", None)
+    command = "fsmooth " + shlex.join(argv) if argv is not None else shlex.join(sys.argv)
+    report = evaluate(
+        model, images, labels, protocol=args.protocol, n=args.n, eps=[e / 255 for e in args.eps],
+        outer_loops=args.outer_loops, defense=defense, baseline_model=baseline, baseline_defense=baseline_defense,
+        layer=args.layer, budget=_budget(args), seed=args.seed, chunk_size=args.chunk_size,
+        batch_size=args.batch_size, out=args.out, resume=args.resume, quiet=args.quiet,
+        meta={"command": command, "checkpoint": args.checkpoint or f"pretrained:{args.pretrained}",
+              "dataset": _dataset_label(args, dataset), "baseline_checkpoint": args.baseline_checkpoint,
+              "checkpoint_meta": meta})
+    if rank_and_world()[0] == 0 and not args.quiet:
+        print((Path(args.out) / "report.md").read_text())
+    return 0
+
+
+def run_figures(args) -> int:
+    from . import figures
+
+    made = []
+    if args.report:
+        model = _load(args)[0] if (args.checkpoint or args.pretrained) else None
+        made += figures.from_report(args.report, args.out, model=model)
+    for i, log in enumerate(args.log):
+        made.append(figures.training_curves(log, Path(args.out) / f"training_{i}.png"))
+    if not made:
+        raise ValueError("nothing to plot: give --report and/or --log")
+    for path in made:
+        print(path)
+    return 0

@@ -1,0 +1,183 @@
+"""Evaluation protocols: which attacks run on which classifier at which eps.
+
+A protocol expands to :class:`RunSpec` s. Targets: ``"defended"`` (the model
+with Active Defense, ``outer_loops`` K), ``"undefended"`` (the bare model)
+and ``"standard-defended"`` (the baseline model trained without ``L_F``, with
+Active Defense at the paper's larger threshold). Run ids are unique and
+stable, so the same run requested by two protocols executes once and a
+resumed evaluation finds its saved chunks.
+
+Protocols
+  paper        AutoAttack standard, and each of its attacks alone (Table 1 columns).
+  adaptive     APGD-CE on CE + lam * max(L_F, delta), lam = +-logspace(0.1..100) (Table 3).
+  rand         AutoAttack rand (APGD-CE, APGD-DLR, EOT over ``eot_draws``).
+  eot          PGD with EOT through the straight-through gradient: CE and targeted DLR.
+  transfer     AutoAttack standard on the undefended model, scored on the defended one.
+  square       Square alone (gradient-masking check against the white-box attacks).
+  eps-sweep    APGD-CE at 2, 4, 8, 16, 32 / 255: accuracy must fall towards 0.
+  torchattacks torchattacks.EOTPGD at the first eps and outer loop (independent library).
+  baselines    AutoAttack standard on the undefended model and on the standard model + Active Defense.
+Groups: ``beyond`` (rand, eot, transfer, square, eps-sweep, torchattacks) and ``all``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+__all__ = ["Budget", "RunSpec", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key"]
+
+PROTOCOLS = ("paper", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
+GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"), "all": PROTOCOLS}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Attack budgets. Defaults are the published settings; every report records the ones used."""
+
+    apgd_iter: int = 100            # AutoAttack APGD-CE/-T/-DLR and the adaptive APGD
+    fab_iter: int = 100
+    square_queries: int = 5000
+    eot_draws: int = 20             # AutoAttack rand, EOT-PGD, torchattacks
+    pgd_steps: int = 100
+    pgd_restarts: int = 2
+    pgd_targets: int = 3            # targeted DLR: most likely wrong classes
+    lambdas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)   # log-spaced; run with both signs
+    adaptive_eot_draws: int = 1     # the paper's adaptive APGD-CE uses none; more only makes it stronger
+    eps_sweep: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255)
+    sweep_eot_draws: int = 1
+    rescore_runs: int = 5
+
+    @classmethod
+    def tiny(cls) -> "Budget":
+        """Smallest budgets that still exercise every code path (tests, smoke runs). Not for results."""
+        return cls(apgd_iter=5, fab_iter=3, square_queries=20, eot_draws=2, pgd_steps=4, pgd_restarts=1,
+                   pgd_targets=2, lambdas=(0.1, 100.0), eps_sweep=(2 / 255, 8 / 255, 32 / 255), rescore_runs=3)
+
+    def replace(self, **changes) -> "Budget":
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class RunSpec:
+    """One attack (or clean pass) on one classifier at one eps, executed chunk by chunk.
+
+    ``kind``: ``"clean"``, ``"autoattack"`` (``options``: version, attacks),
+    ``"attack"`` (``options``: name and kwargs of a class in :mod:`.attacks`)
+    or ``"transfer"`` (scores the points of run ``source``). ``threat`` sorts runs for the
+    gradient-masking check: black-box and transfer attacks must not beat the white-box ones;
+    composite runs (AutoAttack, which contains Square) take no side.
+    """
+
+    run_id: str
+    protocol: str
+    column: str
+    kind: str
+    target: str
+    outer_loops: int
+    eps: float
+    options: dict = field(default_factory=dict)
+    source: str | None = None
+    threat: str = "white-box"   # "white-box", "black-box", "transfer", "composite" (AutoAttack), "clean"
+
+    @property
+    def setting(self) -> tuple:
+        return setting_key(self.target, self.outer_loops, self.eps)
+
+
+def setting_key(target: str, outer_loops: int, eps: float) -> tuple:
+    return (target, int(outer_loops), round(float(eps) * 255, 6))
+
+
+def eps_tag(eps: float) -> str:
+    return f"eps{eps * 255:g}"
+
+
+def parse_protocols(spec) -> list[str]:
+    """``"paper,adaptive"`` / a list -> protocol names, groups expanded, order kept."""
+    names = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for name in (n.strip() for n in names):
+        expanded = GROUPS.get(name, (name,))
+        for p in expanded:
+            if p not in PROTOCOLS:
+                raise ValueError(f"unknown protocol {p!r}; choose from {list(PROTOCOLS) + list(GROUPS)}")
+            if p not in out:
+                out.append(p)
+    if not out:
+        raise ValueError("protocol must name at least one protocol")
+    return out
+
+
+def _lambda_tag(lam: float) -> str:
+    return f"{lam:+g}"
+
+
+def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool = False) -> list[RunSpec]:
+    """The runs ``protocols`` need, clean passes first, without duplicates."""
+    protocols = parse_protocols(protocols)
+    specs: dict[str, RunSpec] = {}
+
+    def add(spec: RunSpec) -> None:
+        specs.setdefault(spec.run_id, spec)
+
+    def clean(target: str, k: int) -> None:
+        add(RunSpec(f"clean/{target}/ol{k}", "clean", "clean", "clean", target, k, 0.0, threat="clean"))
+
+    def autoattack(protocol, target, k, eps, version="standard", attacks=None, column=None):
+        name = column or (f"aa-{version}" if attacks is None else attacks[0])
+        rid = f"{target}/ol{k}/{eps_tag(eps)}/{name}"
+        add(RunSpec(rid, protocol, name, "autoattack", target, k, eps,
+                    {"version": version, "attacks": attacks},
+                    threat="black-box" if name == "square" else "composite" if attacks is None else "white-box"))
+
+    def attack(protocol, target, k, eps, column, name, **kwargs):
+        add(RunSpec(f"{target}/ol{k}/{eps_tag(eps)}/{column}", protocol, column, "attack", target, k, eps,
+                    {"name": name, "kwargs": kwargs}))
+
+    clean("undefended", 0)
+    for k in outer_loops:
+        clean("defended", k)
+    first_k, first_eps = outer_loops[0], eps_list[0]
+    for protocol in protocols:
+        for k in outer_loops:
+            for eps in eps_list:
+                if protocol == "paper":
+                    autoattack(protocol, "defended", k, eps)
+                    for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
+                        autoattack(protocol, "defended", k, eps, attacks=[name])
+                elif protocol == "adaptive":
+                    for lam in sorted({s * abs(v) for v in budget.lambdas for s in (1, -1)}):
+                        attack(protocol, "defended", k, eps, f"adaptive{_lambda_tag(lam)}", "AdaptiveAPGD",
+                               lam=lam, n_iter=budget.apgd_iter, eot_iter=budget.adaptive_eot_draws)
+                elif protocol == "rand":
+                    autoattack(protocol, "defended", k, eps, version="rand")
+                elif protocol == "eot":
+                    for loss in ("ce", "dlr-targeted"):
+                        attack(protocol, "defended", k, eps, f"eot-pgd-{loss}", "EOTPGD", loss=loss,
+                               steps=budget.pgd_steps, eot_iter=budget.eot_draws, n_restarts=budget.pgd_restarts,
+                               n_target_classes=budget.pgd_targets)
+                elif protocol == "transfer":
+                    autoattack(protocol, "undefended", 0, eps)
+                    add(RunSpec(f"defended/ol{k}/{eps_tag(eps)}/transfer", protocol, "transfer", "transfer",
+                                "defended", k, eps, source=f"undefended/ol0/{eps_tag(eps)}/aa-standard",
+                                threat="transfer"))
+                elif protocol == "square":
+                    autoattack(protocol, "defended", k, eps, attacks=["square"])
+                elif protocol == "baselines":
+                    autoattack(protocol, "undefended", 0, eps)
+                    if has_baseline:
+                        clean("standard-defended", k)
+                        autoattack(protocol, "standard-defended", k, eps)
+        if protocol == "eps-sweep":
+            for eps in budget.eps_sweep:
+                attack(protocol, "defended", first_k, eps, "apgd-ce-sweep", "APGD", loss="ce",
+                       n_iter=budget.apgd_iter, eot_iter=budget.sweep_eot_draws)
+        elif protocol == "torchattacks":
+            attack(protocol, "defended", first_k, first_eps, "torchattacks-eotpgd", "TorchattacksEOTPGD",
+                   steps=budget.pgd_steps, eot_iter=budget.eot_draws)
+    ordered = sorted(specs.values(), key=lambda s: (s.kind != "clean", s.kind == "transfer"))
+    return ordered
+

@@ -1,0 +1,232 @@
+"""The evaluation report: a JSON document, a markdown table and per-image tensors for the figures."""
+from __future__ import annotations
+
+import math
+import platform
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .scoring import (accuracy_summary, eps_sweep_flag, gradient_masking_flag, perturbation_check,
+                      rescore_summary)
+from .store import atomic_write_text, write_json
+
+__all__ = ["build_report", "write_outputs", "markdown", "environment"]
+
+TABLE_COLUMNS = ("apgd-ce", "apgd-t", "fab-t", "square", "aa-standard", "aa-rand", "eot-pgd-ce",
+                 "eot-pgd-dlr-targeted", "transfer", "torchattacks-eotpgd")
+
+
+def environment() -> dict:
+    import pyautoattack
+
+    from .. import __version__
+    env = {"fsmooth": __version__, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
+           "python": platform.python_version(), "cuda": torch.version.cuda,
+           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"}
+    try:
+        import torchattacks
+        env["torchattacks"] = torchattacks.__version__
+    except Exception:  # optional cross-check library
+        env["torchattacks"] = None
+    return env
+
+
+def _iteration_stats(iterations: torch.Tensor) -> dict | None:
+    it = iterations.float()
+    it = it[it >= 0]
+    if it.numel() == 0:
+        return None
+    return {"mean": float(it.mean()), "max": float(it.max())}
+
+
+def _run_row(ctx, result) -> dict:
+    spec = result.spec
+    n = int(result.correct.numel())
+    row = {"run_id": spec.run_id, "protocol": spec.protocol, "column": spec.column, "kind": spec.kind,
+           "target": spec.target, "outer_loops": spec.outer_loops, "eps": spec.eps, "eps_255": spec.eps * 255,
+           **accuracy_summary(result.correct), "wall_s": result.wall_s,
+           "wall_per_image_s": result.wall_s / n if n else math.nan,
+           "defense_iterations": _iteration_stats(result.iterations), "settings": result.settings,
+           "seeds": result.seeds, "autoattack_flags": result.flags}
+    if spec.kind != "clean" and result.x_adv is not None:
+        row["perturbation"] = perturbation_check(ctx.images.cpu(), result.x_adv, spec.eps)
+    return row
+
+
+def build_report(ctx, specs, results, rescored, info) -> dict:
+    from .api import clean_run_id
+
+    runs = {spec.run_id: _run_row(ctx, results[spec.run_id]) for spec in specs}
+    flags: list[dict] = []
+    for row in runs.values():
+        for f in row["autoattack_flags"]:
+            flags.append({"where": row["run_id"], "source": "autoattack", **f})
+        check = row.get("perturbation")
+        if check is not None and not check["ok"]:
+            flags.append({"where": row["run_id"], "kind": "perturbation outside the threat model",
+                          "message": f"max L-inf {check['max_linf']:.6f} vs eps {row['eps']:.6f}, "
+                                     f"range [{check['min']:.4f}, {check['max']:.4f}], NaN {check['nan']}"})
+    undefended = runs.get(clean_run_id("undefended", 0))
+    settings = []
+    for setting, entry in rescored.items():
+        target, k, eps255 = setting
+        group = [runs[r] for r in entry["runs"]]
+        clean = runs[clean_run_id(target, k)]
+        columns = {row["column"]: row["accuracy"] for row in group}
+        s = {"target": target, "outer_loops": k, "eps": group[0]["eps"], "eps_255": eps255,
+             "clean": {key: clean[key] for key in ("n", "correct", "accuracy", "ci95")}, "columns": columns,
+             "worst_case": accuracy_summary(entry["robust"]),
+             "fooled_by": _count([f for f in entry["fooled_by"] if f is not None]), "flags": []}
+        adaptive = {c: a for c, a in columns.items() if c.startswith("adaptive")}
+        if adaptive:
+            s["columns"]["adaptive-min"] = min(adaptive.values())
+        if "rescore" in entry:
+            r = entry["rescore"]
+            s["rescore"] = rescore_summary(r.correct_runs)
+            s["rescore"]["strict_robust"] = accuracy_summary(entry["robust"] & r.correct_runs.all(0))
+            s["defense_iterations"] = {"clean": _iteration_stats(results[clean_run_id(target, k)].iterations),
+                                       "adversarial": _iteration_stats(r.iterations)}
+        threat = {row["run_id"]: results[row["run_id"]].spec.threat for row in group}
+        white = {row["column"]: row["accuracy"] for row in group if threat[row["run_id"]] == "white-box"}
+        black = {row["column"]: row["accuracy"] for row in group
+                 if threat[row["run_id"]] in ("black-box", "transfer")}
+        masking = gradient_masking_flag(black, white)
+        if masking:
+            s["flags"].append(masking)
+            flags.append({"where": f"{target}/ol{k}/eps{eps255:g}", **masking})
+        settings.append(s)
+    order = {"defended": 0, "standard-defended": 1, "undefended": 2}
+    settings.sort(key=lambda s: (order.get(s["target"], 3), s["outer_loops"], s["eps"]))
+    sweep = _eps_sweep(runs)
+    if sweep and sweep.get("flag"):
+        flags.append({"where": "eps-sweep", **sweep["flag"]})
+    timing = {}
+    for row in runs.values():
+        if row["kind"] == "clean":
+            timing[row["run_id"]] = {"wall_per_image_s": row["wall_per_image_s"]}
+            if undefended and undefended["wall_per_image_s"] > 0:
+                timing[row["run_id"]]["cost_vs_undefended"] = row["wall_per_image_s"] / undefended["wall_per_image_s"]
+    return {"info": {**info, "environment": environment()}, "settings": settings, "eps_sweep": sweep,
+            "timing": timing, "flags": flags, "runs": list(runs.values())}
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def _eps_sweep(runs: dict) -> dict | None:
+    rows = [r for r in runs.values() if r["column"] == "apgd-ce-sweep"]
+    if not rows:
+        return None
+    acc = {r["eps"]: r["accuracy"] for r in rows}
+    return {"outer_loops": rows[0]["outer_loops"], "points": [{"eps": e, "eps_255": e * 255, "accuracy": a}
+                                                               for e, a in sorted(acc.items())],
+            "flag": eps_sweep_flag(acc)}
+
+
+def _pct(value) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
+
+
+def _budget_text(budget: dict) -> str:
+    parts = []
+    for key, value in budget.items():
+        if key == "eps_sweep":
+            value = "(" + ", ".join(f"{v * 255:g}" for v in value) + ")/255"
+        parts.append(f"{key}={value}")
+    return ", ".join(parts)
+
+
+def markdown(report: dict) -> str:
+    info = report["info"]
+    env = info["environment"]
+    lines = [f"# Robustness evaluation ({info.get('dataset', 'dataset not recorded')})", "",
+             f"n = {info['n']}, seed {info['seed']}, protocols {', '.join(info['protocols'])}, "
+             f"{info['started']} - {info['finished']}, {env['device']}, torch {env['torch']}, "
+             f"pyautoattack {env['pyautoattack']}, torchattacks {env['torchattacks']}, "
+             f"world size {info['world_size']}.",
+             f"Defense: {info['defense']}. Budget: {_budget_text(info['budget'])}.", ""]
+    if info.get("command"):
+        lines += [f"Command: `{info['command']}`", ""]
+    present = [c for c in TABLE_COLUMNS + ("adaptive-min",) if any(c in s["columns"] for s in report["settings"])]
+    head = ["model", "K", "eps", "clean"] + present + ["worst case [95% CI]", "re-scored mean ± std",
+                                                       "correct in all runs", "defense iters clean/adv"]
+    lines += ["## Robust accuracy (%)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in report["settings"]:
+        wc = s["worst_case"]
+        row = [s["target"], str(s["outer_loops"]) if s["target"] != "undefended" else "-", f"{s['eps_255']:g}/255",
+               _pct(s["clean"]["accuracy"])] + [_pct(s["columns"].get(c)) for c in present]
+        row.append(f"{_pct(wc['accuracy'])} [{_pct(wc['ci95'][0])}, {_pct(wc['ci95'][1])}]")
+        r = s.get("rescore")
+        if r:
+            row += [f"{_pct(r['mean'])} ± {_pct(r['std'])}", _pct(r["correct_in_all_runs"]["accuracy"])]
+            it = s.get("defense_iterations") or {}
+            c, a = it.get("clean"), it.get("adversarial")
+            row.append(f"{c['mean']:.0f}/{a['mean']:.0f}" if c and a else "-")
+        else:
+            row += ["-", "-", "-"]
+        lines.append("| " + " | ".join(row) + " |")
+    adaptive = [r for r in report["runs"] if r["column"].startswith("adaptive")]
+    if adaptive:
+        lines += ["", "## Adaptive attack: CE + lambda * max(L_F, delta) (robust accuracy %)", "",
+                  "| model | K | eps | lambda | accuracy [95% CI] |", "|---|---|---|---|---|"]
+        for r in adaptive:
+            lines.append(f"| {r['target']} | {r['outer_loops']} | {r['eps_255']:g}/255 | {r['settings'].get('lam')} | "
+                         f"{_pct(r['accuracy'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] |")
+    if report.get("eps_sweep"):
+        sw = report["eps_sweep"]
+        lines += ["", f"## Eps sweep (APGD-CE, K = {sw['outer_loops']})", "", "| eps | accuracy |", "|---|---|"]
+        lines += [f"| {p['eps_255']:g}/255 | {_pct(p['accuracy'])} |" for p in sw["points"]]
+    lines += ["", "## Runs", "", "| run | n | accuracy [95% CI] | s/image | defense iters mean/max | max L-inf*255 |",
+              "|---|---|---|---|---|---|"]
+    for r in report["runs"]:
+        it, p = r["defense_iterations"], r.get("perturbation")
+        iters = f"{it['mean']:.1f}/{it['max']:.0f}" if it else "-"
+        linf = f"{255 * p['max_linf']:.3f}" if p else "-"
+        ci = f"[{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]"
+        lines.append(f"| {r['run_id']} | {r['n']} | {_pct(r['accuracy'])} {ci} | {r['wall_per_image_s']:.4g} | "
+                     f"{iters} | {linf} |")
+    cost = {k: v.get("cost_vs_undefended") for k, v in report["timing"].items()}
+    lines += ["", "Inference cost relative to the undefended model (clean pass): " +
+              ", ".join(f"{k}: {v:.1f}x" for k, v in cost.items() if v is not None), ""]
+    lines += ["## Flags", ""]
+    grouped: dict[tuple, list] = {}
+    for f in report["flags"]:
+        grouped.setdefault((f.get("kind"), f.get("message", "")), []).append(f["where"])
+    lines += [f"- **{kind}** ({', '.join(where)}): {message}" for (kind, message), where in grouped.items()]
+    if not grouped:
+        lines.append("- none")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(report: dict, results: dict, rescored: dict, out: Path, ctx) -> None:
+    """``report.json``, ``report.md`` and ``per_image.safetensors`` (labels, per-run predictions, iterations)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", markdown(report))
+    tensors = {"labels": ctx.labels.cpu()}
+    for run_id, r in results.items():
+        if r.spec is None:
+            continue
+        tensors[f"pred/{run_id}"] = r.pred
+        tensors[f"iterations/{run_id}"] = r.iterations.float()
+    for setting, entry in rescored.items():
+        key = f"{setting[0]}/ol{setting[1]}/eps{setting[2]:g}"
+        tensors[f"robust/{key}"] = entry["robust"]
+        if "rescore" in entry:
+            tensors[f"rescore_correct/{key}"] = entry["rescore"].correct_runs
+            tensors[f"rescore_iterations/{key}"] = entry["rescore"].iterations.float()
+            tensors[f"candidates/{key}"] = entry["candidates"][:16].contiguous()
+    for run_id, r in results.items():  # a few adversarial examples for the Figure 4/5 panels
+        if r.spec is not None and r.spec.column in ("apgd-ce", "apgd-t") and r.x_adv is not None:
+            tensors[f"examples/{run_id}"] = r.x_adv[:16].contiguous()
+    tensors["examples/clean"] = ctx.images[:16].cpu().contiguous()
+    tmp = out / ".per_image.safetensors.tmp"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(out / "per_image.safetensors")

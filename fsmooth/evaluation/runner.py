@@ -1,0 +1,240 @@
+"""Executes one :class:`RunSpec` chunk by chunk: seeded, resumable, sharded over ranks.
+
+Every chunk ``c`` of every run is seeded from ``(seed, run_id, c)`` alone, so
+the result does not depend on which rank ran it, on the order of the runs,
+or on whether the evaluation was interrupted and resumed.
+"""
+from __future__ import annotations
+
+import math
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from . import attacks as attack_classes
+from .autoattack import autoattack_settings, build_autoattack, run_autoattack
+from .distributed import all_gather_object
+from .protocols import Budget, RunSpec
+from .store import ChunkStore
+
+__all__ = ["Context", "RunResult", "execute", "chunk_seed", "predict", "predict_batched"]
+
+
+def chunk_seed(seed: int, run_id: str, chunk: int) -> int:
+    return zlib.crc32(f"{seed}/{run_id}/{chunk}".encode()) & 0x7FFFFFFF
+
+
+@dataclass
+class Context:
+    """Everything a run needs: models, data (float [0, 1] on ``device``), budgets, state and sharding."""
+
+    model: torch.nn.Module
+    images: torch.Tensor
+    labels: torch.Tensor
+    defense_config: object
+    defended_factory: object
+    budget: Budget = field(default_factory=Budget)
+    baseline_model: torch.nn.Module | None = None
+    baseline_config: object = None
+    layer: str | None = None
+    seed: int = 0
+    chunk_size: int = 250
+    batch_size: int = 250
+    store: ChunkStore = field(default_factory=lambda: ChunkStore(None))
+    rank: int = 0
+    world: int = 1
+    quiet: bool = False
+    num_classes: int = 10
+    _classifiers: dict = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def batch_for(self, target: str, outer_loops: int) -> int:
+        """Images per forward/attack call: ``batch_size`` divided by K, as the defended batch holds K copies."""
+        return max(1, self.batch_size // max(outer_loops, 1))
+
+    def base_model(self, target: str) -> torch.nn.Module:
+        return self.baseline_model if target == "standard-defended" else self.model
+
+    def defense_for(self, target: str):
+        return self.baseline_config if target == "standard-defended" else self.defense_config
+
+    def classifier(self, target: str, outer_loops: int):
+        key = (target, outer_loops)
+        if key not in self._classifiers:
+            if target == "undefended":
+                clf = self.model
+            else:
+                if target == "standard-defended" and self.baseline_model is None:
+                    raise ValueError("the standard-defended baseline needs baseline_model")
+                clf = self.defended_factory(self.base_model(target), self.defense_for(target), outer_loops,
+                                            self.layer)
+            self._classifiers[key] = clf
+        return self._classifiers[key]
+
+
+@dataclass
+class RunResult:
+    """A finished run over all ``n`` images (merged over ranks)."""
+
+    spec: RunSpec
+    pred: torch.Tensor
+    correct: torch.Tensor
+    iterations: torch.Tensor          # mean defense iterations per image; -1 where not measured
+    x_adv: torch.Tensor | None = None
+    correct_runs: torch.Tensor | None = None   # rescoring: (runs, n)
+    wall_s: float = 0.0
+    flags: list = field(default_factory=list)
+    settings: dict = field(default_factory=dict)
+    seeds: list = field(default_factory=list)
+
+
+def _iterations(clf, batch: int) -> torch.Tensor:
+    """Mean defense iterations per image over the K copies of the last forward; -1 when not reported."""
+    info = getattr(clf, "last_info", None)
+    it = getattr(info, "iterations", None)
+    if not isinstance(it, torch.Tensor) or it.numel() == 0 or it.numel() % max(batch, 1):
+        return torch.full((batch,), -1.0)
+    return it.detach().float().cpu().reshape(-1, batch).mean(0)
+
+
+
+def predict(clf, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted labels and mean defense iterations per image (``-1`` for a classifier without ``last_info``)."""
+    with torch.no_grad():
+        pred = clf(x).argmax(1)
+    return pred.cpu(), _iterations(clf, x.shape[0])
+
+
+def _attack(ctx: Context, spec: RunSpec, clf, seed: int):
+    options = dict(spec.options.get("kwargs", {}))
+    cls = getattr(attack_classes, spec.options["name"])
+    if cls is attack_classes.AdaptiveAPGD:
+        options.setdefault("delta", ctx.defense_for(spec.target).delta)
+        options.setdefault("layer", ctx.layer)
+        return cls(clf, ctx.base_model(spec.target), eps=spec.eps, seed=seed, **options)
+    return cls(clf, eps=spec.eps, seed=seed, **options)
+
+
+def _slices(n: int, size: int):
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def predict_batched(clf, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    parts = [predict(clf, x[s]) for s in _slices(x.shape[0], batch)]
+    return torch.cat([p for p, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict, lo: int, hi: int, chunk: int):
+    meta: dict = {}
+    batch = ctx.batch_for(spec.target, spec.outer_loops)
+    if spec.kind == "clean":
+        pred, iters = predict_batched(clf, x, batch)
+        return {"pred": pred, "iterations": iters}, meta
+    if spec.kind == "autoattack":
+        aa = build_autoattack(clf, spec.eps, version=spec.options["version"], attacks=spec.options["attacks"],
+                              budget=ctx.budget, num_classes=ctx.num_classes, seed=seed, device=x.device)
+        x_adv, y_adv, flags = run_autoattack(aa, x, y, batch_size=batch,
+                                             state_path=ctx.store.aa_state_path(spec.run_id, chunk))
+        meta.update(settings=autoattack_settings(aa), flags=flags)
+        # AutoAttack's verdict stands; one fresh forward on its points measures the defense iterations.
+        _, iters = predict_batched(clf, x_adv, batch)
+        return {"pred": y_adv.cpu(), "iterations": iters, "x_adv": x_adv.cpu()}, meta
+    if spec.kind == "attack":
+        attack = _attack(ctx, spec, clf, seed)
+        x_adv = torch.cat([attack(x[s], y[s]) for s in _slices(x.shape[0], batch)])
+        meta["settings"] = attack.settings()
+    elif spec.kind == "transfer":
+        x_adv = sources[spec.source].x_adv[lo:hi].to(x.device)
+        meta["settings"] = {"source": spec.source, **sources[spec.source].settings}
+    elif spec.kind == "rescore":
+        candidates = sources[spec.source].x_adv[lo:hi].to(x.device)
+        runs = spec.options["runs"]
+        preds, iters = [], []
+        for r in range(runs):
+            torch.manual_seed(chunk_seed(seed, f"run{r}", chunk))
+            p, it = predict_batched(clf, candidates, batch)
+            preds.append(p)
+            iters.append(it)
+        meta["settings"] = {"runs": runs}
+        pred = torch.stack(preds)
+        return {"pred": pred[0].clone(), "iterations": torch.stack(iters), "pred_runs": pred}, meta
+    else:
+        raise ValueError(f"unknown run kind {spec.kind!r}")
+    pred, iters = predict_batched(clf, x_adv, batch)
+    return {"pred": pred, "iterations": iters, "x_adv": x_adv.detach().cpu()}, meta
+
+
+def execute(ctx: Context, spec: RunSpec, sources: dict | None = None) -> RunResult:
+    """Run (or load) this rank's chunks of ``spec``, gather all ranks' and merge them."""
+    sources = sources or {}
+    n_chunks = max(math.ceil(ctx.n / ctx.chunk_size), 1) if ctx.n else 0
+    mine = [c for c in range(n_chunks) if c % ctx.world == ctx.rank]
+    clf = ctx.classifier(spec.target, spec.outer_loops)
+    local = {}
+    bar = tqdm(mine, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
+    for c in bar:
+        got = ctx.store.load(spec.run_id, c)
+        if got is None:
+            lo, hi = c * ctx.chunk_size, min((c + 1) * ctx.chunk_size, ctx.n)
+            seed = chunk_seed(ctx.seed, spec.run_id, c)
+            torch.manual_seed(seed)  # the defense noise and the attack libraries draw from the global RNG
+            if torch.cuda.is_available():
+                torch.cuda.manual_seed_all(seed)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                # Counted from the defense's own report instead (iterations in the report); one per forward
+                # pass would drown the log.
+                warnings.filterwarnings("ignore", message=r".*reached max_iters.*")
+                tensors, meta = _run_chunk(ctx, spec, clf, ctx.images[lo:hi], ctx.labels[lo:hi], seed, sources,
+                                           lo, hi, c)
+            if ctx.device.type == "cuda":
+                torch.cuda.synchronize(ctx.device)
+            meta.update(wall_s=time.perf_counter() - start, seed=seed, lo=lo, hi=hi)
+            ctx.store.save(spec.run_id, c, tensors, meta)
+            got = (tensors, meta)
+        local[c] = got
+    if ctx.world > 1:
+        merged = {}
+        for part in all_gather_object(local):
+            merged.update(part)
+        local = merged
+    return _merge(ctx, spec, [local[c] for c in range(n_chunks)])
+
+
+def _merge(ctx: Context, spec: RunSpec, chunks: list) -> RunResult:
+    def cat(key, dim=0):
+        parts = [t[key] for t, _ in chunks if key in t]
+        return torch.cat(parts, dim) if parts else None
+
+    metas = [m for _, m in chunks]
+    labels = ctx.labels.cpu()
+    pred = cat("pred") if chunks else torch.zeros(0, dtype=torch.int64)
+    flags: list = []
+    for m in metas:
+        for f in m.get("flags", []):
+            if f not in flags:
+                flags.append(f)
+    result = RunResult(spec=spec, pred=pred, correct=pred == labels,
+                       iterations=cat("iterations", -1) if chunks else torch.zeros(0),
+                       wall_s=sum(m["wall_s"] for m in metas), flags=flags,
+                       settings=metas[0].get("settings", {}) if metas else {},
+                       seeds=[m["seed"] for m in metas])
+    x_adv = cat("x_adv")
+    if spec.kind == "clean":
+        x_adv = ctx.images.cpu()
+    result.x_adv = x_adv
+    runs = cat("pred_runs", 1)
+    if runs is not None:
+        result.correct_runs = runs == labels[None]
+    return result

@@ -1,0 +1,120 @@
+"""Smoke tests of the benchmark scripts in bench/ (CPU --quick runs; no speed assertions) and the FLOP counter."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+REQUIRED = ("run_id", "date", "command", "device", "gpu_name", "torch", "triton", "cuda", "section", "provider",
+            "status")
+
+
+def run_script(script: str, out_dir: Path, *extra, interpret: bool = False) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1" if interpret else "0")
+    proc = subprocess.run([sys.executable, str(BENCH / script), "--quick", "--out-dir", str(out_dir), *extra],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+def read_rows(out_dir: Path, stem: str) -> tuple[list[dict], list[dict]]:
+    jsonl = [json.loads(line) for line in (out_dir / f"{stem}.jsonl").read_text().splitlines()]
+    with open(out_dir / f"{stem}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return jsonl, rows
+
+
+@pytest.fixture
+def bench_modules(monkeypatch):
+    """The bench scripts import each other as siblings (they run as ``python bench/x.py``)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import benchlib
+    import iters_per_sec
+    return benchlib, iters_per_sec
+
+
+def test_iters_per_sec_quick_writes_rows(tmp_path):
+    stdout = run_script("iters_per_sec.py", tmp_path)
+    jsonl, rows = read_rows(tmp_path, "iters_per_sec")
+    assert len(jsonl) == len(rows) > 0
+    for row in jsonl:
+        assert all(row.get(k) not in (None, "") for k in REQUIRED), row
+        assert row["status"] in ("ok", "skipped", "error", "oom", "check_failed")
+        if row["status"] != "ok":
+            assert row["reason"], row  # every provider that did not run says why
+    sections = {r["section"] for r in jsonl}
+    assert sections == {"roofline", "throughput", "latency", "early-exit", "workload", "loss-kernel"}
+    eager = [r for r in jsonl if r["provider"] == "eager" and r["section"] == "throughput"]
+    assert {r["batch"] for r in eager} == {1, 2}
+    for r in eager:
+        assert r["status"] == "ok" and r["rel_err"] == 0.0
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["useful_iters"] == r["batch"] * r["iters"]
+        assert r["useful_iters_per_s"] > 0 and r["roofline_fraction"] > 0
+    flops = next(r for r in jsonl if r["provider"] == "flops-per-image-iteration")
+    # WRN-10-1 to block1 on 32x32: conv1 3->16 and two 16->16 3x3 convs, times 2 for the input gradient.
+    assert flops["forward_plus_input_grad_flops"] == 2 * (2 * 1024 * 16 * 27 + 2 * (2 * 1024 * 16 * 144))
+    # A provider the CPU cannot run is listed as skipped with its reason, not silently dropped.
+    assert any(r["provider"] == "graph-bf16" and r["status"] == "skipped" for r in jsonl)
+    exit_rows = [r for r in jsonl if r["section"] == "early-exit" and r["status"] == "ok"]
+    assert exit_rows and all(r["exit_delta"] > 0 for r in exit_rows)
+    assert rows[0]["gpu_name"] and rows[0]["command"].endswith(f"--out-dir {tmp_path}")
+    assert stdout.splitlines()[-1].strip()  # the table is printed last
+
+
+def test_loss_kernel_quick_interpreted(tmp_path):
+    run_script("loss_kernel.py", tmp_path, "--dtypes", "fp32", interpret=True)
+    jsonl, rows = read_rows(tmp_path, "loss_kernel")
+    assert len(jsonl) == len(rows)
+    by = {(r["provider"], r["shape"]): r for r in jsonl}
+    assert by.get(("copy", jsonl[0]["shape"]), {}).get("bytes_per_s", 0) > 0
+    triton = [r for r in jsonl if r["provider"] == "triton"]
+    assert triton and all(r["status"] == "ok" and r["rel_err"] < 1e-5 for r in triton), triton
+    for r in jsonl[1:]:
+        assert all(r.get(k) not in (None, "") for k in REQUIRED)
+        assert r["median_ms"] > 0 and r["copy_bandwidth_fraction"] > 0
+
+
+def test_flop_counter_matches_hand_count(bench_modules):
+    benchlib, _ = bench_modules
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),            # 4x5x5 outputs x 3*3*3 MACs
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 1, stride=2),             # 6x3x3 outputs x 4 MACs
+        nn.Conv2d(6, 6, 3, padding=1, groups=3),  # 6x3x3 outputs x 2*3*3 MACs
+        nn.Flatten(),
+        nn.Linear(54, 5),                         # 5 outputs x 54 MACs
+    )
+    forward = 2 * (100 * 27 + 54 * 4 + 54 * 18 + 5 * 54)
+    counted = benchlib.count_flops(net, torch.rand(3, 3, 5, 5))
+    assert counted["forward_flops"] == forward == 8316
+    assert counted["forward_plus_input_grad_flops"] == 2 * forward
+    assert counted["layers_counted"] == 4  # one hook call per layer call (the batch is one call)
+
+
+class _Twice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        return self.conv(torch.relu(self.conv(x)))
+
+
+def test_flop_counter_counts_reused_modules_per_call(bench_modules):
+    benchlib, _ = bench_modules
+    counted = benchlib.count_flops(_Twice(), torch.rand(1, 2, 4, 4))
+    assert counted["forward_flops"] == 2 * (2 * 32 * 18)
+    assert counted["layers_counted"] == 2
+
+
+def test_first_exit_iterations(bench_modules):
+    _, ips = bench_modules
+    losses = torch.tensor([[0.5, 0.3, 0.1, 0.05], [0.5, 0.45, 0.4, 0.35], [0.1, 0.1, 0.1, 0.1]])
+    hits = ips.first_exit_iterations(losses, delta=0.2, max_iters=3)
+    assert hits.tolist() == [2, 3, 0]

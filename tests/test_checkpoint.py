@@ -1,0 +1,139 @@
+"""fsmooth.checkpoint: round trips, atomic layout, safe loading; the embedded model."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from fsmooth.checkpoint import (latest_checkpoint, load_meta, load_model, load_training_state, save_checkpoint,
+                                save_run_checkpoint, update_meta)
+from fsmooth.models import WideResNet
+
+
+def tiny_model(seed=0, num_classes=10):
+    torch.manual_seed(seed)
+    model = WideResNet(10, 1, num_classes)
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def test_round_trip_fp32_and_fp16(tmp_path):
+    model = tiny_model(num_classes=100)
+    x = torch.rand(3, 3, 32, 32)
+    save_checkpoint(tmp_path / "ck", model, {"arch": "wrn-10-1", "delta_test": 0.05})
+    loaded, meta = load_model(tmp_path / "ck")
+    assert meta["model_config"]["num_classes"] == 100 and meta["format"].startswith("fsmooth")
+    assert loaded.defense_delta == 0.05 and not loaded.training
+    assert torch.equal(loaded(x), model(x))
+    save_checkpoint(tmp_path / "half", model, {"arch": "wrn-10-1"}, dtype=torch.float16)
+    half, _ = load_model(tmp_path / "half" / "model.safetensors")
+    assert next(half.parameters()).dtype == torch.float32 and not hasattr(half, "defense_delta")
+    ref = model(x)
+    assert (half(x) - ref).norm() / ref.norm() < 1e-2
+
+
+def test_single_file_form_and_update_meta(tmp_path):
+    model = tiny_model()
+    save_checkpoint(tmp_path / "ck", model, {"arch": "wrn-10-1"})
+    os.replace(tmp_path / "ck" / "model.safetensors", tmp_path / "named.safetensors")
+    os.replace(tmp_path / "ck" / "meta.json", tmp_path / "named.json")
+    update_meta(tmp_path / "named.safetensors", delta_test=0.0311)
+    loaded, meta = load_model(tmp_path / "named.safetensors")
+    assert meta["delta_test"] == 0.0311 and loaded.defense_delta == 0.0311
+
+
+def test_run_checkpoints_pointer_pruning_and_state(tmp_path):
+    model = tiny_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.rand(2, 3, 32, 32)).sum().backward()
+    opt.step()
+    for epoch in (1, 2, 3):
+        save_run_checkpoint(tmp_path, epoch, model, {"epoch": epoch}, optimizer=opt,
+                            extra_state={"epoch": epoch, "rng": torch.get_rng_state()})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["epoch-0002", "epoch-0003", "latest"]
+    assert latest_checkpoint(tmp_path).name == "epoch-0003"
+    assert load_meta(tmp_path)["epoch"] == 3
+    state = load_training_state(tmp_path)
+    opt2 = torch.optim.SGD(tiny_model(1).parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(state["optimizer"])
+    key = next(iter(opt.state))
+    key2 = next(iter(opt2.state))
+    assert torch.equal(opt.state[key]["momentum_buffer"], opt2.state[key2]["momentum_buffer"])
+
+
+def test_untrusted_state_is_not_unpickled(tmp_path):
+    save_run_checkpoint(tmp_path, 1, tiny_model(), {"epoch": 1}, extra_state={"epoch": 1})
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"payload": Evil()}, tmp_path / "checkpoints" / "epoch-0001" / "state.pt")
+    with pytest.raises(Exception, match="(?i)weights.only|unsupported|global"):
+        load_training_state(tmp_path)
+
+
+def test_errors_name_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        load_model(tmp_path / "empty")
+    save_checkpoint(tmp_path / "ck", tiny_model(), {"arch": "wrn-10-1"})
+    (tmp_path / "ck" / "model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(ValueError, match="model.safetensors"):
+        load_model(tmp_path / "ck")
+
+
+def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = tiny_model()
+    save_run_checkpoint(tmp_path, 1, model, {"epoch": 1})
+    import fsmooth.checkpoint as ck
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(ck, "write_json_atomic", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_run_checkpoint(tmp_path, 2, model, {"epoch": 2})
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "epoch-0001"
+    assert not (tmp_path / "checkpoints" / "epoch-0002").exists()
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith(".")]
+    assert json.loads((tmp_path / "checkpoints" / "latest").read_text())["epoch"] == 1
+
+
+def _data_source():
+    for candidate in (os.environ.get("FSMOOTH_DATA"),
+                      Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"):
+        if candidate and Path(candidate).exists():
+            return candidate
+    return None
+
+
+def test_embedded_model_reproduces_recorded_accuracy():
+    from fsmooth.models import available_pretrained, pretrained
+    from fsmooth.models.zoo import DEFAULT_PRETRAINED
+    if DEFAULT_PRETRAINED not in available_pretrained():
+        pytest.skip("the embedded model is not installed")
+    model = pretrained(DEFAULT_PRETRAINED)
+    meta = model.pretrained_meta
+    assert meta["arch"] == "wrn-16-1" and meta["device"] == "cpu" and 0 < meta["delta_test"] < 1
+    assert model.defense_delta == meta["delta_test"]
+    source = _data_source()
+    if source is None:
+        pytest.skip("no CIFAR-10 data (set FSMOOTH_DATA)")
+    from fsmooth.data import load_dataset
+    check = meta["subset_check"]
+    images, labels = load_dataset(source, "test", "cifar10")
+    index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(check["seed"]))[:check["n"]]
+    with torch.no_grad():
+        pred = torch.cat([model(images[i].float() / 255).argmax(1) for i in index.split(250)])
+    correct = int((pred == labels[index]).sum())
+    assert abs(correct - check["correct"]) <= 1, (correct, check)

@@ -1,0 +1,122 @@
+"""The ``fsmooth`` command line: a smoke test of every subcommand on tiny inputs."""
+import importlib.util
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+
+from fsmooth.cli import main
+
+
+def _write_cifar10(root, per_batch=4, n_test=6):
+    """A tiny cifar-10-batches-py folder in the original pickle format."""
+    rng = np.random.default_rng(0)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = n_test if name == "test_batch" else per_batch
+        entry = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 b"labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(data folder, run folder) of a 1-epoch wrn-10-1 run made by ``fsmooth train``."""
+    root = tmp_path_factory.mktemp("cli")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("FSMOOTH_CACHE", str(root / "cache"))
+    data = _write_cifar10(root / "data")
+    code = main(["train", "--out", str(root / "run"), "--data", str(data), "--arch", "wrn-10-1", "--epochs", "1",
+                 "--batch-size", "8", "--quiet"])
+    assert code == 0
+    yield data, root / "run"
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("FSMOOTH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("FSMOOTH_DATA", raising=False)
+
+
+def test_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("train", "calibrate", "plot-log", "demo", "defend", "eval"):
+        assert name in out
+
+
+def test_train_writes_log_and_checkpoint(trained):
+    _, run = trained
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["test_n"] == 6
+    meta = json.loads((run / "checkpoints" / "epoch-0001" / "meta.json").read_text())
+    assert meta["command"].startswith("fsmooth train --out") and meta["arch"] == "wrn-10-1"
+
+
+def test_bad_arguments_exit_with_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--out", "x", "--delta", "abc"])
+    assert info.value.code == 2 and "--delta" in capsys.readouterr().err
+    assert main(["calibrate", "/nonexistent/checkpoint"]) == 2
+
+
+def test_calibrate_then_plot(trained, tmp_path, capsys):
+    data, run = trained
+    assert main(["calibrate", str(run), "--data", str(data)]) == 0
+    out = capsys.readouterr().out
+    assert "suggested delta_test" in out and "q50=" in out
+    meta = json.loads((run / "checkpoints" / "epoch-0001" / "meta.json").read_text())
+    assert f"{meta['delta_test']:.4f}" in out
+    png = tmp_path / "curves.png"
+    assert main(["plot-log", str(run / "log.jsonl"), "-o", str(png), "--delta", "0.02"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_and_defend(trained, tmp_path, capsys):
+    from PIL import Image
+    data, run = trained
+    png = tmp_path / "demo.png"
+    assert main(["demo", "--model", str(run), "--data", str(data), "-n", "3", "--pgd-steps", "1",
+                 "--max-iters", "3", "-o", str(png), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "clean accuracy" in out and "PGD-1 accuracy" in out and "defense iterations" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    files = []
+    for i, size in enumerate((32, 40)):
+        files.append(tmp_path / f"img{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (size, size, 3), dtype=np.uint8)).save(files[-1])
+    assert main(["defend", *map(str, files), "--model", str(run), "--max-iters", "3", "--outer-loops", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "img0.png" in out and "img1.png" in out and "Active Defense" in out
+    assert main(["defend", str(tmp_path / "missing.png"), "--model", str(run)]) == 2
+
+
+def test_demo_without_data_says_how_to_get_it(trained, monkeypatch, capsys):
+    import torchvision
+    _, run = trained
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("no internet")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    assert main(["demo", "--model", str(run), "-n", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "FSMOOTH_DATA" in err
+
+
+def test_eval_is_registered_or_explained(monkeypatch, capsys):
+    if importlib.util.find_spec("fsmooth.evaluation.cli") is not None:
+        with pytest.raises(SystemExit) as info:
+            main(["eval", "--help"])
+        assert info.value.code == 0 and "--checkpoint" in capsys.readouterr().out
+    monkeypatch.setitem(sys.modules, "fsmooth.evaluation.cli", None)  # as if issue 5 were not installed
+    assert main(["eval"]) == 2
+    assert "fsmooth.evaluation.cli" in capsys.readouterr().err

@@ -1,0 +1,96 @@
+"""Host-side logic of the CUDA-graph runner (slots, continuous batching, compaction) on CPU.
+
+The captured graphs are replaced by eager replays of the very same iteration
+function, so everything except the capture itself runs here: a sample's
+result and iteration count must match the eager engine whatever slot and
+bucket it went through.
+"""
+import pytest
+import torch
+
+from fsmooth.defense import ActiveDefense, DefenseConfig
+from fsmooth.defense.graph import GraphRunner, bucket_sizes
+
+from test_defense import BETA, initial_losses, noise_for, tiny_wrn, varied_inputs
+
+
+class _ReplayedGraph:
+    """Stands in for a captured graph: the same iteration, run eagerly."""
+
+    def __init__(self, runner, module, b):
+        self.runner, self.module, self.b = runner, module, b
+        self.launches = 0
+
+    def _step(self):
+        self.runner._iteration(self.module, self.b)
+
+    def replay(self):  # chunked
+        self.launches += 1
+        for _ in range(self.runner.chunk):
+            self._step()
+
+    def launch(self):  # WHILE node: condition first, then iterate while it holds
+        self.launches += 1
+        self.runner._update_predicate(self.b)
+        while bool(self.runner.pred):
+            self._step()
+
+
+class CpuRunner(GraphRunner):
+    @staticmethod
+    def _check_device(device):
+        pass
+
+    def _capture_buckets(self, module, sizes):
+        for size in sizes:
+            self._warm_up(module, size)
+            self._graphs[size] = _ReplayedGraph(self, module, size)
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(8) == [1, 2, 4, 8]
+    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize("mode, max_batch, compact", [
+    ("graph", 4, True),     # 11 samples through 4 slots: continuous batching, then compaction
+    ("chunked", 4, True),
+    ("graph", 16, False),   # everything fits: one launch
+    ("chunked", 3, False),  # non-power-of-two bucket
+])
+def test_runner_matches_eager(mode, max_batch, compact):
+    model = tiny_wrn()
+    x = varied_inputs(11)
+    noise = noise_for(x, 0.075, seed=12)
+    delta = float(initial_losses(model, x + noise).quantile(0.3))
+    config = DefenseConfig(beta=BETA, delta=delta, max_iters=25)
+    defense = ActiveDefense(model, config=config, engine="eager")
+    ref = defense(x, return_info=True, noise=noise)
+    assert len(set(ref.iterations.tolist())) > 3
+
+    runner = CpuRunner(defense.prefix, x.device, tuple(x.shape[1:]), mode=mode, max_batch=max_batch, chunk=2,
+                       compact=compact)
+    with torch.no_grad(), defense.prefix.session() as module:
+        t, iterations, loss, occupancy = runner.run(module, x + noise, config)
+    assert iterations.tolist() == ref.iterations.tolist()
+    assert (t - ref.inputs).abs().max() < 1e-5
+    assert (loss - ref.feature_loss).abs().max() < 1e-5
+    assert 0 < occupancy <= 1
+    if mode == "graph" and not compact:
+        assert runner._graphs[16].launches == 1  # the whole call was one launch
+    if compact:
+        used = [b for b, g in runner._graphs.items() if g.launches]
+        assert min(used) < max_batch  # the tail ran in a smaller bucket
+
+
+def test_runner_reuse_and_max_iters():
+    model = tiny_wrn()
+    defense = ActiveDefense(model, config=DefenseConfig(beta=BETA, delta=1e-6, max_iters=3), engine="eager")
+    runner = CpuRunner(defense.prefix, torch.device("cpu"), (3, 8, 9), mode="graph", max_batch=2)
+    for n in (5, 1):
+        x = varied_inputs(n)
+        with torch.no_grad(), defense.prefix.session() as module:
+            t, iterations, loss, _ = runner.run(module, x, defense.config)
+        assert iterations.tolist() == [3] * n
+        assert bool((loss > 1e-6).all()) and (t - x).abs().max() > 1e-4

@@ -1,0 +1,161 @@
+"""Attacks and scoring: the attacks are real, the adaptive loss has its L_F term, the bookkeeping is right."""
+import math
+
+import pytest
+import torch
+
+from evaluation_helpers import TinyNet, separable_data, trained_tiny_net
+from fsmooth.evaluation.attacks import (APGD, EOTPGD, AdaptiveAPGD, APGDTargeted, Square, TorchattacksEOTPGD,
+                                        _FeatureLossOracle, dlr_loss_targeted)
+from fsmooth.evaluation.scoring import (choose_candidates, eps_sweep_flag, gradient_masking_flag,
+                                        perturbation_check, rescore_summary, wilson_interval, worst_case)
+from fsmooth.functional import feature_loss
+from fsmooth.models.prefix import prefix
+
+EPS = 8 / 255
+
+
+@pytest.fixture(scope="module")
+def trained():
+    model = trained_tiny_net()
+    x, y = separable_data()
+    return model, x[:20], y[:20]
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return float((model(x).argmax(1) == y).float().mean())
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: EOTPGD(m, eps=EPS, steps=10, eot_iter=1, n_restarts=1),
+    lambda m: EOTPGD(m, eps=EPS, steps=10, eot_iter=1, n_restarts=1, loss="dlr-targeted", n_target_classes=2),
+    lambda m: APGD(m, eps=EPS, n_iter=10),
+    lambda m: APGDTargeted(m, eps=EPS, n_iter=10, n_target_classes=2),
+    lambda m: AdaptiveAPGD(m, m, eps=EPS, lam=-1.0, n_iter=10),
+    lambda m: TorchattacksEOTPGD(m, eps=EPS, steps=10, eot_iter=1),
+], ids=["pgd-ce", "pgd-dlr-t", "apgd-ce", "apgd-t", "adaptive", "torchattacks"])
+def test_white_box_attacks_break_an_undefended_model(trained, make):
+    model, x, y = trained
+    assert accuracy(model, x, y) >= 0.9          # the model learned the task
+    x_adv = make(model)(x, y)
+    assert accuracy(model, x_adv, y) <= 0.1      # and the attack really breaks it
+    check = perturbation_check(x, x_adv, EPS)
+    assert check["ok"], check
+    assert check["max_linf"] > EPS / 2           # it used the budget
+
+
+def test_square_finds_adversarial_examples_without_gradients(trained):
+    model, x, y = trained
+    x_adv = Square(model, eps=16 / 255, n_queries=200, seed=1)(x, y)
+    assert perturbation_check(x, x_adv, 16 / 255)["ok"]
+    assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.3
+
+
+def test_adaptive_apgd_with_lambda_zero_is_the_library_apgd(trained):
+    model, x, y = trained
+    ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3)(x, y)
+    library = APGD(model, eps=4 / 255, n_iter=8, seed=3)(x, y)
+    assert torch.equal(ours, library)
+    moved = AdaptiveAPGD(model, model, eps=4 / 255, lam=50.0, delta=0.0, n_iter=8, seed=3)(x, y)
+    assert not torch.equal(moved, library)       # the L_F term changes the trajectory
+
+
+def test_adaptive_loss_gradient_includes_the_feature_term():
+    torch.manual_seed(0)
+    model = TinyNet().double().eval()
+    x = torch.rand(3, 3, 8, 8, dtype=torch.float64) * 0.8 + 0.1
+    y = torch.tensor([1, 4, 7])
+    features = prefix(model)
+    lf = feature_loss(features(x)).detach()
+    delta = float(lf.min()) * 0.5                 # below every L_F: the max() passes the feature gradient
+    lam = 3.0
+    oracle = _FeatureLossOracle(model, features, lam, delta)
+    _, loss, grad = oracle.get_logits_loss_grad_xent(x, y)
+    _, loss0, grad0 = _FeatureLossOracle(model, features, 0.0, delta).get_logits_loss_grad_xent(x, y)
+    assert torch.allclose(loss - loss0, lam * lf)
+    # Finite differences of the full per-sample loss along random directions (piecewise-linear net: tiny h).
+    for seed in range(3):
+        d = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        h = 1e-6
+        _, plus = oracle.loss(x + h * d, y)
+        _, minus = oracle.loss(x - h * d, y)
+        numeric = (plus - minus) / (2 * h)
+        analytic = (grad * d).flatten(1).sum(1)
+        assert torch.allclose(numeric, analytic, rtol=1e-5, atol=1e-8)
+    # The L_F part of the gradient is non-zero and equals lam * dL_F/dx.
+    xf = x.clone().requires_grad_(True)
+    lf_grad, = torch.autograd.grad(feature_loss(features(xf)).sum(), xf)
+    assert lf_grad.abs().sum() > 0
+    assert torch.allclose(grad - grad0, lam * lf_grad, atol=1e-10)
+    # Above delta the max() is flat: no feature gradient.
+    _, _, flat = _FeatureLossOracle(model, features, lam, float(lf.max()) * 2).get_logits_loss_grad_xent(x, y)
+    assert torch.allclose(flat, grad0)
+
+
+def test_attack_repr_shows_hyperparameters(trained):
+    model = trained[0]
+    text = repr(EOTPGD(model, eps=EPS, steps=100, eot_iter=20, n_restarts=2))
+    for part in ("steps=100", "eot_iter=20", "n_restarts=2", "loss='ce'", f"eps={EPS!r}"):
+        assert part in text
+    assert AdaptiveAPGD(model, model, lam=-10.0).settings()["lam"] == -10.0
+    with pytest.raises(ValueError, match="loss"):
+        EOTPGD(model, loss="hinge")
+    empty = torch.zeros(0, 3, 8, 8)
+    assert EOTPGD(model)(empty, torch.zeros(0, dtype=torch.int64)).shape == empty.shape
+    with pytest.raises(ValueError, match="eps"):
+        APGD(model, eps=2.0)
+
+
+def test_targeted_dlr_prefers_the_target():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0]], requires_grad=True)
+    loss = dlr_loss_targeted(logits, torch.tensor([0]), torch.tensor([2]))
+    loss.backward()
+    assert logits.grad[0, 0] < 0 < logits.grad[0, 2]
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(0, 10)
+    assert lo == 0 and math.isclose(hi, 3.8414588 / 13.8414588, rel_tol=1e-6)
+    lo, hi = wilson_interval(5, 10)
+    assert math.isclose(lo + hi, 1.0) and math.isclose(lo, 0.2365931, rel_tol=1e-5)
+    lo, hi = wilson_interval(620, 1000)
+    assert lo < 0.62 < hi and hi - lo < 0.07
+    assert all(math.isnan(v) for v in wilson_interval(0, 0))
+
+
+def test_worst_case_candidates_and_rescoring():
+    correct = {"clean": torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool),
+               "a": torch.tensor([1, 0, 1, 1, 1], dtype=torch.bool),
+               "b": torch.tensor([1, 0, 0, 1, 1], dtype=torch.bool)}
+    robust, fooled_by = worst_case(correct)
+    assert robust.tolist() == [True, False, False, False, True]
+    assert fooled_by == [None, "a", "b", "clean", None]
+    x = torch.rand(5, 3, 2, 2)
+    adv = {"a": x + 0.01, "b": x - 0.01}
+    adv["a"][4] = x[4]                           # "a" failed to move image 4 (AutoAttack returns x there)
+    cand, source = choose_candidates(x, adv, fooled_by, fallback=["a", "b"])
+    assert source == ["a", "a", "b", None, "b"]
+    assert torch.equal(cand[1], adv["a"][1]) and torch.equal(cand[2], adv["b"][2]) and torch.equal(cand[3], x[3])
+    runs = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    s = rescore_summary(runs)
+    assert s["per_run"] == [0.5, 0.5, 0.5] and s["std"] == 0.0
+    assert s["correct_in_all_runs"]["correct"] == 1
+
+
+def test_perturbation_check_catches_violations():
+    x = torch.rand(4, 3, 5, 5) * 0.5 + 0.25
+    ok = perturbation_check(x, x + EPS * torch.sign(torch.randn_like(x)), EPS)
+    assert ok["ok"] and math.isclose(ok["max_linf"], EPS, rel_tol=1e-5)
+    assert not perturbation_check(x, x + 2 * EPS, EPS)["within_eps"]
+    bad = x.clone()
+    bad[0, 0, 0, 0] = 1.2
+    assert not perturbation_check(x, bad, 1.0)["in_range"]
+
+
+def test_masking_and_sweep_flags():
+    assert gradient_masking_flag({"square": 0.30}, {"apgd-ce": 0.40, "aa-standard": 0.35})["attack"] == "square"
+    assert gradient_masking_flag({"square": 0.36}, {"apgd-ce": 0.40, "aa-standard": 0.35}) is None
+    assert eps_sweep_flag({2 / 255: 0.6, 8 / 255: 0.3, 32 / 255: 0.01}) is None
+    assert "rises" in eps_sweep_flag({2 / 255: 0.3, 8 / 255: 0.6, 32 / 255: 0.0})["message"]
+    assert "32/255" in eps_sweep_flag({2 / 255: 0.6, 32 / 255: 0.5})["message"]

@@ -1,0 +1,190 @@
+"""End to end: every protocol runs on a tiny defended model; reports, resume, CLI and figures."""
+import argparse
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evaluation_helpers import (TINY_BASELINE_DEFENSE, TINY_DEFENSE, Interrupting, SimulatedKill, separable_data,
+                                tiny_budget, tiny_factory, trained_tiny_net)
+from fsmooth.evaluation import PROTOCOLS, evaluate
+from fsmooth.evaluation.protocols import parse_protocols, plan
+
+EPS = (8 / 255,)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = trained_tiny_net()
+    x, y = separable_data(n=12, seed=1)
+    return model, x, y
+
+
+@pytest.fixture(scope="module")
+def full_report(setup, tmp_path_factory):
+    model, x, y = setup
+    out = tmp_path_factory.mktemp("eval-all")
+    baseline = trained_tiny_net(seed=1)
+    report = evaluate(model, x[:6], y[:6], protocol="all", eps=EPS, outer_loops=(1, 2), defense=TINY_DEFENSE,
+                      baseline_model=baseline, baseline_defense=TINY_BASELINE_DEFENSE, budget=tiny_budget(),
+                      chunk_size=3, out=out, quiet=True, defended_factory=tiny_factory,
+                      meta={"dataset": "synthetic"})
+    return report, out
+
+
+def test_every_protocol_runs_end_to_end(full_report):
+    report, out = full_report
+    runs = {r["run_id"]: r for r in report["runs"]}
+    assert {r["protocol"] for r in report["runs"]} >= set(PROTOCOLS) - {"square"}  # square dedupes into paper
+    for k in (1, 2):
+        for column in ("aa-standard", "apgd-ce", "apgd-t", "fab-t", "square", "aa-rand", "eot-pgd-ce",
+                       "eot-pgd-dlr-targeted", "transfer", "adaptive-0.1", "adaptive+100"):
+            assert f"defended/ol{k}/eps8/{column}" in runs
+        assert f"standard-defended/ol{k}/eps8/aa-standard" in runs
+    assert "undefended/ol0/eps8/aa-standard" in runs and "defended/ol1/eps8/torchattacks-eotpgd" in runs
+    for r in report["runs"]:
+        assert r["n"] == 6 and 0 <= r["correct"] <= 6
+        assert r["ci95"][0] <= r["accuracy"] <= r["ci95"][1]
+        if "perturbation" in r:                     # every attack respects eps and [0, 1]
+            assert r["perturbation"]["ok"], (r["run_id"], r["perturbation"])
+            assert r["perturbation"]["max_linf"] <= r["eps"] + 1e-6
+    # AutoAttack's own checks are recorded: the defense is randomized and runs autograd at inference.
+    kinds = {f["kind"] for f in runs["defended/ol1/eps8/aa-standard"]["autoattack_flags"]}
+    assert {"randomized defense", "dynamic defense"} <= kinds
+    assert not any(f["kind"] == "dynamic defense" for f in runs["undefended/ol0/eps8/aa-standard"]["autoattack_flags"])
+    # Budgets and seeds are recorded per run.
+    assert runs["defended/ol1/eps8/aa-standard"]["settings"]["apgd"]["n_iter"] == tiny_budget().apgd_iter
+    assert runs["defended/ol1/eps8/eot-pgd-ce"]["settings"]["eot_iter"] == tiny_budget().eot_draws
+    assert len(runs["defended/ol1/eps8/eot-pgd-ce"]["seeds"]) == 2
+    assert len({s for r in report["runs"] for s in r["seeds"]}) > 10   # chunks and runs get distinct seeds
+    assert report["eps_sweep"]["points"][0]["eps_255"] == pytest.approx(2.0)
+    # The tiny defense does not protect this model: clean accuracy stays, and the attacks find that out.
+    assert runs["clean/defended/ol1"]["accuracy"] >= 0.8 and runs["clean/undefended/ol0"]["accuracy"] >= 0.8
+    assert runs["undefended/ol0/eps8/aa-standard"]["accuracy"] <= 0.2
+    assert runs["defended/ol1/eps8/eot-pgd-ce"]["accuracy"] <= 0.2
+    # Worst case over all attacks per setting, never above any single run; re-scored with fresh defense runs.
+    for s in report["settings"]:
+        group = [r for r in report["runs"] if r["target"] == s["target"] and r["outer_loops"] == s["outer_loops"]
+                 and r["eps"] == s["eps"] and r["kind"] != "clean"]
+        assert s["worst_case"]["accuracy"] <= min([r["accuracy"] for r in group] + [s["clean"]["accuracy"]])
+        if s["target"] != "undefended":
+            assert s["rescore"]["runs"] == tiny_budget().rescore_runs
+            assert s["rescore"]["strict_robust"]["accuracy"] <= s["worst_case"]["accuracy"]
+            assert s["defense_iterations"]["clean"]["max"] <= TINY_DEFENSE.max_iters
+    assert report["timing"]["clean/defended/ol2"]["cost_vs_undefended"] > 0
+    md = (out / "report.md").read_text()
+    assert "worst case" in md and "adaptive" in md.lower() and "Flags" in md
+    assert json.loads((out / "report.json").read_text())["info"]["n"] == 6
+    tensors = load_file(str(out / "per_image.safetensors"))
+    assert tensors["rescore_correct/defended/ol1/eps8"].shape == (tiny_budget().rescore_runs, 6)
+
+
+class _ShatteredGradients(torch.nn.Module):
+    """Quantises its input (zero gradient everywhere): the textbook case of gradient masking."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 255) / 255)
+
+
+def test_gradient_masking_is_flagged(setup):
+    model, x, y = setup
+    report = evaluate(model, x[:6], y[:6], protocol="paper", eps=EPS, outer_loops=(1,),
+                      budget=tiny_budget().replace(square_queries=300, rescore_runs=0), chunk_size=6, quiet=True,
+                      defended_factory=lambda m, config, k, layer: _ShatteredGradients(m))
+    s = next(s for s in report["settings"] if s["target"] == "defended")
+    assert s["columns"]["square"] < s["columns"]["apgd-ce"]
+    kinds = {f["kind"] for f in report["flags"]}
+    assert "gradient masking" in kinds
+    assert "zero gradients" in kinds            # AutoAttack's own check fires too
+
+
+def test_plan_covers_protocols_without_duplicates():
+    specs = plan(parse_protocols("paper,square,beyond"), (8 / 255, 16 / 255), (1, 10), tiny_budget())
+    ids = [s.run_id for s in specs]
+    assert len(ids) == len(set(ids))
+    assert ids.index("defended/ol10/eps16/transfer") > ids.index("undefended/ol0/eps16/aa-standard")
+    assert sum(s.column == "apgd-ce-sweep" for s in specs) == len(tiny_budget().eps_sweep)
+    with pytest.raises(ValueError, match="unknown protocol"):
+        parse_protocols("paper,nope")
+
+
+def test_resume_after_interruption_gives_the_same_result(setup, tmp_path):
+    model, x, y = setup
+    kwargs = dict(protocol="eot,transfer", eps=EPS, outer_loops=(1,), defense=TINY_DEFENSE, budget=tiny_budget(),
+                  chunk_size=4, batch_size=2, quiet=True, defended_factory=tiny_factory, seed=7)
+    reference = evaluate(model, x, y, out=tmp_path / "straight", **kwargs)
+
+    killed = Interrupting(limit=150)
+    killed.load_state_dict(model.state_dict())
+    killed.eval()
+    with pytest.raises(SimulatedKill):
+        evaluate(killed, x, y, out=tmp_path / "resumed", **kwargs)
+    state = tmp_path / "resumed" / "state"
+    assert any(state.rglob("chunk*.json")) and not (tmp_path / "resumed" / "report.json").exists()
+    resumed = evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
+    strip = lambda rep: [(r["run_id"], r["correct"], r["seeds"]) for r in rep["runs"]]  # noqa: E731
+    assert strip(resumed) == strip(reference)
+    a = load_file(str(tmp_path / "straight" / "per_image.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "per_image.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # A state folder from another evaluation is refused, not silently mixed in.
+    with pytest.raises(ValueError, match="different evaluation"):
+        evaluate(model, x, y, out=tmp_path / "resumed", **{**kwargs, "seed": 8})
+
+
+def test_bad_arguments_are_named(setup):
+    model, x, y = setup
+    with pytest.raises(ValueError, match="eps"):
+        evaluate(model, x, y, eps=(8,), defended_factory=tiny_factory)
+    with pytest.raises(ValueError, match="outer_loops"):
+        evaluate(model, x, y, outer_loops=(0,), defended_factory=tiny_factory)
+    with pytest.raises(ValueError, match="labels"):
+        evaluate(model, x, y[:3], defended_factory=tiny_factory)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(model, x, y, n=0, defended_factory=tiny_factory)
+    with pytest.raises(ValueError, match="\\[0, 1\\]"):
+        evaluate(model, x * 3, y, defended_factory=tiny_factory)
+
+
+def test_cli_eval_and_figures(setup, tmp_path, monkeypatch, capsys):
+    import fsmooth.checkpoint
+    import fsmooth.data
+    from fsmooth.evaluation import cli
+
+    model, x, y = setup
+    monkeypatch.setattr(fsmooth.checkpoint, "load_model", lambda path, device=None: (model, {"dataset": "cifar10"}))
+    monkeypatch.setattr(fsmooth.data, "load_dataset",
+                        lambda source, split, dataset="cifar10": ((x * 255).round().to(torch.uint8), y))
+    parser = argparse.ArgumentParser()
+    cli.add_parser(parser.add_subparsers(dest="command"))
+    out = tmp_path / "eval"
+    args = parser.parse_args(["eval", "--checkpoint", "ckpt", "--protocol", "paper,eps-sweep", "--n", "4",
+                              "--eps", "8", "--outer-loops", "1", "--out", str(out), "--budget", "tiny",
+                              "--max-iters", "2", "--sweep-eps", "4", "32"])
+    assert args.func(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["info"]["n"] == 4 and report["info"]["defense"]["max_iters"] == 2
+    assert report["info"]["budget"]["eps_sweep"] == [4 / 255, 32 / 255]
+    assert "Robust accuracy" in capsys.readouterr().out
+    with pytest.raises(SystemExit):                       # a model source is required, and only one
+        parser.parse_args(["eval", "--checkpoint", "a", "--pretrained", "b"])
+    log = tmp_path / "log.jsonl"
+    log.write_text("\n".join(json.dumps({"epoch": e, "train_acc": 0.1 * e, "feature_loss": 0.05 / (e + 1)})
+                             for e in range(5)) + "\n{\"epoch\": 5, \"trunc")
+    figs = tmp_path / "figs"
+    import fsmooth.models.zoo
+
+    model.pretrained_meta = {"dataset": "cifar10"}
+    monkeypatch.setattr(fsmooth.models.zoo, "pretrained", lambda name, device=None: model)
+    args = parser.parse_args(["figures", "--report", str(out), "--pretrained", "tiny", "--log", str(log),
+                              "--out", str(figs)])
+    assert args.func(args) == 0
+    pngs = sorted(p.name for p in figs.glob("*.png"))
+    assert {"accuracy_vs_eps.png", "feature_panels.png", "training_0.png"} <= set(pngs)
+    assert any(p.startswith("iterations_") for p in pngs)
+    assert all((figs / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)

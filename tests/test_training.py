@@ -1,0 +1,113 @@
+"""fsmooth.training: learning, exact resume, the schedule, and a 2-process gloo (torchrun) run."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fsmooth.checkpoint import load_model
+from fsmooth.data import synthetic_dataset
+from fsmooth.training import cosine_with_warmup, train
+
+TINY = dict(arch="wrn-10-1", batch_size=16, lr=0.05, warmup_epochs=0.5, eval_batch_size=32, quiet=True,
+            command="test")
+
+
+def tiny_data(n_train=64, n_test=20, size=12, classes=10):
+    return (synthetic_dataset(n_train, classes, seed=1, image_size=size),
+            synthetic_dataset(n_test, classes, seed=2, image_size=size))
+
+
+def test_two_epochs_lower_the_loss(tmp_path):
+    train_data, test_data = tiny_data()
+    result = train(tmp_path, epochs=2, train_data=train_data, test_data=test_data, **TINY)
+    first, second = result.history
+    assert second["train_loss"] < first["train_loss"]
+    assert result.finished and result.checkpoint.name == "epoch-0002"
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    for key in ("train_acc", "test_acc", "train_feature_loss", "test_feature_loss", "lr", "seconds"):
+        assert key in log[-1]
+    assert log[-1]["test_n"] == 20 and 0 < log[-1]["test_feature_loss"]
+    model, meta = load_model(tmp_path)
+    assert meta["delta"] == 0.02 and meta["epoch"] == 2 and meta["command"] == "test"
+    x = test_data[0][:4].float() / 255
+    with torch.no_grad():
+        assert torch.allclose(model(x), result.model.eval()(x), atol=1e-6)
+
+
+def test_plain_cross_entropy_still_logs_feature_loss(tmp_path):
+    train_data, test_data = tiny_data(n_train=32, classes=100)
+    result = train(tmp_path, epochs=1, delta=None, dataset="cifar100", train_data=train_data,
+                   test_data=test_data, **TINY)
+    record = result.history[0]
+    assert record["train_feature_loss"] > 0 and record["test_feature_loss"] > 0
+    assert result.model.fc.out_features == 100
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    train_data, test_data = tiny_data(n_train=48)
+    full = train(tmp_path / "full", epochs=3, train_data=train_data, test_data=test_data, **TINY)
+    part = train(tmp_path / "part", epochs=3, max_epochs_this_run=1, train_data=train_data, test_data=test_data,
+                 **TINY)
+    assert not part.finished and len(part.history) == 1
+    # A kill after the log line but before the checkpoint: the resumed run drops the orphan line.
+    with open(tmp_path / "part" / "log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "train_loss": -1}) + "\n")
+    torch.manual_seed(999)  # the resumed run restores its own RNG state
+    resumed = train(tmp_path / "part", epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
+    assert resumed.finished and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for x, y in zip(full.history, resumed.history):
+        assert x["train_loss"] == y["train_loss"] and x["test_acc"] == y["test_acc"]
+
+
+def test_cosine_with_warmup_schedule():
+    f = cosine_with_warmup(100, 10)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == pytest.approx(0.0)
+    values = [f(s) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_bad_arguments(tmp_path):
+    train_data, test_data = tiny_data(n_train=8)
+    with pytest.raises(ValueError, match="amp"):
+        train(tmp_path, epochs=1, amp="fp8", train_data=train_data, test_data=test_data, **TINY)
+    with pytest.raises(ValueError, match="no batch"):
+        train(tmp_path, epochs=1, train_data=train_data, test_data=test_data, **dict(TINY, batch_size=32))
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_gloo_two_processes(tmp_path):
+    from PIL import Image
+    import numpy as np
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 1)):  # a tiny ImageFolder tree: 40 train, 10 test images
+        for c in range(10):
+            (tmp_path / "data" / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                    tmp_path / "data" / split / f"class{c}" / f"{i}.png")
+    env = dict(os.environ, OMP_NUM_THREADS="1", FSMOOTH_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "fsmooth", "train", "--out", str(tmp_path / "run"),
+           "--data", str(tmp_path / "data"), "--arch", "wrn-10-1", "--epochs", "1", "--batch-size", "8",
+           "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and log[0]["test_n"] == 10  # both ranks' shards were reduced
+    _, meta = load_model(tmp_path / "run")
+    assert meta["world_size"] == 2 and meta["n_train"] == 40
