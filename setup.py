@@ -43,6 +43,11 @@ def _extensions():
         warnings.warn("no CUDA toolkit (nvcc) found: skipping the CUDA extension fsmooth._C; "
                       "fsmooth falls back to engines that do not need it")
         return [], {}
+    if "TORCH_CUDA_ARCH_LIST" not in os.environ:
+        import torch
+        if not torch.cuda.is_available():
+            # No GPU to ask (CI, build hosts): Ampere and Hopper, the targets of the CUDA-graph engine.
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
         return [], {}

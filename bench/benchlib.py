@@ -328,6 +328,12 @@ def format_table(rows: Sequence[dict], columns: Sequence[tuple[str, str, str]]) 
     return "\n".join(text)
 
 
+def default_out_dir(quick: bool) -> Path:
+    """``bench/results/`` for real runs; smoke runs (``--quick``) stay out of the committed results."""
+    import tempfile
+    return Path(tempfile.gettempdir()) / "fsmooth-bench-quick" if quick else DEFAULT_OUT_DIR
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)

@@ -100,8 +100,9 @@ run_step() {
 }
 
 IPS=("$PY" bench/iters_per_sec.py --out-dir "$RESULTS" -v)
-ALL_PROVIDERS=(eager eager-bf16 compile compile-bf16 fsmooth-eager graph-fp32 graph-tf32 graph-bf16
-               chunked-fp32 chunked-tf32 chunked-bf16)
+# eager first (the others' ratios refer to it), torch.compile last (its compile time is the most likely cut).
+ALL_PROVIDERS=(eager eager-bf16 fsmooth-eager graph-fp32 graph-tf32 graph-bf16 chunked-fp32 chunked-tf32
+               chunked-bf16 compile compile-bf16)
 
 step() {
   case "$1" in

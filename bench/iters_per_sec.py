@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import sys
 import time
@@ -47,11 +48,12 @@ import providers as prov
 _log = logging.getLogger("bench.iters_per_sec")
 
 SECTIONS = ("roofline", "throughput", "latency", "early-exit", "workload", "loss-kernel")
-DEFAULT_PROVIDERS = ("eager", "eager-bf16", "compile", "compile-bf16", "fsmooth-eager",
-                     "graph-fp32", "graph-tf32", "graph-bf16", "chunked-fp32", "chunked-tf32", "chunked-bf16")
+# eager first: every other row's ratio refers to it. torch.compile last: its compile time is the longest.
+DEFAULT_PROVIDERS = ("eager", "eager-bf16", "fsmooth-eager", "graph-fp32", "graph-tf32", "graph-bf16",
+                     "chunked-fp32", "chunked-tf32", "chunked-bf16", "compile", "compile-bf16")
 EXIT_PROVIDERS = ("eager", "fsmooth-eager", "graph-bf16-nocompact", "graph-bf16", "chunked-bf16-nocompact",
                   "chunked-bf16", "graph-fp32-nocompact", "graph-fp32", "chunked-fp32-nocompact", "chunked-fp32")
-QUICK_PROVIDERS = ("eager", "eager-bf16", "compile", "fsmooth-eager", "graph-bf16", "chunked-bf16")
+QUICK_PROVIDERS = ("eager", "eager-bf16", "fsmooth-eager", "graph-bf16", "chunked-bf16", "compile")
 # Error of the checked state against fp32 eager, relative to the eager update (see check_schedule).
 # dL_F/dF is sign(F - mean) based: reduced precision flips the signs of elements near the mean, so a
 # correct bf16 step lands 5-10 % off (seen on CPU); a wrong sign or scale lands at >= 1.
@@ -86,8 +88,17 @@ def make_start_points(batch: int, seed: int, device, sigma: float = 0.075) -> to
     return (x + noise).to(device)
 
 
-def input_sets(batch: int, sets: int, seed: int, device) -> list[torch.Tensor]:
-    return [make_start_points(batch, seed + 1000 * i + batch, device) for i in range(sets)]
+def input_sets(batch: int, sets: int, seed: int, device, source=make_start_points) -> list[torch.Tensor]:
+    return [source(batch, seed + 1000 * i + batch, device) for i in range(sets)]
+
+
+def dataset_start_points(images: torch.Tensor):
+    """Like :func:`make_start_points`, drawing (seeded) images from a uint8 ``(N, 3, 32, 32)`` dataset."""
+    def source(batch: int, seed: int, device, sigma: float = 0.075) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = images[torch.randint(len(images), (batch,), generator=gen)].float() / 255
+        return (x + (torch.rand(x.shape, generator=gen) * 2 - 1) * sigma).to(device)
+    return source
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,9 +175,11 @@ def measure(provider, model, layer, schedule: prov.Schedule, sets: list[torch.Te
             "iters_p50": float(outs[0].iterations.double().median()), "iters_max": int(outs[0].iterations.max())}
 
 
-def add_ratios(rows: list[dict], flops_per_iter: float | None, ceilings: dict | None) -> None:
-    """Speedup over ``eager`` at the same section/batch/iters, achieved FLOP/s and roofline fractions."""
-    eager = {(r.get("section"), r["batch"], r["iters"]): r for r in rows
+def add_ratios(rows: list[dict], flops_per_iter: float | None, ceilings: dict | None,
+               context: list[dict] | None = None) -> None:
+    """Speedup over ``eager`` at the same section/batch/iters (looked up in ``context``, default ``rows``),
+    achieved FLOP/s and roofline fractions."""
+    eager = {(r.get("section"), r["batch"], r["iters"]): r for r in (context or rows)
              if r["provider"] == "eager" and r.get("useful_iters_per_s")}
     for r in rows:
         rate = r.get("useful_iters_per_s")
@@ -178,24 +191,27 @@ def add_ratios(rows: list[dict], flops_per_iter: float | None, ceilings: dict | 
                 r["speedup_vs_eager"] = base["median_ms"] / r["median_ms"]
             else:
                 r["speedup_vs_eager"] = rate / base["useful_iters_per_s"]
-        if flops_per_iter and ceilings:
-            r["flops_per_s"] = rate * flops_per_iter
+        per_iter = r.get("model_flops_per_iter") or flops_per_iter  # the exit model may be another network
+        if per_iter and ceilings:
+            r["flops_per_s"] = rate * per_iter
             r["roofline_fraction"] = r["flops_per_s"] / ceilings[r["dtype"]]["flops_per_s"]
             r["fraction_of_bf16_peak"] = r["flops_per_s"] / ceilings["bf16"]["flops_per_s"]
             r["fraction_of_tf32_peak"] = r["flops_per_s"] / ceilings["tf32"]["flops_per_s"]
 
 
-def sweep(section: str, names, model, layer, schedule, batches, args, device) -> list[dict]:
-    """Every provider at every batch size with one schedule."""
+def sweep(section: str, names, model, layer, schedule, batches, args, device, record, extra=None,
+          source=make_start_points) -> list[dict]:
+    """Every provider at every batch size with one schedule; each row goes to ``record`` when measured
+    (``eager`` first in ``names``, so later rows get their ratio to it)."""
     rows = []
     for batch in batches:
-        sets = input_sets(batch, args.input_sets, args.seed, device)
+        sets = input_sets(batch, args.input_sets, args.seed, device, source)
         check = check_schedule(schedule, args.check_iters)
         ref = reference_run(model, layer, check, sets[0])
         for provider in prov.build_providers(list(names), tuple(args.compile_modes)):
             _log.info("%s: %s batch %d, %d iters", section, provider.name, batch, schedule.max_iters)
             row = measure(provider, model, layer, schedule, sets, ref, args.repeats, args.warmup, device, check)
-            rows.append({"section": section, **row})
+            rows += record([{"section": section, **row, **(extra or {})}])
         del ref, sets
         benchlib.release_memory(device)
     return rows
@@ -248,7 +264,7 @@ def probe_largest_batch(name: str, model, layer, start: int, cap: int, args, dev
     return largest, notes
 
 
-def section_throughput(model, layer, args, device) -> list[dict]:
+def section_throughput(model, layer, args, device, record) -> list[dict]:
     """Fixed-schedule sweep over ``--batches``, then the largest batch that fits with ``--max-batch-providers``.
 
     The eager baselines are not run at the largest batch by default: at
@@ -256,21 +272,22 @@ def section_throughput(model, layer, args, device) -> list[dict]:
     the listed batch sizes).
     """
     schedule = prov.Schedule(args.beta, FIXED_DELTA, args.iters)
-    rows = sweep("throughput", args.providers, model, layer, schedule, list(args.batches), args, device)
+    rows = sweep("throughput", args.providers, model, layer, schedule, list(args.batches), args, device, record)
     if args.max_batch_probe and torch.device(device).type == "cuda":
         largest, notes = probe_largest_batch(args.max_batch_probe, model, layer, 2 * max(args.batches),
                                              args.max_batch_cap, args, device)
         _log.info("largest batch for %s: %s (%s)", args.max_batch_probe, largest, "; ".join(notes))
-        rows.append({"section": "throughput", "provider": f"probe:{args.max_batch_probe}", "batch": largest,
-                     "iters": 2, "status": "ok" if largest else "error", "reason": "; ".join(notes)})
+        rows += record([{"section": "throughput", "provider": f"probe:{args.max_batch_probe}", "batch": largest,
+                         "iters": 2, "status": "ok" if largest else "error", "reason": "; ".join(notes)}])
         if largest:
-            rows += sweep("throughput", args.max_batch_providers, model, layer, schedule, [largest], args, device)
+            rows += sweep("throughput", args.max_batch_providers, model, layer, schedule, [largest], args, device,
+                          record)
     return rows
 
 
-def section_latency(model, layer, args, device) -> list[dict]:
+def section_latency(model, layer, args, device, record) -> list[dict]:
     schedule = prov.Schedule(args.beta, FIXED_DELTA, args.latency_iters)
-    return sweep("latency", args.providers, model, layer, schedule, args.latency_batches, args, device)
+    return sweep("latency", args.providers, model, layer, schedule, args.latency_batches, args, device, record)
 
 
 def first_exit_iterations(losses: torch.Tensor, delta: float, max_iters: int) -> torch.Tensor:
@@ -314,17 +331,53 @@ def calibrate_exit_delta(model, layer, args, device) -> tuple[prov.Schedule, dic
     return prov.Schedule(args.exit_beta, best, args.exit_iters), info
 
 
-def section_early_exit(model, layer, args, device, schedule, info) -> list[dict]:
-    names = args.exit_providers
-    rows = sweep("early-exit", names, model, layer, schedule, args.exit_batches, args, device)
+def exit_setup(model, layer, args, device):
+    """``(model, layer, schedule, info, source)`` of the early-exit sections (``--exit-model``).
+
+    ``synthetic``: the benchmark's untrained model with :func:`calibrate_exit_delta`.
+    ``pretrained``: a trained model embedded in the repository (``fsmooth.models.pretrained``) at the
+    paper's beta=80 and its calibrated delta, on CIFAR-10 test images when ``--data`` is given (else the
+    synthetic textures); falls back to ``synthetic`` (saying why in the rows) when none is embedded.
+    """
+    fallback = ""
+    if args.exit_model == "pretrained":
+        import fsmooth.models as models
+        try:
+            names = models.available_pretrained()
+            name = args.exit_pretrained or (names[0] if names else None)
+            if name is None:
+                raise LookupError("no pretrained model is embedded in this checkout")
+            trained = models.pretrained(name, device=device).eval()
+        except Exception as exc:
+            fallback = f"pretrained unavailable ({benchlib.error_reason(exc, 150)}); "
+            _log.warning("early exit: %s falling back to the synthetic schedule", fallback)
+        else:
+            delta = getattr(trained, "defense_delta", None) or 0.0124
+            source, data = make_start_points, "synthetic textures"
+            if args.data:
+                from fsmooth.data import load_dataset
+                source, data = dataset_start_points(load_dataset(args.data, "test")[0]), "CIFAR-10 (JPEG q75 copy)"
+            flops = benchlib.count_flops(models.prefix(trained, None), torch.rand(1, 3, 32, 32, device=device))
+            info = {"exit_model": f"pretrained:{name}", "exit_beta": 80.0, "exit_delta": float(delta),
+                    "exit_inputs": data, "model_flops_per_iter": flops["forward_plus_input_grad_flops"]}
+            return trained, None, prov.Schedule(80.0, float(delta), args.exit_iters), info, source
+    schedule, info = calibrate_exit_delta(model, layer, args, device)
+    info = {"exit_model": fallback + f"synthetic:{args.arch}", "exit_inputs": "synthetic textures", **info}
+    return model, layer, schedule, info, make_start_points
+
+
+def section_early_exit(model, layer, args, device, schedule, info, record, source) -> list[dict]:
+    return sweep("early-exit", args.exit_providers, model, layer, schedule, args.exit_batches, args, device,
+                 record, extra=info, source=source)
+
+
+def add_compaction_saving(rows: list[dict], context: list[dict] | None = None) -> None:
+    """``1 - t(compacting engine) / t(same engine, masking only)`` on the compacting engine's row."""
+    by_key = {(r.get("section"), r["provider"], r.get("batch")): r for r in (context or rows)}
     for r in rows:
-        r.update(info)
-    by_key = {(r["provider"], r["batch"]): r for r in rows}
-    for r in rows:
-        masked = by_key.get((r["provider"] + "-nocompact", r["batch"]))
+        masked = by_key.get((r.get("section"), r["provider"] + "-nocompact", r.get("batch")))
         if masked and r.get("median_ms") and masked.get("median_ms"):
             r["compaction_saving"] = 1.0 - r["median_ms"] / masked["median_ms"]
-    return rows
 
 
 def _workload_modes(args, device) -> list[tuple[str, str, int | None]]:
@@ -339,10 +392,10 @@ def _workload_modes(args, device) -> list[tuple[str, str, int | None]]:
     return [("masking", "eager", args.workload_batch), ("compaction", "fsmooth-eager", args.workload_batch)]
 
 
-def section_workload(model, layer, args, device, schedule, info) -> list[dict]:
+def section_workload(model, layer, args, device, schedule, info, record, source) -> list[dict]:
     """``--workload-size`` inputs: per-chunk masking and compaction, and one continuous-batching call."""
     n = args.workload_size
-    inputs = torch.cat([make_start_points(min(4096, n - i), args.seed + 31 + i, device)
+    inputs = torch.cat([source(min(4096, n - i), args.seed + 31 + i, device)
                         for i in range(0, n, 4096)])
     rows = []
     for mode, name, chunk in _workload_modes(args, device):
@@ -351,7 +404,7 @@ def section_workload(model, layer, args, device, schedule, info) -> list[dict]:
                "iters": schedule.max_iters, **info}
         reason = provider.unavailable(torch.device(device))
         if reason:
-            rows.append({**row, "status": "skipped", "reason": reason})
+            rows += record([{**row, "status": "skipped", "reason": reason}])
             continue
         slots = chunk or args.workload_batch
         pieces = [inputs[i:i + chunk] for i in range(0, n, chunk)] if chunk else [inputs]
@@ -363,8 +416,8 @@ def section_workload(model, layer, args, device, schedule, info) -> list[dict]:
                 ms, outs = benchlib.time_once(lambda: [provider.run(p, schedule) for p in pieces], device)
                 samples.append(ms)
         except Exception as exc:
-            rows.append({**row, "status": "oom" if benchlib.is_oom(exc) else "error",
-                         "reason": benchlib.error_reason(exc)})
+            rows += record([{**row, "status": "oom" if benchlib.is_oom(exc) else "error",
+                             "reason": benchlib.error_reason(exc)}])
             continue
         finally:
             describe = provider.describe()
@@ -374,16 +427,19 @@ def section_workload(model, layer, args, device, schedule, info) -> list[dict]:
         iters = torch.cat([o.iterations.cpu() for o in outs])
         useful = int(iters.sum())
         reported = [o.occupancy for o in outs if o.occupancy is not None]
-        if mode == "continuous" or (reported and len(reported) == len(outs)):
+        if reported and len(reported) == len(outs):
             # Engine-reported occupancy, weighted by each piece's useful work.
             executed = sum(int(o.iterations.sum()) / max(o.occupancy, 1e-12) for o in outs)
-            occupancy = useful / executed if reported and executed else None
+            occupancy = useful / executed if executed else None
+        elif mode == "masking":
+            # A masked batch runs every slot until its slowest sample exits.
+            occupancy = useful / max(1, sum(int(o.iterations.max()) * o.iterations.numel() for o in outs))
         else:
-            occupancy = useful / sum(int(o.iterations.max()) * o.iterations.numel() for o in outs)
-        rows.append({**row, **timing.as_row(), **describe, "status": "ok", "useful_iters": useful,
-                     "useful_iters_per_s": useful / (timing.median_ms * 1e-3), "occupancy": occupancy,
-                     "iters_p50": float(iters.double().median()), "iters_max": int(iters.max()),
-                     "slots": slots})
+            occupancy = None  # not reported by this engine
+        rows += record([{**row, **timing.as_row(), **describe, "status": "ok", "useful_iters": useful,
+                         "useful_iters_per_s": useful / (timing.median_ms * 1e-3), "occupancy": occupancy,
+                         "iters_p50": float(iters.double().median()), "iters_max": int(iters.max()),
+                         "slots": slots}])
     return rows
 
 
@@ -416,8 +472,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--layer", default="block1")
     p.add_argument("--device", default=None, help="default: cuda if available else cpu")
     p.add_argument("--providers", nargs="+", default=None, choices=prov.PROVIDER_NAMES)
-    p.add_argument("--compile-modes", nargs="+", default=["max-autotune", "reduce-overhead", "default"],
-                   help="torch.compile modes, tried in order; the first that works is timed")
+    p.add_argument("--compile-modes", nargs="+", default=None,
+                   help="torch.compile modes, tried in order; the first that works is timed (default: "
+                        "max-autotune reduce-overhead default; none with --quick on a CPU)")
     p.add_argument("--batches", nargs="+", type=int, default=None, help="throughput batch sizes")
     p.add_argument("--max-batch-probe", default="graph-bf16",
                    help="provider used to find the largest batch that fits ('' to skip; CUDA only)")
@@ -435,6 +492,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-median", type=float, default=0.5,
                    help="calibrate delta so the median sample exits at this fraction of --exit-iters")
     p.add_argument("--pilot-batch", type=int, default=None)
+    p.add_argument("--exit-model", choices=("synthetic", "pretrained"), default="synthetic",
+                   help="exit schedule: calibrated on the untrained model, or an embedded trained model")
+    p.add_argument("--exit-pretrained", default=None, help="name for --exit-model pretrained (default: first)")
+    p.add_argument("--data", default=os.environ.get("FSMOOTH_DATA"),
+                   help="CIFAR-10 source for --exit-model pretrained inputs (default: $FSMOOTH_DATA)")
     p.add_argument("--workload-size", type=int, default=None)
     p.add_argument("--workload-batch", type=int, default=None, help="chunk / slot count of the workload")
     p.add_argument("--workload-precision", default="bf16", choices=("fp32", "tf32", "bf16"))
@@ -447,7 +509,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--matmul-size", type=int, default=None)
     p.add_argument("--copy-bytes", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=str(benchlib.DEFAULT_OUT_DIR), help="JSON lines + CSV are appended here")
+    p.add_argument("--out-dir", default=None,
+                   help="JSON lines + CSV are appended here (default bench/results/; with --quick a temp dir)")
     p.add_argument("--no-save", action="store_true")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     args = p.parse_args(argv)
@@ -478,43 +541,65 @@ def _fill_defaults(args) -> None:
         matmul_size=128 if quick else 8192,
         copy_bytes=(4 << 20) if quick else (1 << 30),
     )
+    defaults["out_dir"] = str(benchlib.default_out_dir(quick))
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if quick and "--compile-modes" not in sys.argv and not torch.cuda.is_available():
+    if args.compile_modes is None:
         # Inductor on CPU compiles C++ for tens of seconds: not a seconds-long smoke run.
-        args.compile_modes = []
+        cpu_quick = quick and not torch.cuda.is_available()
+        args.compile_modes = [] if cpu_quick else ["max-autotune", "reduce-overhead", "default"]
+
+
+class Recorder:
+    """Completes rows (ratios to eager, roofline, compaction saving) and appends them as they are measured,
+    so a run cut off by a time limit keeps what it finished."""
+
+    def __init__(self, args, env: dict):
+        self.out_dir = None if args.no_save else args.out_dir
+        self.env = env
+        self.rows: list[dict] = []
+        self.flops_per_iter = None
+        self.ceilings = None
+
+    def __call__(self, rows: list[dict]) -> list[dict]:
+        context = self.rows + rows
+        add_ratios(rows, self.flops_per_iter, self.ceilings, context)
+        add_compaction_saving(rows, context)
+        if self.out_dir is not None and rows:
+            benchlib.append_results(self.out_dir, "iters_per_sec", self.env, rows)
+        self.rows += rows
+        return rows
 
 
 def run(args) -> tuple[list[dict], dict]:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = benchlib.environment()
     env.update(arch=args.arch, layer=args.layer)
-    model = make_model(args.arch, device)
-    rows: list[dict] = []
-    flops = ceilings = None
-    if "roofline" in args.sections or {"throughput", "latency"} & set(args.sections):
-        roof_rows, flops, ceilings = section_roofline(model, args.layer, args, device)
-        rows += roof_rows
     if not args.compile_modes:
         args.providers = [n for n in args.providers if not n.startswith("compile")]
         env["compile_skipped"] = "torch.compile skipped: --quick on CPU (inductor's C++ build takes tens of s)"
-    if "throughput" in args.sections:
-        rows += section_throughput(model, args.layer, args, device)
-    if "latency" in args.sections:
-        rows += section_latency(model, args.layer, args, device)
-    if {"early-exit", "workload"} & set(args.sections):
-        schedule, info = calibrate_exit_delta(model, args.layer, args, device)
+    record = Recorder(args, env)
+    model = make_model(args.arch, device)
+    sections = set(args.sections)
+    if "roofline" in sections or {"throughput", "latency", "early-exit", "workload"} & sections:
+        roof_rows, flops, record.ceilings = section_roofline(model, args.layer, args, device)
+        record.flops_per_iter = flops["forward_plus_input_grad_flops"]
+        record(roof_rows)
+    if "throughput" in sections:
+        section_throughput(model, args.layer, args, device, record)
+    if "latency" in sections:
+        section_latency(model, args.layer, args, device, record)
+    if {"early-exit", "workload"} & sections:
+        exit_model, exit_layer, schedule, info, source = exit_setup(model, args.layer, args, device)
         _log.info("exit schedule: %s", info)
-        if "early-exit" in args.sections:
-            rows += section_early_exit(model, args.layer, args, device, schedule, info)
-        if "workload" in args.sections:
-            rows += section_workload(model, args.layer, args, device, schedule, info)
-    if "loss-kernel" in args.sections:
-        rows += section_loss_kernel(args, device)
-    per_iter = flops["forward_plus_input_grad_flops"] if flops else None
-    add_ratios(rows, per_iter, ceilings)
-    return rows, env
+        if "early-exit" in sections:
+            section_early_exit(exit_model, exit_layer, args, device, schedule, info, record, source)
+        if "workload" in sections:
+            section_workload(exit_model, exit_layer, args, device, schedule, info, record, source)
+    if "loss-kernel" in sections:
+        record(section_loss_kernel(args, device))
+    return record.rows, env
 
 
 def main(argv=None) -> int:
@@ -522,14 +607,13 @@ def main(argv=None) -> int:
     benchlib.configure_logging(args.verbose)
     started = time.perf_counter()
     rows, env = run(args)
-    env["wall_s"] = round(time.perf_counter() - started, 3)
+    wall_s = round(time.perf_counter() - started, 3)
     if not args.no_save:
-        paths = benchlib.append_results(args.out_dir, "iters_per_sec", env, rows)
-        _log.info("appended %d rows to %s", len(rows), ", ".join(map(str, paths)))
+        _log.info("appended %d rows to %s/iters_per_sec.{jsonl,csv}", len(rows), args.out_dir)
     skipped = [r for r in rows if r.get("status") != "ok" and r.get("reason")]
     print(f"# Active Defense benchmark: {env['arch']} prefix to {env['layer']} on "
           f"{env['gpu_name'] if env['device'] == 'cuda' else 'CPU'}; torch {env['torch']}, "
-          f"triton {env['triton']}, CUDA {env['cuda']}; {env['date']}; {env['wall_s']} s")
+          f"triton {env['triton']}, CUDA {env['cuda']}; {env['date']}; {wall_s} s")
     flops = next((r for r in rows if r["provider"] == "flops-per-image-iteration"), None)
     if flops:
         print(f"# FLOPs per image-iteration (convolutions, forward + input gradient): "

@@ -191,10 +191,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--input-sets", type=int, default=3, help="inputs rotated between timed calls")
     p.add_argument("--rep-ms", type=float, default=100.0, help="timing budget per measurement (ms)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out-dir", default=str(benchlib.DEFAULT_OUT_DIR))
+    p.add_argument("--out-dir", default=None, help="default bench/results/; with --quick a temp dir")
     p.add_argument("--no-save", action="store_true", help="do not append result rows")
     p.add_argument("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = str(benchlib.default_out_dir(args.quick))
+    return args
 
 
 def main(argv=None) -> int:

@@ -146,8 +146,8 @@ class LoopProvider:
         probe = Schedule(schedule.beta, 1e-30, 2)
         for mode in self.compile_modes:
             torch._dynamo.reset()
-            fn = torch.compile(eager_fn, mode=None if mode == "default" else mode, dynamic=False)
             try:
+                fn = torch.compile(eager_fn, mode=None if mode == "default" else mode, dynamic=False)
                 with benchlib.float32_matmul(self.matmul_mode()):
                     masked_loop(fn, example, probe)
                     masked_loop(fn, example, probe)  # cudagraph trees record on the second call

@@ -15,6 +15,7 @@ _log = logging.getLogger(__name__)
 @functools.lru_cache(maxsize=None)
 def _load():
     try:
+        import torch  # noqa: F401  (loads libc10 and friends, which _C links against)
         from . import _C  # noqa: F401  (registers torch.ops.fsmooth.*)
     except ImportError as exc:
         return None, (f"the CUDA extension fsmooth._C is not available ({exc}); reinstall with a CUDA toolkit: "

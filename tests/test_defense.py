@@ -294,3 +294,37 @@ def test_triton_kernel_path_in_interpreter(interpret_triton):
     assert fused.iterations.tolist() == [2, 2]
     assert (fused.inputs - ref.inputs).abs().max() < 1e-5
     assert (fused.feature_loss - ref.feature_loss).abs().max() < 1e-5
+
+
+def test_defend_cache_does_not_keep_the_model_alive():
+    import gc
+    import weakref
+
+    model = tiny_wrn()
+    defend(model, varied_inputs(1), delta=100.0)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+
+
+def test_auto_engine_falls_back_to_eager_when_a_graph_engine_fails(monkeypatch):
+    import fsmooth.defense.api as api
+
+    class Broken:
+        def run(self, *args):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(api, "resolve_engine", lambda engine, device, enforce: "chunked")
+    monkeypatch.setattr(api.ActiveDefense, "_runner", lambda self, engine, x: Broken())
+    model = tiny_wrn()
+    x = varied_inputs(2)
+    auto = ActiveDefense(model, config=DefenseConfig(delta=100.0))
+    with pytest.warns(RuntimeWarning, match="falls back to 'eager'"):
+        assert auto(x, return_info=True).engine == "eager"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert auto(x, return_info=True).engine == "eager"  # no second attempt, no second warning
+    forced = ActiveDefense(model, config=DefenseConfig(delta=100.0), engine="chunked")
+    with pytest.raises(RuntimeError, match="stream is capturing"):
+        forced(x)

@@ -69,7 +69,7 @@ def test_runner_matches_eager(mode, max_batch, compact):
     ref = defense(x, return_info=True, noise=noise)
     assert len(set(ref.iterations.tolist())) > 3
 
-    runner = CpuRunner(defense.prefix, x.device, tuple(x.shape[1:]), mode=mode, max_batch=max_batch, chunk=2,
+    runner = CpuRunner(defense.prefix, x.device, tuple(x.shape[1:]), mode=mode, max_batch=max_batch, chunk=2, progress=(mode == "graph"),
                        compact=compact)
     with torch.no_grad(), defense.prefix.session() as module:
         t, iterations, loss, occupancy = runner.run(module, x + noise, config)

@@ -43,8 +43,8 @@ def _autograd_allowed():
         yield
 
 
-def _inference_error(exc: RuntimeError) -> RuntimeError | None:
-    if "nference tensor" not in str(exc):
+def _inference_error(exc: BaseException) -> RuntimeError | None:
+    if not isinstance(exc, RuntimeError) or "nference tensor" not in str(exc):
         return None
     return RuntimeError(
         "Active Defense differentiates the network prefix with respect to its input, which is impossible "
@@ -69,6 +69,7 @@ class ActiveDefense:
         chunk: ``"chunked"`` engine: iterations unrolled per graph replay.
         compact: graph engines: move the remaining active samples into smaller captured buckets as
             samples exit (``False``: ``"graph"`` runs a batch of at most ``max_batch`` in one launch).
+        progress: graph engines: a tqdm bar over finished samples (off by default).
         backend: feature-loss backend (``"auto"``, ``"triton"``, ``"reference"``).
 
     Call with ``(x, generator=None, return_info=False)``.
@@ -76,7 +77,8 @@ class ActiveDefense:
 
     def __init__(self, model: nn.Module, layer: str | None = None, config: DefenseConfig | None = None, *,
                  engine: str = "auto", dtype: torch.dtype | None = None, enforce_eager: bool = False,
-                 max_batch: int = 256, chunk: int = 8, compact: bool = True, backend: str = "auto"):
+                 max_batch: int = 256, chunk: int = 8, compact: bool = True, progress: bool = False,
+                 backend: str = "auto"):
         if config is None:
             calibrated = getattr(model, "defense_delta", None)
             config = DefenseConfig(delta=DEFAULT_DELTA if calibrated is None else float(calibrated))
@@ -88,16 +90,23 @@ class ActiveDefense:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         self.prefix = PrefixState(model, layer, dtype)
-        self.model = model
+        # Weak: defend()'s cache is keyed weakly by the model, so a strong reference here would leak it.
+        self._model_ref = weakref.ref(model)
         self.config = config
         self.engine = engine
         self.enforce_eager = bool(enforce_eager)
         self.max_batch = max_batch
         self.chunk = chunk
         self.compact = bool(compact)
+        self.progress = bool(progress)
         self.backend = backend
         self._in_channels = _expected_channels(self.prefix.module)
         self._runners = {}
+        self._failed_engines: set[str] = set()  # "auto" stops trying a graph engine that failed once
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model_ref()
 
     @property
     def layer(self) -> str:
@@ -120,7 +129,7 @@ class ActiveDefense:
         if self._in_channels is not None and x.shape[1] != self._in_channels:
             raise ValueError(f"x must have {self._in_channels} channels for this model, got shape {tuple(x.shape)}")
         check_finite(x, "x")
-        device = model_device(self.model)
+        device = model_device(self.prefix.module)
         if device is not None and device != x.device:
             raise ValueError(f"model is on {device} but x is on {x.device}; move one of them")
 
@@ -148,9 +157,25 @@ class ActiveDefense:
             from .graph import GraphRunner
             runner = GraphRunner(self.prefix, x.device, tuple(x.shape[1:]), mode=engine,
                                  max_batch=self.max_batch, chunk=self.chunk, backend=self.backend,
-                                 compact=self.compact)
+                                 compact=self.compact, progress=self.progress)
             self._runners[key] = runner
         return runner
+
+    def _run(self, engine: str, module: nn.Module, t0: torch.Tensor, config: DefenseConfig):
+        """``(t, iterations, loss, occupancy, engine that ran)``; ``"auto"`` degrades to eager on failure."""
+        if engine != "eager":
+            try:
+                return (*self._runner(engine, t0).run(module, t0, config), engine)
+            except Exception as exc:
+                if self.engine != "auto" or _inference_error(exc) is not None:
+                    raise
+                # e.g. a model whose forward cannot be captured: "auto" degrades, it never fails.
+                warnings.warn(f"the {engine!r} defense engine failed ({type(exc).__name__}: {exc}); "
+                              "engine='auto' falls back to 'eager' for this model", RuntimeWarning, stacklevel=3)
+                self._failed_engines.add(engine)
+                self._runners = {k: v for k, v in self._runners.items() if k[0] != engine}
+        t, iterations, loss = run_eager(lambda s: self.prefix.features(module, s), t0, config, backend=self.backend)
+        return t, iterations, loss, None, "eager"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, return_info: bool = False, *,
                  noise: torch.Tensor | None = None, config: DefenseConfig | None = None):
@@ -160,6 +185,8 @@ class ActiveDefense:
             raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
         self._check_inputs(x)
         engine = resolve_engine(self.engine, x.device, self.enforce_eager)
+        if engine in self._failed_engines:
+            engine = "eager"
         if noise is not None:
             check_float_tensor(noise, "noise")
             if noise.shape != x.shape:
@@ -176,11 +203,7 @@ class ActiveDefense:
             else:
                 try:
                     with self.prefix.session() as module:
-                        if engine == "eager":
-                            t, iterations, loss = run_eager(lambda s: self.prefix.features(module, s), t0, config,
-                                                            backend=self.backend)
-                        else:
-                            t, iterations, loss, occupancy = self._runner(engine, x).run(module, t0, config)
+                        t, iterations, loss, occupancy, engine = self._run(engine, module, t0, config)
                 except RuntimeError as exc:
                     better = _inference_error(exc)
                     if better is not None:

@@ -37,6 +37,7 @@ import bisect
 import logging
 
 import torch
+from tqdm.auto import tqdm
 
 from ..functional import feature_loss_and_grad
 from .config import DefenseConfig
@@ -60,7 +61,7 @@ class GraphRunner:
 
     def __init__(self, prefix_state, device: torch.device, sample_shape: tuple, *, mode: str = "graph",
                  max_batch: int = 256, chunk: int = 8, backend: str = "auto", refill_fraction: float = 0.125,
-                 compact: bool = True):
+                 compact: bool = True, progress: bool = False):
         if mode not in ("graph", "chunked"):
             raise ValueError(f"mode must be 'graph' or 'chunked', got {mode!r}")
         self._check_device(device)
@@ -71,6 +72,7 @@ class GraphRunner:
         self.backend = backend
         self.refill_fraction = refill_fraction
         self.compact = compact
+        self.progress = progress
         self.buckets = bucket_sizes(max_batch)
         self.max_batch = self.buckets[-1]
         state = prefix_state.state_dtype
@@ -199,7 +201,7 @@ class GraphRunner:
         else:
             graph.launch()
 
-    def _harvest(self, b: int, out_t, out_iters, out_loss) -> None:
+    def _harvest(self, b: int, out_t, out_iters, out_loss) -> int:
         slots = self.slot_sample[:b]
         pos = ((~self.active[:b]) & (slots >= 0)).nonzero().squeeze(1)
         if pos.numel():
@@ -208,6 +210,7 @@ class GraphRunner:
             out_iters[ids] = self.iters[pos]
             out_loss[ids] = self.loss[pos]
             slots[pos] = -1
+        return pos.numel()
 
     def _refill(self, b: int, t0: torch.Tensor, next_sample: int) -> int:
         free = (self.slot_sample[:b] < 0).nonzero().squeeze(1)
@@ -250,6 +253,7 @@ class GraphRunner:
         self.steps.zero_()
         next_sample = self._refill(b, t0, 0)
         slot_evals, steps_seen = 0, 0
+        bar = tqdm(total=n, desc=f"active defense ({self.mode})", unit="img", disable=not self.progress)
         while True:
             waiting = next_sample < n
             if waiting:
@@ -266,7 +270,7 @@ class GraphRunner:
             steps = int(self.steps.item())
             slot_evals += (steps - steps_seen) * b
             steps_seen = steps
-            self._harvest(b, out_t, out_iters, out_loss)
+            bar.update(self._harvest(b, out_t, out_iters, out_loss))
             if waiting:
                 next_sample = self._refill(b, t0, next_sample)
             if next_sample >= n:
@@ -274,6 +278,7 @@ class GraphRunner:
                     break
                 if self.compact:
                     b = self._compact(b)
+        bar.close()
         useful = float(out_iters.sum()) + n
         occupancy = useful / slot_evals if slot_evals else 1.0
         return out_t, out_iters, out_loss, occupancy

@@ -55,7 +55,6 @@ class PrefixState:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if dtype is not None and dtype not in _COMPUTE_DTYPES:
             raise TypeError(f"dtype must be None or one of {_COMPUTE_DTYPES}, got {dtype!r}")
-        self.model = model
         self.layer = resolve_layer(model, layer)
         self.module = build_prefix(model, self.layer)
         self.model_dtype = _param_dtype(model)
@@ -92,8 +91,8 @@ class PrefixState:
     def session(self):
         """Eval mode and frozen weights for the duration of a call; yields the module to run."""
         module = self._compute_module()
-        modules = list(dict.fromkeys(list(self.model.modules()) + list(self.module.modules())
-                                     + list(module.modules())))
+        # The prefix shares the model's modules: only those run here, so only their modes change.
+        modules = list(dict.fromkeys(list(self.module.modules()) + list(module.modules())))
         modes = [(m, m.training) for m in modules]
         params = list(dict.fromkeys(list(self.module.parameters()) + list(module.parameters())))
         flags = [(p, p.requires_grad) for p in params]

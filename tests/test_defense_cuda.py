@@ -1,0 +1,101 @@
+"""CUDA-graph engines against the eager engine on the same noise (GPU only)."""
+import warnings
+
+import pytest
+import torch
+
+from fsmooth.defense import ActiveDefense, DefendedClassifier, DefenseConfig, DefenseNotConvergedWarning, defend
+from fsmooth.defense import while_loop
+
+from test_defense import BETA, initial_losses, noise_for, tiny_wrn, varied_inputs
+
+pytestmark = pytest.mark.cuda
+
+
+def _setup(n=13, size=(8, 9), max_iters=40):
+    model = tiny_wrn().cuda()
+    x = varied_inputs(n, size=size).cuda()
+    noise = noise_for(x.cpu(), 0.075, seed=21).cuda()
+    delta = float(initial_losses(model, x + noise).quantile(0.3))
+    return model, x, noise, DefenseConfig(beta=BETA, delta=delta, max_iters=max_iters)
+
+
+def _assert_close_to_eager(result, ref, config, tol):
+    assert result.inputs.shape == ref.inputs.shape
+    differ = result.iterations != ref.iterations
+    if bool(differ.any()):
+        # Only samples whose exit test sat within float rounding of delta may stop one step apart.
+        near = torch.minimum((result.feature_loss - config.delta).abs(), (ref.feature_loss - config.delta).abs())
+        assert bool((near[differ] < 1e-4 * config.delta + 1e-6).all()), (result.iterations, ref.iterations)
+        assert int(differ.sum()) <= 1
+    same = ~differ
+    assert (result.inputs[same] - ref.inputs[same]).abs().max() < tol
+    assert (result.feature_loss[same] - ref.feature_loss[same]).abs().max() < tol
+
+
+@pytest.mark.parametrize("engine", ["graph", "chunked"])
+@pytest.mark.parametrize("max_batch, compact", [(16, False), (16, True), (4, True)])
+def test_graph_engines_match_eager_fp32(engine, max_batch, compact):
+    model, x, noise, config = _setup()
+    ref = ActiveDefense(model, config=config, engine="eager")(x, return_info=True, noise=noise)
+    assert len(set(ref.iterations.tolist())) > 3
+    defense = ActiveDefense(model, config=config, engine=engine, max_batch=max_batch, compact=compact, chunk=4)
+    for _ in range(2):  # the second call replays the captured graphs
+        result = defense(x, return_info=True, noise=noise)
+        assert result.engine == engine and 0 < result.occupancy <= 1
+        _assert_close_to_eager(result, ref, config, tol=1e-4)
+
+
+def test_extension_while_loop_matches_eager(monkeypatch):
+    reason = while_loop.extension_while_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setattr(while_loop, "native_while_available", lambda: False)
+    model, x, noise, config = _setup()
+    ref = ActiveDefense(model, config=config, engine="eager")(x, return_info=True, noise=noise)
+    result = ActiveDefense(model, config=config, engine="graph", max_batch=8)(x, return_info=True, noise=noise)
+    _assert_close_to_eager(result, ref, config, tol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["graph", "chunked"])
+def test_graph_engines_bf16(engine):
+    model, x, noise, config = _setup()
+    ref = ActiveDefense(model, config=config, engine="eager", dtype=torch.bfloat16)(x, return_info=True, noise=noise)
+    result = ActiveDefense(model, config=config, engine=engine, dtype=torch.bfloat16)(x, return_info=True,
+                                                                                     noise=noise)
+    assert result.inputs.dtype == torch.float32 and result.feature_loss.dtype == torch.float32
+    assert (result.iterations - ref.iterations).abs().max() <= 2
+    assert bool(result.converged.all())
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_auto_engine_and_max_iters_on_cuda():
+    model, x, _, config = _setup(n=3)
+    with pytest.warns(DefenseNotConvergedWarning):
+        result = defend(model, x, beta=BETA, delta=1e-7, max_iters=3, return_info=True)
+    assert result.engine in ("graph", "chunked")
+    assert result.iterations.tolist() == [3, 3, 3]
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_weights_change_after_capture_are_seen():
+    model, x, noise, config = _setup(n=4)
+    defense = ActiveDefense(model, config=config, engine="chunked")
+    first = defense(x, return_info=True, noise=noise)
+    with torch.no_grad():
+        model.conv1.weight.mul_(1.5)  # in place: the captured graph reads the new values
+    eager = ActiveDefense(model, config=config, engine="eager")(x, return_info=True, noise=noise)
+    second = defense(x, return_info=True, noise=noise)
+    _assert_close_to_eager(second, eager, config, tol=1e-4)
+    assert (second.inputs - first.inputs).abs().max() > 1e-5
+
+
+def test_defended_classifier_on_cuda():
+    model, x, _, config = _setup(n=4)
+    clf = DefendedClassifier(model, config, outer_loops=3, generator=torch.Generator(device="cuda").manual_seed(0))
+    xg = x.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DefenseNotConvergedWarning)
+        out = clf(xg)
+    out.sum().backward()
+    assert out.shape == (4, 10) and xg.grad is not None and clf.last_info.iterations.shape == (12,)
