@@ -202,13 +202,8 @@ def figure4(model: nn.Module, defended, x: torch.Tensor, x_adv: torch.Tensor, ou
             axes[row, col].axis("off")
     fig.suptitle(f"Active Defense ({int(info.iterations[0])} iterations); feature channel {channel}")
     fig.tight_layout()
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, output)
-    return output
+    from .plotting import save_figure
+    return save_figure(fig, output, dpi=110)
 
 
 def _read_image(path: str) -> torch.Tensor:

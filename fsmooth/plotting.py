@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["read_log", "plot_logs"]
+__all__ = ["read_log", "plot_logs", "save_figure"]
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -52,10 +52,16 @@ def plot_logs(paths, output: str | os.PathLike, *, delta: float | None = None) -
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return save_figure(fig, output)
+
+
+def save_figure(fig, output, dpi: int = 120, **savefig_kwargs) -> Path:
+    """Write ``fig`` atomically (temp file, then rename) and close it; returns the path."""
+    import matplotlib.pyplot as plt
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
     plt.close(fig)
     os.replace(tmp, output)
     return output

@@ -25,11 +25,8 @@ def _pyplot():
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
+    from ..plotting import save_figure
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def _image(t: torch.Tensor):
