@@ -67,6 +67,47 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert x["train_loss"] == y["train_loss"] and x["test_acc"] == y["test_acc"]
 
 
+_KILLED_CHILD = """
+import json, os, signal, sys
+from fsmooth.data import synthetic_dataset
+from fsmooth.training import train
+
+out, kill_at, tiny = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+real_replace, calls = os.replace, [0]
+
+def replace(src, dst):
+    # SIGKILL at the kill_at-th rename: in the middle of a checkpoint write, as a real crash would.
+    calls[0] += 1
+    if calls[0] == kill_at:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+
+os.replace = replace
+train(out, epochs=3, train_data=synthetic_dataset(48, 10, seed=1, image_size=12),
+      test_data=synthetic_dataset(20, 10, seed=2, image_size=12), **tiny)
+"""
+
+
+# Each epoch renames 3 times: meta.json in the temp folder, the folder itself, the `latest` pointer.
+# 5: epoch 2's complete folder is not yet renamed into place; 6: it is, but `latest` still names epoch 1.
+@pytest.mark.parametrize("kill_at", [5, 6])
+def test_sigkill_during_checkpoint_write_then_resume(tmp_path, kill_at):
+    train_data, test_data = tiny_data(n_train=48)
+    full = train(tmp_path / "full", epochs=3, train_data=train_data, test_data=test_data, **TINY)
+    out = tmp_path / "killed"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(out), str(kill_at), json.dumps(TINY)],
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == -9, child.stderr[-2000:]
+    resumed = train(out, epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
+    assert resumed.finished and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for x, y in zip(full.history, resumed.history):
+        assert x["train_loss"] == y["train_loss"] and x["test_acc"] == y["test_acc"]
+
+
 def test_cosine_with_warmup_schedule():
     f = cosine_with_warmup(100, 10)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
