@@ -118,3 +118,16 @@ def test_first_exit_iterations(bench_modules):
     losses = torch.tensor([[0.5, 0.3, 0.1, 0.05], [0.5, 0.45, 0.4, 0.35], [0.1, 0.1, 0.1, 0.1]])
     hits = ips.first_exit_iterations(losses, delta=0.2, max_iters=3)
     assert hits.tolist() == [2, 3, 0]
+
+
+def test_precision_agreement_quick_writes_row_and_table(tmp_path):
+    stdout = run_script("precision_agreement.py", tmp_path)
+    jsonl, rows = read_rows(tmp_path, "precision_agreement")
+    assert len(jsonl) == len(rows) == 1
+    row = jsonl[0]
+    assert row["n"] == 8 and row["max_iters"] == 10
+    for key in ("same_iterations", "same_prediction", "converged_fp32", "converged_bf16"):
+        assert 0.0 <= row[key] <= 1.0
+    assert all(row.get(k) not in (None, "") for k in ("date", "command", "device", "torch", "triton"))
+    table = (tmp_path / "precision_agreement.md").read_text()
+    assert "bf16" in table and table.strip() in stdout
