@@ -215,8 +215,7 @@ class FeatureLossFunction(torch.autograd.Function):
         loss, sign_mean, signs = feature_loss_forward(dense, need_grad)
         if need_grad:
             ctx.save_for_backward(signs, sign_mean)
-            ctx.like = torch.empty((0,), dtype=features.dtype, device=features.device)
-            ctx.shape = dense.shape
+            ctx.dtype, ctx.device, ctx.shape = features.dtype, features.device, dense.shape
             ctx.channels_last = dense.dim() == 4 and not dense.is_contiguous()
         return loss
 
@@ -224,8 +223,8 @@ class FeatureLossFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         signs, sign_mean = ctx.saved_tensors
         fmt = torch.channels_last if ctx.channels_last else torch.contiguous_format
-        like = torch.empty(ctx.shape, dtype=ctx.like.dtype, device=ctx.like.device, memory_format=fmt)
-        return feature_loss_backward(signs, sign_mean, grad_loss, like)
+        out = torch.empty(ctx.shape, dtype=ctx.dtype, device=ctx.device, memory_format=fmt)
+        return feature_loss_backward(signs, sign_mean, grad_loss, out, out=out)
 
 
 def feature_loss_triton(features: torch.Tensor) -> torch.Tensor:
