@@ -72,7 +72,9 @@ import json, os, signal, sys
 from fsmooth.data import synthetic_dataset
 from fsmooth.training import train
 
+import torch
 out, kill_at, tiny = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+torch.set_num_threads(int(sys.argv[4]))  # the parent's: bitwise-equal results need the same reduction order
 real_replace, calls = os.replace, [0]
 
 def replace(src, dst):
@@ -95,9 +97,8 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path, kill_at):
     train_data, test_data = tiny_data(n_train=48)
     full = train(tmp_path / "full", epochs=3, train_data=train_data, test_data=test_data, **TINY)
     out = tmp_path / "killed"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(out), str(kill_at), json.dumps(TINY)],
-                           env=env, capture_output=True, text=True, timeout=300)
+    child = subprocess.run([sys.executable, "-c", _KILLED_CHILD, str(out), str(kill_at), json.dumps(TINY),
+                            str(torch.get_num_threads())], capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stderr[-2000:]
     resumed = train(out, epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
     assert resumed.finished and [h["epoch"] for h in resumed.history] == [1, 2, 3]
