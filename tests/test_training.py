@@ -48,6 +48,16 @@ def test_plain_cross_entropy_still_logs_feature_loss(tmp_path):
     assert result.model.fc.out_features == 100
 
 
+def assert_same_run(full, resumed):
+    """A resumed 3-epoch run equals the uninterrupted one: every epoch logged, weights and metrics bitwise."""
+    assert resumed.finished and [h["epoch"] for h in resumed.history] == [1, 2, 3]
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    for x, y in zip(full.history, resumed.history):
+        assert x["train_loss"] == y["train_loss"] and x["test_acc"] == y["test_acc"]
+
+
 def test_resume_equals_uninterrupted(tmp_path):
     train_data, test_data = tiny_data(n_train=48)
     full = train(tmp_path / "full", epochs=3, train_data=train_data, test_data=test_data, **TINY)
@@ -59,12 +69,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         f.write(json.dumps({"epoch": 2, "train_loss": -1}) + "\n")
     torch.manual_seed(999)  # the resumed run restores its own RNG state
     resumed = train(tmp_path / "part", epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
-    assert resumed.finished and [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    for x, y in zip(full.history, resumed.history):
-        assert x["train_loss"] == y["train_loss"] and x["test_acc"] == y["test_acc"]
+    assert_same_run(full, resumed)
 
 
 _KILLED_CHILD = """
@@ -101,12 +106,7 @@ def test_sigkill_during_checkpoint_write_then_resume(tmp_path, kill_at):
                             str(torch.get_num_threads())], capture_output=True, text=True, timeout=300)
     assert child.returncode == -9, child.stderr[-2000:]
     resumed = train(out, epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
-    assert resumed.finished and [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    a, b = full.model.state_dict(), resumed.model.state_dict()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-    for x, y in zip(full.history, resumed.history):
-        assert x["train_loss"] == y["train_loss"] and x["test_acc"] == y["test_acc"]
+    assert_same_run(full, resumed)
 
 
 def test_cosine_with_warmup_schedule():
