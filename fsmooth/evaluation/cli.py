@@ -145,7 +145,7 @@ def run(args) -> int:
         baseline_defense = DefenseConfig.preset(args.baseline_preset, max_iters=args.max_iters)
     argv = getattr(args, "argv", None)
     command = "fsmooth " + shlex.join(argv) if argv is not None else shlex.join(sys.argv)
-    report = evaluate(
+    evaluate(
         model, images, labels, protocol=args.protocol, n=args.n, eps=[e / 255 for e in args.eps],
         outer_loops=args.outer_loops, defense=defense, baseline_model=baseline, baseline_defense=baseline_defense,
         layer=args.layer, budget=_budget(args), seed=args.seed, chunk_size=args.chunk_size,

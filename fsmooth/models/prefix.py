@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 
-import torch
 from torch import fx, nn
 
 __all__ = ["prefix", "resolve_layer", "unknown_layer_error", "layer_module"]
