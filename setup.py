@@ -6,6 +6,7 @@ falls back to engines that need no extension. Build with
 ``pip install --no-build-isolation .`` so the build uses the installed torch.
 """
 import glob
+import importlib.util
 import os
 import shutil
 import warnings
@@ -25,6 +26,14 @@ def _nvidia_include_dirs():
     except ImportError:
         pass
     return dirs
+
+
+def _sources_digest() -> str:
+    """fsmooth._ext.sources_digest of csrc/, loaded from its file: building must not import the package."""
+    spec = importlib.util.spec_from_file_location("_fsmooth_ext_for_build", os.path.join(ROOT, "fsmooth", "_ext.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.sources_digest(os.path.join(ROOT, "csrc"))
 
 
 def _extensions():
@@ -51,11 +60,17 @@ def _extensions():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "*.cu")))
     if not sources:
         return [], {}
+    import torch
+    # What the build compiled against, readable at run time (fsmooth._ext.stale_reason): an extension built
+    # for another torch or from older sources is rebuilt instead of trusted.
+    build_info = [f'-DFSMOOTH_BUILD_TORCH_VERSION="{torch.__version__}"',
+                  f'-DFSMOOTH_BUILD_CUDA_VERSION="{torch.version.cuda}"',
+                  f'-DFSMOOTH_BUILD_SOURCES_DIGEST="{_sources_digest()}"']
     ext = CUDAExtension(
         name="fsmooth._C",
         sources=sources,
         include_dirs=[os.path.join(ROOT, "csrc")] + _nvidia_include_dirs(),
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]},
+        extra_compile_args={"cxx": ["-O3"] + build_info, "nvcc": ["-O3"]},
         py_limited_api=False,
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
@@ -86,7 +101,8 @@ setup(
         "pillow",
         "matplotlib",
     ],
-    extras_require={"test": ["pytest", "torchattacks"]},
+    # pytest-timeout: the GPU test step interrupts a hung test (bench/gpu_suite.py, --timeout-method thread).
+    extras_require={"test": ["pytest", "pytest-timeout", "torchattacks"]},
     entry_points={"console_scripts": ["fsmooth = fsmooth.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -3,6 +3,20 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+// setup.py defines these (the torch and CUDA the build compiled against, a digest of csrc/), so that
+// fsmooth._ext can tell a stale build from a current one.
+#ifndef FSMOOTH_BUILD_TORCH_VERSION
+#define FSMOOTH_BUILD_TORCH_VERSION "unknown"
+#endif
+#ifndef FSMOOTH_BUILD_CUDA_VERSION
+#define FSMOOTH_BUILD_CUDA_VERSION "unknown"
+#endif
+#ifndef FSMOOTH_BUILD_SOURCES_DIGEST
+#define FSMOOTH_BUILD_SOURCES_DIGEST "unknown"
+#endif
+
 extern "C" {
 // An empty module: the ops live in the dispatcher, not in module attributes.
 PyObject* PyInit__C(void) {
@@ -13,8 +27,14 @@ PyObject* PyInit__C(void) {
 
 TORCH_LIBRARY(fsmooth, m) {
   m.def("abi_version() -> int");
+  m.def("build_info() -> str");
 }
 
 TORCH_LIBRARY_IMPL(fsmooth, CompositeExplicitAutograd, m) {
-  m.impl("abi_version", []() -> int64_t { return 1; });
+  // 2: WhileLoopGraph(body, pred, max_trips) with a device-side trip cap; build_info().
+  m.impl("abi_version", []() -> int64_t { return 2; });
+  m.impl("build_info", []() -> std::string {
+    return std::string("{\"torch\": \"") + FSMOOTH_BUILD_TORCH_VERSION + "\", \"cuda\": \"" +
+           FSMOOTH_BUILD_CUDA_VERSION + "\", \"sources\": \"" + FSMOOTH_BUILD_SOURCES_DIGEST + "\"}";
+  });
 }

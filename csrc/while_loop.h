@@ -12,8 +12,13 @@
 
 namespace fsmooth {
 
-// The __global__ set_condition_from_pred(cudaGraphConditionalHandle, const bool*) kernel, or nullptr
-// when the toolkit has no conditional nodes.
-const void* set_condition_kernel();
+// The two one-thread __global__ kernels that set the WHILE node's condition, or nullptr when the
+// toolkit has no conditional nodes. Both take (cudaGraphConditionalHandle handle, const bool* pred,
+// long long* trips, const long long* max_trips):
+//   start_loop:    *trips = 0;            condition = *pred && 0 < *max_trips
+//   continue_loop: *trips += 1 (-> n);    condition = *pred && n < *max_trips
+// So one launch runs the body at most *max_trips times, whatever the body writes to *pred.
+const void* start_loop_kernel();
+const void* continue_loop_kernel();
 
 }  // namespace fsmooth

@@ -1,4 +1,10 @@
-"""CUDA-graph engines against the eager engine on the same noise (GPU only)."""
+"""CUDA-graph engines against the eager engine on the same noise (GPU only).
+
+fp32 parity needs IEEE fp32 on both sides: cuDNN allows TF32 for convolutions by default, and TF32
+rounding, amplified over tens of iterations and different algorithms per batch size, exceeds the
+1e-4 tolerances. Every test here runs with TF32 off (``_ieee_fp32``) unless it sets the flags itself.
+"""
+import contextlib
 import warnings
 
 import pytest
@@ -10,6 +16,26 @@ from fsmooth.defense import while_loop
 from test_defense import BETA, initial_losses, noise_for, tiny_wrn, varied_inputs
 
 pytestmark = pytest.mark.cuda
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; the legacy flags still work
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    with _tf32(False):
+        yield
 
 
 def _setup(n=13, size=(8, 9), max_iters=40):
@@ -99,3 +125,47 @@ def test_defended_classifier_on_cuda():
         out = clf(xg)
     out.sum().backward()
     assert out.shape == (4, 10) and xg.grad is not None and clf.last_info.iterations.shape == (12,)
+
+
+@pytest.mark.parametrize("engine", ["graph", "chunked"])
+def test_runner_cache_follows_tf32_flags(engine):
+    """A graph captured with TF32 off is not replayed once TF32 is on (and back): one runner per setting."""
+    model, x, noise, config = _setup(n=4)
+    defense = ActiveDefense(model, config=config, engine=engine, max_batch=4)
+    defense(x, return_info=True, noise=noise)
+    (ieee_runner,) = defense._runners.values()
+    with _tf32(True):
+        assert defense(x, return_info=True, noise=noise).engine == engine
+    assert len(defense._runners) == 2
+    defense(x, return_info=True, noise=noise)
+    assert len(defense._runners) == 2 and ieee_runner in defense._runners.values()
+
+
+def test_while_loop_trip_cap_stops_a_predicate_that_never_clears():
+    """Whatever WHILE implementation this torch gets (native or fsmooth._C), max_trips bounds a launch."""
+    reason = while_loop.while_loop_unavailable_reason(torch.device("cuda"))
+    if reason is not None:
+        pytest.skip(reason)
+    counter = torch.zeros((), dtype=torch.int64, device="cuda")
+    pred = torch.ones((), dtype=torch.bool, device="cuda")
+    cap = torch.full((), 23, dtype=torch.int64, device="cuda")
+
+    def body():
+        counter.add_(1)
+        pred.fill_(True)  # the bug: never clears
+
+    loop = while_loop.capture_while_loop(body, lambda: pred.fill_(True), pred, None, cap)
+    counter.zero_()
+    loop.launch()
+    torch.cuda.synchronize()
+    assert int(loop.trips) == 23 and int(counter) == 23  # capture records the body, it does not run it
+
+
+def test_graph_engine_cap_leaves_max_iters_runs_intact():
+    """Every sample running to max_iters needs max_iters + 1 trips: the cap must not cut that short."""
+    model, x, noise, config = _setup(n=5)
+    config = DefenseConfig(beta=BETA, delta=1e-9, max_iters=7)
+    with pytest.warns(DefenseNotConvergedWarning):
+        result = ActiveDefense(model, config=config, engine="graph", compact=False, max_batch=8)(
+            x, return_info=True, noise=noise)
+    assert result.iterations.tolist() == [7] * 5

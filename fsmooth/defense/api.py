@@ -18,7 +18,8 @@ from torch import nn
 from .._validation import check_finite, check_float_tensor
 from .config import DEFAULT_DELTA, DefenseConfig
 from .eager import run_eager
-from .engines import ENGINES, resolve_engine
+from .capture_flags import capture_flags
+from .engines import ENGINES, resolve_engine, unavailable_reason
 from .prefix_state import PrefixState, model_device
 from .result import DefenseResult
 
@@ -41,6 +42,10 @@ def _autograd_allowed():
     """Autograd on, even for ``torch.no_grad()`` / ``torch.inference_mode()`` callers."""
     with torch.inference_mode(False), torch.enable_grad():
         yield
+
+
+# engine="auto" degrades along this chain when an engine fails (ActiveDefense._run).
+_FALLBACK_CHAIN = ("graph", "chunked", "eager")
 
 
 def _inference_error(exc: BaseException) -> RuntimeError | None:
@@ -151,7 +156,9 @@ class ActiveDefense:
 
     # ---------------------------------------------------------------- running
     def _runner(self, engine: str, x: torch.Tensor):
-        key = (engine, x.device, tuple(x.shape[1:]))
+        # Keyed by the TF32/cuDNN flags too: captured graphs bake them in, so a call under other flags
+        # gets its own runner instead of replaying kernels chosen under the old ones.
+        key = (engine, x.device, tuple(x.shape[1:]), capture_flags())
         runner = self._runners.get(key)
         if runner is None:
             from .graph import GraphRunner
@@ -162,18 +169,32 @@ class ActiveDefense:
         return runner
 
     def _run(self, engine: str, module: nn.Module, t0: torch.Tensor, config: DefenseConfig):
-        """``(t, iterations, loss, occupancy, engine that ran)``; ``"auto"`` degrades to eager on failure."""
-        if engine != "eager":
+        """``(t, iterations, loss, occupancy, engine that ran)``.
+
+        A forced engine runs or raises. ``engine="auto"`` tries ``engine`` and then the engines after it in
+        graph -> chunked -> eager that can run here; one that fails is skipped from then on, with a
+        warning that gives its error and the engine taken instead.
+        """
+        chain = [engine]
+        if self.engine == "auto":
+            later = _FALLBACK_CHAIN[_FALLBACK_CHAIN.index(engine) + 1:]
+            chain = [e for e in (engine, *later) if e == "eager" or (
+                e not in self._failed_engines
+                and (e == engine or unavailable_reason(e, t0.device, self.enforce_eager) is None))]
+        for i, candidate in enumerate(chain):
+            if candidate == "eager":
+                break
             try:
-                return (*self._runner(engine, t0).run(module, t0, config), engine)
+                return (*self._runner(candidate, t0).run(module, t0, config), candidate)
             except Exception as exc:
                 if self.engine != "auto" or _inference_error(exc) is not None:
                     raise
                 # e.g. a model whose forward cannot be captured: "auto" degrades, it never fails.
-                warnings.warn(f"the {engine!r} defense engine failed ({type(exc).__name__}: {exc}); "
-                              "engine='auto' falls back to 'eager' for this model", RuntimeWarning, stacklevel=3)
-                self._failed_engines.add(engine)
-                self._runners = {k: v for k, v in self._runners.items() if k[0] != engine}
+                warnings.warn(f"the {candidate!r} defense engine failed ({type(exc).__name__}: {exc}); "
+                              f"engine='auto' falls back to {chain[i + 1]!r} for this model", RuntimeWarning,
+                              stacklevel=3)
+                self._failed_engines.add(candidate)
+                self._runners = {k: v for k, v in self._runners.items() if k[0] != candidate}
         t, iterations, loss = run_eager(lambda s: self.prefix.features(module, s), t0, config, backend=self.backend)
         return t, iterations, loss, None, "eager"
 
@@ -184,9 +205,7 @@ class ActiveDefense:
         if not isinstance(config, DefenseConfig):
             raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
         self._check_inputs(x)
-        engine = resolve_engine(self.engine, x.device, self.enforce_eager)
-        if engine in self._failed_engines:
-            engine = "eager"
+        engine = resolve_engine(self.engine, x.device, self.enforce_eager)  # _run skips engines that failed
         if noise is not None:
             check_float_tensor(noise, "noise")
             if noise.shape != x.shape:

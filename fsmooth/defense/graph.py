@@ -21,11 +21,15 @@ Design (after the vLLM/SGLang CUDA-graph runners):
   smallest bucket holding them (threshold: the next smaller bucket). With
   ``compact=False`` and at most ``max_batch`` samples, ``mode="graph"`` is
   a single launch for the whole call.
-* **Capture.** Buckets are powers of two up to ``max_batch``; the ones a call
-  needs are warmed up (cuDNN/Triton choices made eagerly) and captured
-  largest first into one shared memory pool. Loop constants (``beta``,
-  ``delta``, ``max_iters``, clamp bounds, the threshold) are device scalars,
-  so one capture serves every configuration.
+* **Capture.** Buckets are powers of two up to ``max_batch``; on the first
+  call all of them are warmed up (cuDNN/Triton choices made eagerly) and
+  captured largest first into one shared memory pool. Loop constants
+  (``beta``, ``delta``, ``max_iters``, clamp bounds, the threshold) are device
+  scalars, so one capture serves every configuration. What a capture bakes in
+  (weight addresses, TF32/cuDNN flags: :func:`capture_flags`) is its
+  signature; a call with another signature recaptures.
+* **Trip cap.** A WHILE launch runs at most ``max_iters + 1`` iterations,
+  counted on the device (:mod:`.while_loop`): no predicate bug can hang it.
 
 A sample's trajectory is the eager engine's (same noise, same masked update);
 only the batch composition inside a bucket changes, which may move results
@@ -40,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..functional import feature_loss_and_grad
+from .capture_flags import capture_flags
 from .config import DefenseConfig
 
 __all__ = ["GraphRunner", "bucket_sizes"]
@@ -58,6 +63,9 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class GraphRunner:
     """Runs the loop on one CUDA device for inputs of one per-sample shape; owns buffers and graphs."""
+
+    # mode="graph": the WHILE node's trip cap (max_iters + 1, set at each launch), allocated at first capture.
+    max_trips: torch.Tensor | None = None
 
     def __init__(self, prefix_state, device: torch.device, sample_shape: tuple, *, mode: str = "graph",
                  max_batch: int = 256, chunk: int = 8, backend: str = "auto", refill_fraction: float = 0.125,
@@ -130,8 +138,9 @@ class GraphRunner:
 
     # ------------------------------------------------------------------ capture
     def _signature(self, module):
+        """What the captured graphs bake in: the prefix's weight addresses and the TF32/cuDNN flags."""
         return (id(module), tuple(p.data_ptr() for p in module.parameters()),
-                tuple(p.data_ptr() for p in module.buffers()))
+                tuple(p.data_ptr() for p in module.buffers()), capture_flags())
 
     def _warm_up(self, module, b: int) -> None:
         # With every slot inactive an iteration changes nothing but the step counter.
@@ -147,34 +156,49 @@ class GraphRunner:
                     self._iteration(module, b)
             return graph
         from .while_loop import capture_while_loop
-        return capture_while_loop(lambda: self._iteration(module, b), lambda: self._update_predicate(b),
-                                  self.pred, self.pool)
+
+        def start_phase():
+            self._update_predicate(b)
+            # Every slot exits within max_iters + 1 iterations of a launch (the last one only sees its
+            # exit), so this cap never cuts a correct loop short; it stops a predicate bug on the device.
+            torch.add(self.max_iters, 1, out=self.max_trips)
+
+        return capture_while_loop(lambda: self._iteration(module, b), start_phase, self.pred, self.pool,
+                                  self.max_trips)
 
     def _ensure_captured(self, module, b: int) -> None:
+        """Capture every bucket, largest first, once per signature (``b``, the call's bucket, is among them).
+
+        All at once rather than the buckets each call reaches: a later, larger call would otherwise
+        capture into a pool the smaller graphs already use, and pay a capture in the middle of a run.
+        """
         signature = self._signature(module)
         if signature != self._captured_for:
             if self._graphs:
-                _log.info("prefix weights moved or were replaced: recapturing the defense graphs")
+                _log.info("prefix weights or TF32/cuDNN flags changed: recapturing the defense graphs")
             self._graphs.clear()
             self._captured_for = signature
-        needed = [s for s in self.buckets if s <= b and s not in self._graphs]
-        if needed:
-            self._capture_buckets(module, needed)
+        if not self._graphs:
+            self._capture_buckets(module, sorted(self.buckets, reverse=True))
             self.active.zero_()
             self.steps.zero_()
 
     def _capture_buckets(self, module, sizes: list[int]) -> None:
+        """Warm up and capture ``sizes`` in the given order (largest first: smaller captures reuse its
+        blocks of the shared pool)."""
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
+        if self.mode == "graph" and self.max_trips is None:
+            self.max_trips = torch.zeros((), dtype=torch.int64, device=self.device)  # outside the pool
         # Warm up on a side stream (cuDNN algorithm choice, Triton compilation) before any capture.
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
-            for size in reversed(sizes):
+            for size in sizes:
                 self._warm_up(module, size)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-        for size in reversed(sizes):  # largest first: smaller captures reuse its pool blocks
+        for size in sizes:
             self._graphs[size] = self._capture(module, size)
         _log.debug("captured %s defense graphs for buckets %s", self.mode, sizes)
 

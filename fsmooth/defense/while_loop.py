@@ -13,6 +13,12 @@ Two implementations, picked by feature detection:
 
 Either way ``pred`` is a 0-dim bool CUDA tensor the iteration writes
 (``active count > threshold``); the caller computes its initial value.
+
+**Trip cap.** ``max_trips`` (a 0-dim int64 device tensor, read at every trip)
+bounds the iterations of one launch on the device itself, so a predicate that
+never turns false (a bug, a NaN) ends the launch instead of hanging the GPU.
+The extension counts trips in its condition kernels, outside the captured
+body; the native path counts them in captured ops after the body.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ import functools
 
 import torch
 
-from .._ext import load_extension
+from .._ext import abi_reason
 
 __all__ = ["native_while_available", "extension_while_reason", "while_loop_unavailable_reason",
            "capture_while_loop"]
@@ -36,11 +42,9 @@ def native_while_available() -> bool:
 @functools.lru_cache(maxsize=None)
 def extension_while_reason() -> str | None:
     """``None`` when the ``fsmooth._C`` while-loop builder can run here, else why not."""
-    module, reason = load_extension()
-    if module is None:
+    reason = abi_reason()
+    if reason is not None:
         return reason
-    if not hasattr(torch.ops.fsmooth, "while_loop_supported"):
-        return "fsmooth._C was built without the while-loop op; rebuild it"
     if not torch.cuda.is_available():
         return "CUDA is not available"
     supported, why = _extension_support()
@@ -76,15 +80,20 @@ def while_loop_unavailable_reason(device: torch.device) -> str | None:
 
 
 class _NativeWhileGraph:
-    """torch's own conditional-node capture."""
+    """torch's own conditional-node capture; the trip cap is captured after the body."""
 
-    def __init__(self, body_fn, initial_pred_fn, pred: torch.Tensor, pool):
+    def __init__(self, body_fn, initial_pred_fn, pred: torch.Tensor, max_trips: torch.Tensor, pool):
+        self.trips = torch.zeros((), dtype=torch.int64, device=pred.device)  # outside the pool: never reused
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             initial_pred_fn()
+            self.trips.zero_()
+            pred.logical_and_(max_trips > 0)
             self.graph.begin_capture_to_while_node(pred)
             try:
                 body_fn()
+                self.trips.add_(1)
+                pred.logical_and_(self.trips < max_trips)
                 self.graph.set_conditional_handle_for_current_node(pred)
             finally:
                 self.graph.end_capture_to_conditional_node()
@@ -96,38 +105,56 @@ class _NativeWhileGraph:
 class _ExtensionWhileGraph:
     """Parent graph with a WHILE node built by ``fsmooth._C`` around a kept captured body."""
 
-    def __init__(self, body_fn, pred: torch.Tensor, pool):
+    def __init__(self, body_fn, pred: torch.Tensor, max_trips: torch.Tensor, pool):
         # The body (and the pool holding its temporaries) must outlive the parent graph: keep it here.
         self.body = torch.cuda.CUDAGraph(keep_graph=True)
         with torch.cuda.graph(self.body, pool=pool):
             body_fn()
         self.pred = pred
-        self.loop = torch.classes.fsmooth.WhileLoopGraph(int(self.body.raw_cuda_graph()), pred)
+        self.loop = torch.classes.fsmooth.WhileLoopGraph(int(self.body.raw_cuda_graph()), pred, max_trips)
+
+    @property
+    def trips(self) -> torch.Tensor:
+        return self.loop.trips()
 
     def launch(self) -> None:
         self.loop.launch()
 
 
 class WhileLoop:
-    """One launch runs ``body_fn`` while ``pred`` holds; ``initial_pred_fn`` computes it first."""
+    """One launch runs ``body_fn`` while ``pred`` holds, at most ``max_trips`` times; ``initial_pred_fn``
+    computes ``pred`` first.
 
-    def __init__(self, body_fn, initial_pred_fn, pred: torch.Tensor, pool):
-        if pred.dtype != torch.bool or pred.dim() != 0 or not pred.is_cuda:
+    ``max_trips`` is a 0-dim int64 tensor on ``pred``'s device, read on the device at every trip: the
+    caller may change it between launches (without a host sync) and :attr:`trips` counts the last launch's
+    iterations.
+    """
+
+    def __init__(self, body_fn, initial_pred_fn, pred: torch.Tensor, pool, max_trips: torch.Tensor):
+        if not isinstance(pred, torch.Tensor) or pred.dtype != torch.bool or pred.dim() != 0 or not pred.is_cuda:
             raise ValueError("pred must be a 0-dim bool CUDA tensor")
+        if (not isinstance(max_trips, torch.Tensor) or max_trips.dtype != torch.int64 or max_trips.dim() != 0
+                or max_trips.device != pred.device):
+            raise ValueError(f"max_trips must be a 0-dim int64 tensor on pred's device ({pred.device})")
         self.initial_pred_fn = initial_pred_fn
         if native_while_available():
-            self.impl, self.kind = _NativeWhileGraph(body_fn, initial_pred_fn, pred, pool), "native"
+            self.impl, self.kind = _NativeWhileGraph(body_fn, initial_pred_fn, pred, max_trips, pool), "native"
         else:
             reason = extension_while_reason()
             if reason is not None:
                 raise RuntimeError(f"cannot build a CUDA graph WHILE loop: {reason}")
-            self.impl, self.kind = _ExtensionWhileGraph(body_fn, pred, pool), "extension"
+            self.impl, self.kind = _ExtensionWhileGraph(body_fn, pred, max_trips, pool), "extension"
+
+    @property
+    def trips(self) -> torch.Tensor:
+        """Iterations the last launch ran (0-dim int64 device tensor; read it after synchronizing)."""
+        return self.impl.trips
 
     def launch(self) -> None:
         if self.kind == "extension":
-            self.initial_pred_fn()  # two tiny kernels on the current stream, no host sync
+            self.initial_pred_fn()  # a few tiny kernels on the current stream, no host sync
         self.impl.launch()
 
 
-def capture_while_loop(body_fn, initial_pred_fn, pred: torch.Tensor, pool) -> WhileLoop:
-    return WhileLoop(body_fn, initial_pred_fn, pred, pool)
+def capture_while_loop(body_fn, initial_pred_fn, pred: torch.Tensor, pool, max_trips: torch.Tensor) -> WhileLoop:
+    return WhileLoop(body_fn, initial_pred_fn, pred, pool, max_trips)
