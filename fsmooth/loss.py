@@ -1,6 +1,8 @@
 """Drop-in training loss: cross-entropy plus the feature-smoothing term of a hooked layer."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -28,6 +30,12 @@ class FeatureSmoothingLoss(nn.Module):
     call, ``last`` holds the components as detached tensors (``ce``, ``feature_loss``:
     mean L_F, ``total``) for logging. Call :meth:`close` (or use ``with``) to
     remove the hook.
+
+    Each loss call pairs with exactly one run of the hooked layer: if the layer
+    ran more than once since the last call (a monitoring forward, an augmented
+    view, a teacher sharing the layer), the call raises instead of silently
+    using the last activation. Run such extra forwards inside
+    :meth:`paused`. The activation is released as soon as a call consumes it.
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, delta: float | None = 0.02,
@@ -44,18 +52,39 @@ class FeatureSmoothingLoss(nn.Module):
         self.backend = backend
         self.last: dict[str, float] = {}
         self._features: torch.Tensor | None = None
+        self._runs = 0  # runs of the hooked layer since the last loss call
+        self._paused = False
         self._handle = module.register_forward_hook(self._capture)
 
     def _capture(self, module, inputs, output) -> None:
+        if self._paused:
+            return
+        self._runs += 1
         self._features = output
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards inside this block are not captured (evaluation, monitoring, extra views)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield self
+        finally:
+            self._paused = previous
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if self._handle is None:
             raise RuntimeError("FeatureSmoothingLoss was closed; its hook is removed")
-        features, self._features = self._features, None
+        # Consume (and release) the activation whatever happens next.
+        features, runs = self._features, self._runs
+        self._features, self._runs = None, 0
         if features is None:
             raise RuntimeError(
                 f"layer {self.layer!r} did not run since the last call: call the model before the loss")
+        if runs > 1:
+            raise RuntimeError(
+                f"layer {self.layer!r} ran {runs} times since the last loss call, so it is ambiguous which "
+                "activation belongs to these logits; run extra forwards (monitoring, augmented views, teachers) "
+                "inside `with criterion.paused():`")
         if features.shape[0] != logits.shape[0]:
             raise ValueError(f"logits has batch {logits.shape[0]} but the hooked features have {features.shape[0]}")
         ce = F.cross_entropy(logits, target)
@@ -70,7 +99,7 @@ class FeatureSmoothingLoss(nn.Module):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._features = None
+        self._features, self._runs = None, 0
 
     def __enter__(self) -> "FeatureSmoothingLoss":
         return self

@@ -1,4 +1,6 @@
 """FeatureSmoothingLoss: the formula, the delta branch, hooks and a real training step."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -110,3 +112,88 @@ def test_works_through_data_parallel_wrapper():
     with FeatureSmoothingLoss(wrapped) as criterion:
         total = criterion(wrapped(torch.rand(2, 3, 32, 32)), torch.tensor([0, 1]))
     assert torch.isfinite(total)
+
+
+def _feature_term_reference(model, x, delta, weight):
+    """``weight * mean_i max(L_F_i, delta)`` by plain float64 autograd: an independent transcription."""
+    f = prefix(model, "block1")(x).flatten(1)
+    lf = (f - f.mean(1, keepdim=True)).abs().mean(1)
+    return weight * lf.clamp_min(delta).mean()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_feature_term_parameter_gradient_matches_autograd_of_the_reference(backend, interpret_triton):
+    """The loss's feature term moves the weights exactly as autograd of the formula does (sign included)."""
+    model = tiny_wrn(3).eval()
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    model = model.to(dtype)
+    reference_model = copy.deepcopy(model).double()
+    torch.manual_seed(4)
+    x, y = torch.rand(6, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (6,))
+    with torch.no_grad():
+        lf = feature_loss_reference(prefix(reference_model, "block1")(x))
+    delta = float(lf.median())  # some samples clamp (no feature gradient), some do not
+    weight = 0.7
+    params = list(model.parameters())
+    with FeatureSmoothingLoss(model, delta=delta, weight=weight, backend=backend) as criterion:
+        logits = model(x.to(dtype))
+        total = criterion(logits, y)
+    ce = F.cross_entropy(logits, y)
+    g_total = torch.autograd.grad(total, params, retain_graph=True)
+    g_ce = torch.autograd.grad(ce, params)
+    ref = _feature_term_reference(reference_model, x, delta, weight)
+    g_ref = torch.autograd.grad(ref, list(reference_model.parameters()), allow_unused=True)
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    checked = 0
+    for (name, _), a, b, r in zip(model.named_parameters(), g_total, g_ce, g_ref):
+        feature_part = (a - b).double()
+        if r is None or not r.abs().sum():  # after block1: the feature term does not reach it
+            assert feature_part.abs().max() < tol, name
+            continue
+        assert ((feature_part - r).norm() / r.norm()).item() < tol, name
+        checked += 1
+    assert checked >= 3  # conv1 and block1's convolutions get a real feature gradient
+
+
+def test_a_second_forward_before_the_loss_is_an_error_not_a_silent_switch():
+    model = tiny_wrn().eval()
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    other = torch.rand(4, 3, 8, 8)
+    with FeatureSmoothingLoss(model, delta=0.0) as criterion:
+        logits = model(x)
+        with torch.no_grad():
+            model(other)  # e.g. a monitoring forward on another batch
+        with pytest.raises(RuntimeError, match="ran 2 times since the last loss call"):
+            criterion(logits, y)
+        # The stored activation was released: the next pair works.
+        logits = model(x)
+        expected = criterion(logits, y)
+        # Extra forwards inside paused() are not captured, and the loss keeps its own activation.
+        logits = model(x)
+        with criterion.paused(), torch.no_grad():
+            model(other)
+        paused_total = criterion(logits, y)
+    assert torch.equal(paused_total, expected)
+    assert paused_total.requires_grad
+    lf = feature_loss_reference(prefix(model, "block1")(x)).mean()
+    assert torch.allclose(criterion.last["feature_loss"], lf, rtol=1e-6)
+
+
+def test_the_activation_is_released_after_the_loss_call():
+    import gc
+    import weakref
+
+    model = tiny_wrn().eval()
+    seen = []
+    handle = model.block1.register_forward_hook(lambda m, i, o: seen.append(weakref.ref(o)))
+    with FeatureSmoothingLoss(model) as criterion, torch.no_grad():
+        logits = model(torch.rand(2, 3, 8, 8))
+        criterion(logits, torch.tensor([0, 1]))
+        del logits
+        gc.collect()
+        assert seen[-1]() is None
+        with criterion.paused():
+            model(torch.rand(2, 3, 8, 8))  # not captured: nothing is kept alive
+        gc.collect()
+        assert seen[-1]() is None
+    handle.remove()
