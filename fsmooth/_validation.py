@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 
@@ -40,3 +42,30 @@ def check_number(value, name: str, *, min_value: float | None = None, positive: 
         raise ValueError(f"{name} must be > 0, got {value}")
     if min_value is not None and value < min_value:
         raise ValueError(f"{name} must be >= {min_value}, got {value}")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` if it is malformed or absent here."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must name a torch device such as 'cpu' or 'cuda:0', got {device!r}") from exc
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{name} is {str(parsed)!r} but CUDA is not available on this machine")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"{name} is {str(parsed)!r} but this machine has {torch.cuda.device_count()} GPU(s)")
+    return parsed
+
+
+def check_out_dir(path, name: str) -> Path:
+    """``path`` as a ``Path`` once it is known that it is, or can become, a folder (no file in the way)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path, got {type(path).__name__}")
+    path = Path(path).expanduser()
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                raise ValueError(f"{name} {str(path)!r} cannot be a folder: {str(candidate)!r} is a file")
+            break
+    return path

@@ -8,9 +8,12 @@ A checkpoint is a folder::
                         containers only, read back with ``torch.load(weights_only=True)``
 
 A training run keeps its checkpoints under ``<run>/checkpoints/epoch-NNNN/``: each is
-written to a temporary folder and renamed into place, then ``<run>/checkpoints/latest``
-is replaced atomically, so a run killed at any instant leaves the previous
-checkpoint intact. Nothing here unpickles arbitrary objects.
+written to a temporary folder, its files and the folder are fsynced, it is renamed into
+place, then ``<run>/checkpoints/latest`` is replaced atomically, so a run killed at any
+instant (or a power loss) leaves the previous checkpoint intact, and the pointer never
+names data that is not on disk. :func:`load_run_checkpoint` falls back to the previous
+complete checkpoint when the latest one cannot be read. Nothing here unpickles arbitrary
+objects.
 """
 from __future__ import annotations
 
@@ -19,13 +22,15 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 __all__ = ["save_checkpoint", "load_model", "load_meta", "load_training_state", "resolve_checkpoint",
-           "write_json_atomic", "save_run_checkpoint", "latest_checkpoint", "update_meta", "model_from_meta"]
+           "write_json_atomic", "write_text_atomic", "append_line", "save_run_checkpoint", "latest_checkpoint",
+           "load_run_checkpoint", "update_meta", "model_from_meta"]
 
 _log = logging.getLogger(__name__)
 FORMAT = "fsmooth-checkpoint/1"
@@ -50,21 +55,68 @@ def _public(path, mode: int) -> None:
     os.chmod(path, mode & ~_umask())
 
 
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON to a temporary file beside ``path``, then rename it over ``path``."""
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush ``path``'s data to disk (files written by libraries that do not fsync themselves)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make the entries (renames, new files) of folder ``path`` durable; a no-op where folders cannot be fsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     _public(tmp, 0o666)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json_atomic(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as JSON atomically (see :func:`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` with one ``write`` call, then fsync.
+
+    A crash can only leave the new line torn at the very end of the file (readers skip it);
+    earlier lines are never touched.
+    """
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):  # a short write (disk full): finish it rather than leave half a line
+            view = memoryview(data)[written:]
+            while view:
+                view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -98,6 +150,7 @@ def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *
     _public(tmp, 0o777)
     try:
         save_file(_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        fsync_file(tmp / WEIGHTS)
         if optimizer is not None or scheduler is not None or extra_state:
             state = dict(extra_state or {})
             if optimizer is not None:
@@ -105,7 +158,8 @@ def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *
             if scheduler is not None:
                 state["scheduler"] = scheduler.state_dict()
             torch.save(state, tmp / STATE)
-        write_json_atomic(tmp / META, meta)
+            fsync_file(tmp / STATE)
+        write_json_atomic(tmp / META, meta)  # fsyncs the file and the temporary folder's entries
         if path_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.old.", dir=path_dir.parent))
             os.replace(path_dir, old / "x")
@@ -113,6 +167,7 @@ def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path_dir)
+        fsync_dir(path_dir.parent)  # the rename is durable before anything (a pointer) names the folder
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -132,6 +187,75 @@ def save_run_checkpoint(run_dir: str | os.PathLike, epoch: int, model: nn.Module
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return path
+
+
+def _epoch_folders(root: Path) -> list[Path]:
+    """``epoch-NNNN`` folders under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        number = path.name[len("epoch-"):]
+        if path.is_dir() and path.name.startswith("epoch-") and number.isdigit():
+            found.append((int(number), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def _read_run_checkpoint(path: Path) -> tuple[dict, dict, dict]:
+    """``(weights, training state, meta)`` of one run checkpoint; raises if any part is missing or unreadable."""
+    from safetensors.torch import load_file
+    meta = json.loads((path / META).read_text(encoding="utf-8"))
+    if not isinstance(meta, dict):
+        raise ValueError(f"{META} holds a {type(meta).__name__}, not an object")
+    weights = load_file(str(path / WEIGHTS))
+    state = torch.load(path / STATE, map_location="cpu", weights_only=True)
+    missing = [key for key in ("epoch", "optimizer", "scheduler", "rng") if not isinstance(state, dict)
+               or key not in state]
+    if missing:
+        raise ValueError(f"{STATE} lacks {missing}")
+    if meta.get("epoch") is not None and meta["epoch"] != state["epoch"]:
+        raise ValueError(f"{META} says epoch {meta['epoch']} but {STATE} epoch {state['epoch']}")
+    return weights, state, meta
+
+
+def load_run_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict, dict, dict] | None:
+    """``(folder, weights, training state, meta)`` of a run's newest complete checkpoint; ``None`` if it has none.
+
+    Tries the checkpoint ``<run>/checkpoints/latest`` names, then the older ones,
+    newest first (all of them when the pointer itself is unreadable). Each one
+    that cannot be read completely (a zero-byte or truncated file, torn JSON) is
+    skipped with a :class:`RuntimeWarning` naming it. Raises ``ValueError`` when
+    checkpoints exist but none is readable.
+    """
+    root = Path(run_dir) / "checkpoints"
+    folders = _epoch_folders(root)
+    pointer = root / "latest"
+    if pointer.is_file():
+        try:
+            named = json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
+            epoch = int(named[len("epoch-"):])
+        except (ValueError, KeyError, TypeError) as exc:
+            warnings.warn(f"checkpoint pointer {str(pointer)!r} is unreadable ({exc}); trying every checkpoint "
+                          "of the run, newest first", RuntimeWarning, stacklevel=2)
+        else:
+            # Folders newer than the pointer were renamed into place but never made current.
+            folders = [p for p in folders if int(p.name[len("epoch-"):]) <= epoch]
+            if not folders or folders[0].name != named:
+                warnings.warn(f"checkpoint pointer {str(pointer)!r} names {named!r}, which is missing",
+                              RuntimeWarning, stacklevel=2)
+    elif not folders:
+        return None
+    failures = []
+    for path in folders:
+        try:
+            weights, state, meta = _read_run_checkpoint(path)
+        except Exception as exc:  # any damage means: not this one
+            failures.append(f"{path.name}: {type(exc).__name__}: {exc}")
+            warnings.warn(f"checkpoint {str(path)!r} is unreadable ({type(exc).__name__}: {exc}); "
+                          "falling back to the previous one", RuntimeWarning, stacklevel=2)
+            continue
+        return path, weights, state, meta
+    raise ValueError(f"no readable checkpoint in {str(root)!r}: " + ("; ".join(failures) or "none left"))
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
@@ -178,9 +302,12 @@ def load_meta(path: str | os.PathLike) -> dict:
     """The metadata dict of a checkpoint (any form :func:`resolve_checkpoint` accepts)."""
     _, meta = resolve_checkpoint(path)
     try:
-        return json.loads(meta.read_text(encoding="utf-8"))
+        value = json.loads(meta.read_text(encoding="utf-8"))
     except ValueError as exc:
         raise ValueError(f"corrupt checkpoint metadata {str(meta)!r}: {exc}") from exc
+    if not isinstance(value, dict):
+        raise ValueError(f"checkpoint metadata {str(meta)!r} must hold a JSON object, got a {type(value).__name__}")
+    return value
 
 
 def update_meta(path: str | os.PathLike, **changes) -> dict:
@@ -202,6 +329,11 @@ def model_from_meta(meta: dict) -> nn.Module:
     unknown = set(config) - allowed
     if unknown:
         raise ValueError(f"checkpoint model_config has unknown keys {sorted(unknown)}")
+    for key, value in config.items():
+        kinds = (int, float) if key == "dropout" else (int,)
+        if isinstance(value, bool) or not isinstance(value, kinds):
+            kind = "a number" if key == "dropout" else "an integer"
+            raise ValueError(f"checkpoint model_config {key!r} must be {kind}, got {value!r}")
     return WideResNet(**config)
 
 

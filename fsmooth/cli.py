@@ -63,7 +63,10 @@ def _add_train(sub):
     p.add_argument("--limit-test", type=_positive_int, default=None, help="evaluate on a fixed subset")
     p.add_argument("--max-epochs-this-run", type=_positive_int, default=None,
                    help="stop after this many epochs (continue later with --resume)")
-    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the run folder's latest checkpoint (with the same hyperparameters)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in --out (log and checkpoints) and start over")
     p.add_argument("--quiet", action="store_true", help="no progress bars or per-epoch lines")
     p.set_defaults(func=_run_train)
 
@@ -75,7 +78,7 @@ def _run_train(args) -> int:
                    weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, delta=args.delta,
                    layer=args.layer, seed=args.seed, device=args.device, amp=args.amp, compile=args.compile,
                    limit_train=args.limit_train, limit_test=args.limit_test, resume=args.resume,
-                   max_epochs_this_run=args.max_epochs_this_run, quiet=args.quiet,
+                   overwrite=args.overwrite, max_epochs_this_run=args.max_epochs_this_run, quiet=args.quiet,
                    command="fsmooth " + shlex.join(args.argv))
     if result.history and not args.quiet and _is_rank0():
         last = result.history[-1]
@@ -231,7 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         import importlib  # issue 5 owns the subcommand: it runs via run(args)
         func = importlib.import_module("fsmooth.evaluation.cli").run
     try:
+        if getattr(args, "device", None) is not None:  # before any work: a missing GPU is a usage error
+            from ._validation import check_device
+            check_device(args.device, "--device")
         return int(func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:  # bad input or an unusable path: one line, not a traceback
         print(f"fsmooth {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -4,9 +4,14 @@
 schedule with linear warm-up and weight decay 5e-4; bf16 autocast and
 channels_last on CUDA; optional ``torch.compile``. It writes, under ``out_dir``:
 
-* ``log.jsonl``: one line per epoch (train/test accuracy, train/test feature loss, lr, seconds, ...);
+* ``log.jsonl``: one line per epoch (train/test accuracy, train/test feature loss, lr, seconds, ...),
+  each appended with one fsynced write;
 * ``checkpoints/epoch-NNNN/``: weights + metadata + optimizer/scheduler/RNG state every epoch
   (see :mod:`fsmooth.checkpoint`); ``resume=True`` continues exactly where a killed run stopped.
+
+A folder that already holds a run is never silently reused: ``resume=True`` continues it
+(with the same hyperparameters, or it refuses and lists what differs), ``overwrite=True``
+deletes it and starts over, and anything else is an error.
 
 The same call runs under ``torchrun``: it joins the process group from the
 environment (NCCL on CUDA, gloo on CPU), wraps the model in
@@ -15,13 +20,16 @@ DistributedDataParallel, shards every epoch's permutation across ranks
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,17 +38,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_training_state, save_run_checkpoint
+from ._validation import check_device, check_out_dir
+from .checkpoint import append_line, latest_checkpoint, load_run_checkpoint, save_run_checkpoint, write_text_atomic
 from .data import DeviceLoader, load_dataset
 from .functional import feature_loss
 from .loss import FeatureSmoothingLoss
 from .models import build
-from .models.prefix import layer_module
+from .models.prefix import layer_module, resolve_layer
 
 __all__ = ["train", "TrainResult", "cosine_with_warmup", "evaluate_split"]
 
 _log = logging.getLogger(__name__)
 LOG_NAME = "log.jsonl"
+CHECKPOINTS = "checkpoints"
 
 
 @dataclass
@@ -147,13 +157,16 @@ def train(out_dir: str | os.PathLike, *, arch: str = "wrn-16-4", data=None, data
           layer: str | None = None, seed: int = 0, device=None, amp: str = "auto",
           channels_last: bool | None = None, compile: bool = False, eval_batch_size: int = 512,
           limit_train: int | None = None, limit_test: int | None = None, resume: bool = False,
-          max_epochs_this_run: int | None = None, quiet: bool = False, train_data=None, test_data=None,
-          command: str | None = None) -> TrainResult:
+          overwrite: bool = False, max_epochs_this_run: int | None = None, quiet: bool = False, train_data=None,
+          test_data=None, command: str | None = None) -> TrainResult:
     """Train ``arch`` with the feature-smoothing loss; see the module docstring for outputs.
 
     Args:
-        out_dir: run folder (log, checkpoints). With ``resume=True`` the latest
-            checkpoint there is restored (weights, optimizer, scheduler, RNG, epoch).
+        out_dir: run folder (log, checkpoints). With ``resume=True`` the latest readable
+            checkpoint there is restored (weights, optimizer, scheduler, RNG, epoch); every
+            hyperparameter that shapes the schedule, optimizer, loss or data must equal the recorded one.
+        overwrite: delete the run already in ``out_dir`` (its log and checkpoints) and start over;
+            without it (or ``resume``), a folder holding a run is refused.
         data: data source for :func:`fsmooth.data.load_dataset` (``None``: ``$FSMOOTH_DATA``),
             unless ``train_data``/``test_data`` (``(uint8 images, labels)``) are given.
         delta: training threshold of ``max(L_F, delta)``; ``None`` trains with plain CE.
@@ -176,23 +189,46 @@ def train(out_dir: str | os.PathLike, *, arch: str = "wrn-16-4", data=None, data
 
 def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, weight_decay, warmup_epochs,
            delta, layer, seed, device, amp, channels_last, compile, eval_batch_size, limit_train, limit_test,
-           resume, max_epochs_this_run, quiet, train_data, test_data, command, rank, world, local_rank):
+           resume, overwrite, max_epochs_this_run, quiet, train_data, test_data, command, rank, world, local_rank):
     from tqdm.auto import tqdm
+    # Every argument is checked, and the run folder claimed, before any data is read.
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
     if amp not in ("auto", "bf16", "off"):
         raise ValueError(f"amp must be 'auto', 'bf16' or 'off', got {amp!r}")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other: resume continues the run in out_dir, "
+                         "overwrite deletes it")
+    num_classes = {"cifar10": 10, "cifar100": 100}.get(dataset)
+    if num_classes is None:
+        raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
+    run_dir = check_out_dir(out_dir, "out_dir")
     if device is None:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
+    device = check_device(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     use_amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_amp else None
     channels_last = device.type == "cuda" if channels_last is None else channels_last
-    run_dir = Path(out_dir)
+    _claim_run_dir(run_dir, resume=resume, overwrite=overwrite, rank=rank)
+
+    torch.manual_seed(seed)  # identical initial weights on every rank
+    model = build(arch, num_classes=num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    layer = resolve_layer(model, layer)
+    # What shapes the schedule, optimizer, loss and data. A resumed run restores the LR schedule and the
+    # optimizer state from its checkpoint, so a changed value would be recorded but not run: it is refused.
+    settings = {"arch": arch, "dataset": dataset, "layer": layer, "delta": delta, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                "warmup_epochs": warmup_epochs, "seed": seed, "amp": "bf16" if use_amp else "off",
+                "limit_train": limit_train, "limit_test": limit_test}
+    restored = load_run_checkpoint(run_dir) if resume else None
+    if restored is not None:
+        _check_resume_settings(restored[0], restored[3], settings)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -203,9 +239,9 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
         test_data = load_dataset(data, "test", dataset)
     train_images, train_labels = _subset(*train_data, limit_train)
     test_images, test_labels = _subset(*test_data, limit_test)
-    num_classes = {"cifar10": 10, "cifar100": 100}.get(dataset)
-    if num_classes is None:
-        raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
+    if restored is not None:
+        _check_resume_settings(restored[0], restored[3], {"n_train": int(train_images.shape[0]),
+                                                          "n_test": int(test_images.shape[0])})
     train_loader = DeviceLoader(train_images, train_labels, batch_size // world, shuffle=True, train_augment=True,
                                 drop_last=True, device=device, seed=seed, rank=rank, world_size=world,
                                 channels_last=channels_last)
@@ -214,11 +250,6 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
     if len(train_loader) == 0:
         raise ValueError(f"{train_images.shape[0]} training images make no batch of {batch_size}")
 
-    torch.manual_seed(seed)  # identical initial weights on every rank
-    model = build(arch, num_classes=num_classes).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    layer = layer or model.default_layer
     torch.manual_seed(seed + 7 * rank)
     decay, no_decay = [], []
     for name, param in model.named_parameters():
@@ -232,13 +263,13 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
 
     history: list[dict] = []
     start_epoch = 0
-    if resume:
-        latest = latest_checkpoint(run_dir)
-        if latest is not None:
-            start_epoch, history = _restore(latest, model, optimizer, scheduler, device, rank, run_dir)
-            _log.info("resumed from %s at epoch %d", latest, start_epoch)
-    elif rank == 0 and (run_dir / LOG_NAME).exists():
-        (run_dir / LOG_NAME).unlink()  # a fresh run starts a fresh log
+    checkpoint = restored[0] if restored is not None else None
+    if restored is not None:
+        start_epoch, history = _restore(restored, model, optimizer, scheduler, device, rank, run_dir)
+        restored = None  # the loaded tensors are in the model and optimizer now
+        _log.info("resumed from %s at epoch %d", checkpoint, start_epoch)
+    elif resume and rank == 0:
+        _rewrite_log(run_dir, [])  # lines of a first epoch that never reached its checkpoint
 
     net = model
     if world > 1:
@@ -252,15 +283,11 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
         criterion, probe = None, _FeatureProbe(layer_module(model, layer))
 
     meta_base = {
-        "arch": arch, "dataset": dataset, "data": str(data) if data is not None else os.environ.get("FSMOOTH_DATA"),
-        "layer": layer, "delta": delta, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-        "momentum": momentum, "nesterov": True, "weight_decay": weight_decay, "warmup_epochs": warmup_epochs,
-        "seed": seed, "device": device.type, "world_size": world, "amp": "bf16" if use_amp else "off",
-        "limit_train": limit_train, "limit_test": limit_test, "n_train": int(train_images.shape[0]),
+        **settings, "data": str(data) if data is not None else os.environ.get("FSMOOTH_DATA"),
+        "nesterov": True, "device": device.type, "world_size": world, "n_train": int(train_images.shape[0]),
         "n_test": int(test_images.shape[0]), "torch": torch.__version__,
         "command": command if command is not None else " ".join(sys.argv),
     }
-    checkpoint = latest_checkpoint(run_dir) if resume else None
     stop = epochs if max_epochs_this_run is None else min(epochs, start_epoch + max_epochs_this_run)
     for epoch in range(start_epoch, stop):
         train_loader.set_epoch(epoch)
@@ -296,7 +323,9 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
         train_seconds = time.perf_counter() - start
         total, correct, lf_sum, count = _reduce(sums.tolist(), device)
         eval_start = time.perf_counter()
-        test = evaluate_split(model, test_loader, layer, autocast_dtype=autocast_dtype)
+        # The test forwards run the hooked layer too: they must not be taken for a training step's.
+        with criterion.paused() if criterion is not None else contextlib.nullcontext():
+            test = evaluate_split(model, test_loader, layer, autocast_dtype=autocast_dtype)
         record = {
             "epoch": epoch + 1, "lr": last_lr,
             "train_loss": total / count, "train_acc": correct / count, "train_feature_loss": lf_sum / count,
@@ -312,8 +341,7 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
             dist.all_gather_object(gathered, rng)
             rng = {"ranks": gathered}
         if rank == 0:
-            with open(run_dir / LOG_NAME, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_line(run_dir / LOG_NAME, json.dumps(record))
             meta = dict(meta_base, epoch=epoch + 1, metrics=record)
             checkpoint = save_run_checkpoint(run_dir, epoch + 1, model, meta, optimizer=optimizer,
                                              scheduler=scheduler, extra_state={"epoch": epoch + 1, "rng": rng})
@@ -335,10 +363,64 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
                        finished=len(history) >= epochs)
 
 
-def _restore(path: Path, model, optimizer, scheduler, device, rank: int, run_dir: Path):
-    from safetensors.torch import load_file
-    state = load_training_state(path)
-    weights = load_file(str(path / "model.safetensors"))
+def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, rank: int) -> None:
+    """Refuse to start a fresh run over an existing one unless ``overwrite`` (which then deletes it)."""
+    existing = [p for p in (run_dir / LOG_NAME, run_dir / CHECKPOINTS) if p.exists()]
+    if resume or not existing:
+        return
+    names = " and ".join(p.name for p in existing)
+    if not overwrite:
+        raise ValueError(f"{str(run_dir)!r} already holds a run ({names}): continue it with resume=True "
+                         "(--resume), or delete it and start over with overwrite=True (--overwrite)")
+    if rank == 0:
+        _log.warning("overwrite: deleting %s in %s", names, run_dir)
+        for path in existing:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+
+def _check_resume_settings(checkpoint: Path, meta: dict, current: dict) -> None:
+    """``ValueError`` listing every recorded setting that ``current`` changes (``old -> new``)."""
+    changed = [f"{key} {meta[key]!r} -> {value!r}" for key, value in current.items()
+               if key in meta and meta[key] != value]
+    if changed:
+        raise ValueError(f"cannot resume from {str(checkpoint)!r} with other settings than it was trained with "
+                         f"({'; '.join(changed)}): resume with the recorded values, or start a new run in another "
+                         "folder")
+
+
+def _read_log(log: Path, last_epoch: int) -> list[dict]:
+    """The records of epochs ``<= last_epoch``; a torn or corrupt line is skipped with a warning."""
+    if not log.exists():
+        return []
+    history = []
+    for number, line in enumerate(log.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            epoch = record["epoch"]
+            if isinstance(epoch, bool) or not isinstance(epoch, int):
+                raise TypeError(f"epoch is {epoch!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            warnings.warn(f"skipping unreadable line {number} of {str(log)!r} ({type(exc).__name__}: {exc})",
+                          RuntimeWarning, stacklevel=3)
+            continue
+        if epoch <= last_epoch:  # epochs logged after the checkpoint are rerun
+            history.append(record)
+    return history
+
+
+def _rewrite_log(run_dir: Path, history: list[dict]) -> None:
+    log = run_dir / LOG_NAME
+    if log.exists():
+        write_text_atomic(log, "".join(json.dumps(h) + "\n" for h in history))
+
+
+def _restore(restored, model, optimizer, scheduler, device, rank: int, run_dir: Path):
+    _, weights, state, _ = restored
     model.load_state_dict({k: v.to(device) for k, v in weights.items()})
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
@@ -347,14 +429,10 @@ def _restore(path: Path, model, optimizer, scheduler, device, rank: int, run_dir
     if "ranks" in rng:
         rng = rng["ranks"][rank] if rank < len(rng["ranks"]) else rng["ranks"][0]
     _set_rng_state(rng, device)
-    history = []
-    log = run_dir / LOG_NAME
-    if log.exists():
-        history = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-        history = [h for h in history if h["epoch"] <= epoch]  # drop epochs logged after the last checkpoint
-        if rank == 0:
-            tmp = log.with_name(LOG_NAME + ".tmp")
-            tmp.write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
-            os.replace(tmp, log)
+    history = _read_log(run_dir / LOG_NAME, epoch)
+    if [h["epoch"] for h in history] != list(range(1, epoch + 1)):
+        _log.warning("the log of %s does not hold one line for each of the %d checkpointed epochs", run_dir, epoch)
+    if rank == 0:
+        _rewrite_log(run_dir, history)
     return epoch, history
 

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from fsmooth.cli import main
 
@@ -120,3 +121,76 @@ def test_eval_is_registered_or_explained(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fsmooth.evaluation.cli", None)  # as if issue 5 were not installed
     assert main(["eval"]) == 2
     assert "fsmooth.evaluation.cli" in capsys.readouterr().err
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("fsmooth "), err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_train_refuses_to_replace_or_mix_runs(trained, capsys):
+    data, run = trained
+    log = (run / "log.jsonl").read_bytes()
+    common = ["train", "--out", str(run), "--data", str(data), "--arch", "wrn-10-1", "--epochs", "1",
+              "--batch-size", "8", "--quiet"]
+    assert main(common) == 2
+    _one_line_error(capsys, "already holds a run", "--resume", "--overwrite")
+    assert main(common + ["--resume", "--lr", "0.2", "--batch-size", "4"]) == 2
+    _one_line_error(capsys, "batch_size 8 -> 4", "lr 0.1 -> 0.2")
+    assert (run / "log.jsonl").read_bytes() == log
+    assert main(common + ["--resume"]) == 0  # the recorded settings resume (here: nothing left to do)
+    assert (run / "log.jsonl").read_bytes() == log
+
+
+@pytest.mark.parametrize("meta, needle", [
+    ([1, 2], "must hold a JSON object, got a list"),
+    ("wrn-10-1", "must hold a JSON object, got a str"),
+    ({"model_config": {"depth": "16", "width": 1, "num_classes": 10}}, "'depth' must be an integer, got '16'"),
+])
+def test_wrong_typed_metadata_is_a_one_line_error(tmp_path, capsys, meta, needle):
+    from PIL import Image
+    from fsmooth.checkpoint import save_checkpoint
+    from fsmooth.models import WideResNet
+    save_checkpoint(tmp_path / "ck", WideResNet(10, 1), {"arch": "wrn-10-1"})
+    (tmp_path / "ck" / "meta.json").write_text(json.dumps(meta))
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "x.png")
+    assert main(["defend", str(tmp_path / "x.png"), "--model", str(tmp_path / "ck")]) == 2
+    _one_line_error(capsys, needle)
+
+
+def test_unusable_out_and_device_are_one_line_errors(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["train", "--out", str(blocker / "run"), "--data", str(tmp_path), "--arch", "wrn-10-1"]) == 2
+    _one_line_error(capsys, "is a file", str(blocker))
+    assert not (blocker.parent / "cache").exists()
+    if not torch.cuda.is_available():
+        assert main(["train", "--out", str(tmp_path / "run"), "--device", "cuda", "--arch", "wrn-10-1"]) == 2
+        _one_line_error(capsys, "--device", "CUDA is not available")
+        assert not (tmp_path / "run").exists()
+    assert main(["eval", "--checkpoint", str(tmp_path / "missing"), "--out", str(blocker / "eval")]) == 2
+    _one_line_error(capsys, "--out", "is a file")  # checked before the (missing) checkpoint is opened
+
+
+@pytest.mark.parametrize("flag, value", [("--pgd-steps", "-1"), ("--rescore-runs", "-2"), ("--apgd-iter", "0"),
+                                         ("--n", "0"), ("--outer-loops", "0"), ("--chunk-size", "-5"),
+                                         ("--lambdas", "-1"), ("--sweep-eps", "0")])
+def test_eval_options_are_validated_before_any_work(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as info:  # argparse: usage error, nothing loaded or run
+        main(["eval", "--checkpoint", str(tmp_path / "missing"), "--budget", "tiny", flag, value])
+    assert info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_budget_rejects_impossible_values():
+    from fsmooth.evaluation import Budget
+    with pytest.raises(ValueError, match="pgd_steps"):
+        Budget(pgd_steps=-1)
+    with pytest.raises(ValueError, match="rescore_runs"):
+        Budget().replace(rescore_runs=-2)
+    with pytest.raises(ValueError, match="eps_sweep"):
+        Budget(eps_sweep=(8.0,))  # 1/255 units where [0, 1] units are expected
+    assert Budget(rescore_runs=0).rescore_runs == 0

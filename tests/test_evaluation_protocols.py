@@ -1,5 +1,4 @@
 """End to end: every protocol runs on a tiny defended model; reports, resume, CLI and figures."""
-import argparse
 import json
 
 import pytest
@@ -137,6 +136,66 @@ def test_resume_after_interruption_gives_the_same_result(setup, tmp_path):
         evaluate(model, x, y, out=tmp_path / "resumed", **{**kwargs, "seed": 8})
 
 
+def _strip(report):
+    return [(r["run_id"], r["correct"], r["seeds"]) for r in report["runs"]]
+
+
+def _same_outputs(a_dir, b_dir):
+    a = load_file(str(a_dir / "per_image.safetensors"))
+    b = load_file(str(b_dir / "per_image.safetensors"))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+RESUME_KWARGS = dict(protocol="eot", eps=EPS, outer_loops=(1,), defense=TINY_DEFENSE, budget=tiny_budget(),
+                     chunk_size=4, batch_size=2, quiet=True, defended_factory=tiny_factory)
+
+
+def test_no_resume_clears_the_state_so_a_later_resume_never_mixes_runs(setup, tmp_path):
+    model, x, y = setup
+    reference = evaluate(model, x, y, out=tmp_path / "straight", seed=1, **RESUME_KWARGS)
+    out = tmp_path / "mixed"
+    evaluate(model, x, y, out=out, seed=0, **RESUME_KWARGS)          # a complete seed-0 evaluation
+    killed = Interrupting(limit=60)
+    killed.load_state_dict(model.state_dict())
+    killed.eval()
+    with pytest.raises(SimulatedKill):                                  # seed 1 from scratch, killed early
+        evaluate(killed, x, y, out=out, seed=1, resume=False, **RESUME_KWARGS)
+    assert any((out / "state").rglob("chunk*.json"))                  # it got some chunks done
+    assert not (out / "state" / "defended_ol1_eps8_eot-pgd-dlr-targeted").exists()  # seed 0's chunks are gone
+    resumed = evaluate(model, x, y, out=out, seed=1, **RESUME_KWARGS)
+    assert resumed["info"]["seed"] == 1
+    assert _strip(resumed) == _strip(reference)                         # every chunk is seed 1's
+    assert _same_outputs(tmp_path / "straight", out)
+
+
+def test_corrupt_and_foreign_chunks_are_recomputed_with_a_warning(setup, tmp_path):
+    import shutil
+    import warnings
+
+    model, x, y = setup
+    reference = evaluate(model, x, y, out=tmp_path / "straight", seed=3, **RESUME_KWARGS)
+    out = tmp_path / "damaged"
+    shutil.copytree(tmp_path / "straight", out)
+    evaluate(model, x, y, out=tmp_path / "other", seed=4, **RESUME_KWARGS)
+    folder = out / "state" / "defended_ol1_eps8_eot-pgd-ce"
+    (folder / "chunk00000.safetensors").write_bytes(b"")                # zero-byte tensors
+    torn = folder / "chunk00001.json"
+    torn.write_text(torn.read_text()[:25])                              # torn JSON
+    for suffix in (".safetensors", ".json"):                            # a chunk of another evaluation
+        shutil.copy(tmp_path / "other" / "state" / folder.name / f"chunk00002{suffix}", folder)
+    with pytest.warns(RuntimeWarning) as record:
+        again = evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
+    messages = [str(w.message) for w in record if "recomputing chunk" in str(w.message)]
+    assert len(messages) == 3, messages
+    assert "chunk00000.safetensors" in messages[0] and "chunk00001.json" in messages[1]
+    assert "chunk00002.json" in messages[2] and "another evaluation" in messages[2]
+    assert _strip(again) == _strip(reference) and _same_outputs(tmp_path / "straight", out)
+    with warnings.catch_warnings(record=True) as later:                 # repaired: nothing left to recompute
+        warnings.simplefilter("always")
+        evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
+    assert not [w for w in later if "recomputing chunk" in str(w.message)]
+
+
 def test_bad_arguments_are_named(setup):
     model, x, y = setup
     with pytest.raises(ValueError, match="eps"):
@@ -151,39 +210,66 @@ def test_bad_arguments_are_named(setup):
         evaluate(model, x * 3, y, defended_factory=tiny_factory)
 
 
-def test_cli_eval_and_figures(setup, tmp_path, monkeypatch, capsys):
-    import fsmooth.checkpoint
-    import fsmooth.data
-    from fsmooth.evaluation import cli
+def _tiny_checkpoint_and_image_folder(root):
+    """A saved WRN-10-1 checkpoint and an ImageFolder tree of 8x8 PNGs (one per class and split)."""
+    import numpy as np
+    from PIL import Image
 
-    model, x, y = setup
-    monkeypatch.setattr(fsmooth.checkpoint, "load_model", lambda path, device=None: (model, {"dataset": "cifar10"}))
-    monkeypatch.setattr(fsmooth.data, "load_dataset",
-                        lambda source, split, dataset="cifar10": ((x * 255).round().to(torch.uint8), y))
-    parser = argparse.ArgumentParser()
-    cli.add_parser(parser.add_subparsers(dest="command"))
+    from fsmooth.checkpoint import save_checkpoint
+    from fsmooth.models import WideResNet
+
+    torch.manual_seed(0)
+    save_checkpoint(root / "ckpt", WideResNet(10, 1).eval(), {"arch": "wrn-10-1", "dataset": "cifar10",
+                                                               "layer": "block1"})
+    rng = np.random.default_rng(0)
+    files = []
+    for split in ("train", "test"):
+        for c in range(10):
+            (root / "data" / split / f"class{c}").mkdir(parents=True)
+            path = root / "data" / split / f"class{c}" / "0.png"
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(path)
+            if split == "test":
+                files.append(path)
+    return root / "ckpt", root / "data", files
+
+
+@pytest.mark.filterwarnings("ignore:.*(diverged|reached max_iters)")  # paper beta on an untrained net
+def test_cli_eval_and_figures_on_a_real_checkpoint_and_image_folder(tmp_path, monkeypatch, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from fsmooth.checkpoint import load_model
+    from fsmooth.cli import main
+
+    monkeypatch.setenv("FSMOOTH_CACHE", str(tmp_path / "cache"))
+    ckpt, data, test_files = _tiny_checkpoint_and_image_folder(tmp_path)
     out = tmp_path / "eval"
-    args = parser.parse_args(["eval", "--checkpoint", "ckpt", "--protocol", "paper,eps-sweep", "--n", "4",
-                              "--eps", "8", "--outer-loops", "1", "--out", str(out), "--budget", "tiny",
-                              "--max-iters", "2", "--sweep-eps", "4", "32"])
-    assert args.func(args) == 0
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--protocol", "paper,eps-sweep",
+                 "--n", "4", "--eps", "8", "--outer-loops", "1", "--out", str(out), "--budget", "tiny",
+                 "--max-iters", "2", "--sweep-eps", "4", "32"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert report["info"]["n"] == 4 and report["info"]["defense"]["max_iters"] == 2
-    assert report["info"]["budget"]["eps_sweep"] == [4 / 255, 32 / 255]
+    info = report["info"]
+    assert info["n"] == 4 and info["defense"]["max_iters"] == 2
+    assert info["budget"]["eps_sweep"] == [4 / 255, 32 / 255]
+    assert info["checkpoint"] == str(ckpt) and info["checkpoint_meta"]["arch"] == "wrn-10-1"
     assert "Robust accuracy" in capsys.readouterr().out
+    # The undefended clean row is the checkpoint's own prediction on the first 4 test images (class order).
+    model, _ = load_model(ckpt)
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in test_files[:4]])
+    with torch.no_grad():
+        pred = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).argmax(1)
+    clean = next(r for r in report["runs"] if r["run_id"] == "clean/undefended/ol0")
+    assert clean["correct"] == int((pred == torch.arange(4)).sum())
+    tensors = load_file(str(out / "per_image.safetensors"))
+    assert torch.equal(tensors["labels"], torch.arange(4)) and torch.equal(tensors["pred/clean/undefended/ol0"], pred)
     with pytest.raises(SystemExit):                       # a model source is required, and only one
-        parser.parse_args(["eval", "--checkpoint", "a", "--pretrained", "b"])
+        main(["eval", "--checkpoint", "a", "--pretrained", "b"])
     log = tmp_path / "log.jsonl"
     log.write_text("\n".join(json.dumps({"epoch": e, "train_acc": 0.1 * e, "feature_loss": 0.05 / (e + 1)})
                              for e in range(5)) + "\n{\"epoch\": 5, \"trunc")
     figs = tmp_path / "figs"
-    import fsmooth.models.zoo
-
-    model.pretrained_meta = {"dataset": "cifar10"}
-    monkeypatch.setattr(fsmooth.models.zoo, "pretrained", lambda name, device=None: model)
-    args = parser.parse_args(["figures", "--report", str(out), "--pretrained", "tiny", "--log", str(log),
-                              "--out", str(figs)])
-    assert args.func(args) == 0
+    assert main(["figures", "--report", str(out), "--checkpoint", str(ckpt), "--log", str(log),
+                 "--out", str(figs)]) == 0
     pngs = sorted(p.name for p in figs.glob("*.png"))
     assert {"accuracy_vs_eps.png", "feature_panels.png", "training_0.png"} <= set(pngs)
     assert any(p.startswith("iterations_") for p in pngs)

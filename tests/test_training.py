@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from fsmooth.checkpoint import load_model
+from fsmooth.checkpoint import latest_checkpoint, load_meta, load_model
 from fsmooth.data import synthetic_dataset
 from fsmooth.training import cosine_with_warmup, train
 
@@ -70,6 +70,87 @@ def test_resume_equals_uninterrupted(tmp_path):
     torch.manual_seed(999)  # the resumed run restores its own RNG state
     resumed = train(tmp_path / "part", epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
     assert_same_run(full, resumed)
+
+
+def test_resume_with_other_hyperparameters_is_refused_and_lists_them(tmp_path):
+    train_data, test_data = tiny_data(n_train=48)
+    train(tmp_path, epochs=3, max_epochs_this_run=1, train_data=train_data, test_data=test_data, **TINY)
+    log = (tmp_path / "log.jsonl").read_bytes()
+    changed = dict(TINY, lr=0.2, batch_size=8)
+    with pytest.raises(ValueError, match=r"batch_size 16 -> 8; lr 0.05 -> 0.2") as info:
+        train(tmp_path, epochs=3, resume=True, train_data=train_data, test_data=test_data, **changed)
+    assert "epoch-0001" in str(info.value)
+    with pytest.raises(ValueError, match=r"epochs 3 -> 4"):
+        train(tmp_path, epochs=4, resume=True, train_data=train_data, test_data=test_data, **TINY)
+    with pytest.raises(ValueError, match=r"n_train 48 -> 32"):  # other data: refused once it is loaded
+        train(tmp_path, epochs=3, resume=True, train_data=tiny_data(n_train=32)[0], test_data=test_data, **TINY)
+    assert (tmp_path / "log.jsonl").read_bytes() == log
+    assert latest_checkpoint(tmp_path).name == "epoch-0001"
+    # The recorded values resume (the metadata of a checkpoint written before this check existed has them all).
+    resumed = train(tmp_path, epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
+    assert resumed.finished and load_meta(tmp_path)["lr"] == 0.05
+
+
+def test_a_fresh_run_never_deletes_an_existing_one(tmp_path):
+    train_data, test_data = tiny_data(n_train=32)
+    train(tmp_path, epochs=1, train_data=train_data, test_data=test_data, **TINY)
+    log = (tmp_path / "log.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="already holds a run.*--resume.*--overwrite"):
+        train(tmp_path, epochs=1, train_data=train_data, test_data=test_data, **TINY)
+    assert (tmp_path / "log.jsonl").read_bytes() == log
+    with pytest.raises(ValueError, match="exclude each other"):
+        train(tmp_path, epochs=1, resume=True, overwrite=True, train_data=train_data, test_data=test_data, **TINY)
+    again = train(tmp_path, epochs=1, overwrite=True, seed=1, train_data=train_data, test_data=test_data, **TINY)
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1] and log[0]["train_loss"] == again.history[0]["train_loss"]
+    assert load_meta(tmp_path)["seed"] == 1
+
+
+@pytest.mark.parametrize("damage", ["zero-byte weights", "truncated state", "torn meta", "empty pointer"])
+def test_resume_falls_back_to_the_previous_complete_checkpoint(tmp_path, damage):
+    train_data, test_data = tiny_data(n_train=48)
+    full = train(tmp_path / "full", epochs=3, train_data=train_data, test_data=test_data, **TINY)
+    out = tmp_path / "part"
+    train(out, epochs=3, max_epochs_this_run=2, train_data=train_data, test_data=test_data, **TINY)
+    latest = out / "checkpoints" / "epoch-0002"
+    if damage == "zero-byte weights":
+        (latest / "model.safetensors").write_bytes(b"")
+    elif damage == "truncated state":
+        data = (latest / "state.pt").read_bytes()
+        (latest / "state.pt").write_bytes(data[: len(data) // 2])
+    elif damage == "torn meta":
+        data = (latest / "meta.json").read_bytes()
+        (latest / "meta.json").write_bytes(data[: len(data) // 2])
+    else:
+        (out / "checkpoints" / "latest").write_bytes(b"")
+    # A torn last log line too (a crash in the middle of an append).
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"epoch": 3, "train_lo')
+    with pytest.warns(RuntimeWarning) as record:
+        resumed = train(out, epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
+    messages = [str(w.message) for w in record]
+    named = "checkpoint pointer" if damage == "empty pointer" else "epoch-0002"
+    assert any(named in m for m in messages), messages
+    assert any("unreadable line 3 of" in m for m in messages), messages
+    assert_same_run(full, resumed)
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+
+
+def test_log_lines_are_appended_with_one_write_each(tmp_path, monkeypatch):
+    import fsmooth.checkpoint as checkpoint
+    writes = []
+    real_write = os.write
+
+    def record(fd, data):
+        writes.append(bytes(data))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(checkpoint.os, "write", record)
+    train_data, test_data = tiny_data(n_train=32)
+    train(tmp_path, epochs=2, train_data=train_data, test_data=test_data, **TINY)
+    lines = (tmp_path / "log.jsonl").read_bytes().splitlines(keepends=True)
+    assert len(lines) == 2 and [w for w in writes if w.startswith(b'{"epoch"')] == lines
 
 
 _KILLED_CHILD = """

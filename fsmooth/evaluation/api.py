@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import rank_and_world
+from .distributed import barrier, rank_and_world
 from .protocols import Budget, RunSpec, parse_protocols, plan
 from .report import build_report, write_outputs
 from .runner import Context, RunResult, execute
@@ -162,7 +162,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    "budget": budget.as_dict(), "defense": repr(config), "baseline_defense": repr(baseline_config),
                    "layer": layer}
     out = Path(out) if out is not None else None
-    store = ChunkStore(out / "state" if out is not None else None, fingerprint if rank == 0 else None, resume)
+    store = ChunkStore(out / "state" if out is not None else None, fingerprint, resume, owner=rank == 0)
+    barrier()  # no rank reads or writes chunks before rank 0 has checked (or, resume=False, cleared) the state
     ctx = Context(model=model, images=images, labels=labels, defense_config=config,
                   defended_factory=defended_factory or default_defended_factory, budget=budget,
                   baseline_model=baseline_model, baseline_config=baseline_config, layer=layer, seed=seed,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -20,22 +21,41 @@ __all__ = ["add_parser", "run", "run_figures"]
 _log = logging.getLogger(__name__)
 
 
+def _number_type(kind, low: float, *, strict: bool, what: str):
+    """An argparse type: ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``."""
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
+        if not math.isfinite(number) or number < low or (strict and number == low):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
+        return number
+    return parse
+
+
+_positive_int = _number_type(int, 1, strict=False, what="an integer >= 1")
+_count = _number_type(int, 0, strict=False, what="an integer >= 0")
+_positive = _number_type(float, 0.0, strict=True, what="a number > 0")
+_eps_255 = _number_type(float, 0.5, strict=False, what="an eps in 1/255 units (8 means 8/255), at least 0.5")
+
+
 def _budget_args(p) -> None:
     g = p.add_argument_group("attack budgets (default: the published settings)")
     g.add_argument("--budget", choices=("paper", "tiny"), default="paper",
                    help="'tiny' only checks that everything runs; its numbers mean nothing")
-    for flag, kind, help_ in (("--apgd-iter", int, "APGD iterations (AutoAttack, adaptive)"),
-                              ("--fab-iter", int, "FAB-T iterations"),
-                              ("--square-queries", int, "Square queries"),
-                              ("--eot-draws", int, "EOT draws (AutoAttack rand, EOT-PGD, torchattacks)"),
-                              ("--pgd-steps", int, "EOT-PGD steps"),
-                              ("--pgd-restarts", int, "EOT-PGD restarts"),
-                              ("--adaptive-eot-draws", int, "EOT draws of the adaptive APGD (paper: 1)"),
-                              ("--rescore-runs", int, "fresh defense runs for re-scoring")):
+    for flag, kind, help_ in (("--apgd-iter", _positive_int, "APGD iterations (AutoAttack, adaptive)"),
+                              ("--fab-iter", _positive_int, "FAB-T iterations"),
+                              ("--square-queries", _positive_int, "Square queries"),
+                              ("--eot-draws", _positive_int, "EOT draws (AutoAttack rand, EOT-PGD, torchattacks)"),
+                              ("--pgd-steps", _positive_int, "EOT-PGD steps"),
+                              ("--pgd-restarts", _positive_int, "EOT-PGD restarts"),
+                              ("--adaptive-eot-draws", _positive_int, "EOT draws of the adaptive APGD (paper: 1)"),
+                              ("--rescore-runs", _count, "fresh defense runs for re-scoring (0: none)")):
         g.add_argument(flag, type=kind, default=None, help=help_)
-    g.add_argument("--lambdas", type=float, nargs="+", default=None,
+    g.add_argument("--lambdas", type=_positive, nargs="+", default=None,
                    help="adaptive-attack |lambda| values (each run with both signs)")
-    g.add_argument("--sweep-eps", type=float, nargs="+", default=None, help="eps sweep values in 1/255 units")
+    g.add_argument("--sweep-eps", type=_eps_255, nargs="+", default=None, help="eps sweep values in 1/255 units")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -57,18 +77,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dataset-label", default=None, help="how the data set is named in the report")
     p.add_argument("--protocol", default="paper",
                    help=f"comma-separated from {', '.join(PROTOCOLS)} or groups {', '.join(GROUPS)}")
-    p.add_argument("--n", "--num-images", dest="n", type=int, default=1000,
+    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=1000,
                    help="first N test images (under torchrun spell it --num-images: torchrun claims --n)")
-    p.add_argument("--eps", type=float, nargs="+", default=[8.0, 16.0], help="L-inf eps in 1/255 units")
-    p.add_argument("--outer-loops", type=int, nargs="+", default=[1, 10], help="K values (outerloop)")
+    p.add_argument("--eps", type=_eps_255, nargs="+", default=[8.0, 16.0], help="L-inf eps in 1/255 units")
+    p.add_argument("--outer-loops", type=_positive_int, nargs="+", default=[1, 10], help="K values (outerloop)")
     p.add_argument("--defense-preset", default=None, help="cifar10, cifar100, ... (default: the checkpoint's delta)")
     p.add_argument("--baseline-preset", default="cifar10-standard")
-    p.add_argument("--max-iters", type=int, default=None, help="defense iteration cap")
+    p.add_argument("--max-iters", type=_positive_int, default=None, help="defense iteration cap")
     p.add_argument("--layer", default=None)
     p.add_argument("--out", default="runs/eval", help="output folder (report, per-image tensors, state)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-size", type=int, default=250, help="images per resumable chunk")
-    p.add_argument("--batch-size", type=int, default=250,
+    p.add_argument("--chunk-size", type=_positive_int, default=250, help="images per resumable chunk")
+    p.add_argument("--batch-size", type=_positive_int, default=250,
                    help="images per forward/attack call at K=1 (divided by K); lower it on out-of-memory")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse finished chunks in OUT/state (default on)")
@@ -120,6 +140,24 @@ def _load(args, device=None):
     return load_model(args.checkpoint, device=device)
 
 
+def _check_options(args):
+    """Every option checked before a model or data set is loaded; returns the budget."""
+    from .._validation import check_device, check_out_dir
+    from ..defense.config import DefenseConfig
+    from .protocols import parse_protocols
+
+    if any(e < 0.5 for e in args.eps):
+        raise ValueError(f"--eps is in 1/255 units (8 means 8/255), got {args.eps}")
+    parse_protocols(args.protocol)
+    for preset in (args.defense_preset, args.baseline_preset):
+        if preset is not None:
+            DefenseConfig.preset(preset)
+    check_out_dir(args.out, "--out")
+    if args.device:
+        check_device(args.device, "--device")
+    return _budget(args)
+
+
 def run(args) -> int:
     import torch
 
@@ -129,8 +167,7 @@ def run(args) -> int:
     from .api import _defense_config, evaluate
     from .distributed import init_from_env, local_device, rank_and_world
 
-    if any(e < 0.5 for e in args.eps):
-        raise ValueError(f"--eps is in 1/255 units (8 means 8/255), got {args.eps}")
+    budget = _check_options(args)
     init_from_env()
     device = torch.device(args.device) if args.device else local_device()
     model, meta = _load(args, device)
@@ -148,7 +185,7 @@ def run(args) -> int:
     evaluate(
         model, images, labels, protocol=args.protocol, n=args.n, eps=[e / 255 for e in args.eps],
         outer_loops=args.outer_loops, defense=defense, baseline_model=baseline, baseline_defense=baseline_defense,
-        layer=args.layer, budget=_budget(args), seed=args.seed, chunk_size=args.chunk_size,
+        layer=args.layer, budget=budget, seed=args.seed, chunk_size=args.chunk_size,
         batch_size=args.batch_size, out=args.out, resume=args.resume, quiet=args.quiet,
         meta={"command": command, "checkpoint": args.checkpoint or f"pretrained:{args.pretrained}",
               "dataset": _dataset_label(args, dataset), "baseline_checkpoint": args.baseline_checkpoint,

@@ -22,6 +22,7 @@ Groups: ``beyond`` (rand, eot, transfer, square, eps-sweep, torchattacks) and ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 __all__ = ["Budget", "RunSpec", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key"]
@@ -45,7 +46,22 @@ class Budget:
     adaptive_eot_draws: int = 1     # the paper's adaptive APGD-CE uses none; more only makes it stronger
     eps_sweep: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255)
     sweep_eot_draws: int = 1
-    rescore_runs: int = 5
+    rescore_runs: int = 5           # 0: no re-scoring
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("lambdas", "eps_sweep"):
+                upper = 1.0 if f.name == "eps_sweep" else math.inf
+                if (not isinstance(value, tuple) or not value
+                        or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= upper
+                               or not math.isfinite(v) for v in value)):
+                    what = "numbers in (0, 1] (eps in [0, 1] units)" if f.name == "eps_sweep" else "positive numbers"
+                    raise ValueError(f"Budget.{f.name} must be a non-empty tuple of {what}, got {value!r}")
+                continue
+            lowest = 0 if f.name == "rescore_runs" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise ValueError(f"Budget.{f.name} must be an integer >= {lowest}, got {value!r}")
 
     @classmethod
     def tiny(cls) -> "Budget":

@@ -1,17 +1,24 @@
 """Resumable per-chunk state on disk: tensors in safetensors, metadata in JSON, every write atomic."""
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import os
 import re
+import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 __all__ = ["ChunkStore", "atomic_write_text", "write_json"]
+
+_log = logging.getLogger(__name__)
+FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -59,24 +66,46 @@ def _safe(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id)
 
 
+def _canonical(fingerprint: dict):
+    return json.loads(json.dumps(_finite(fingerprint), default=_json_default))
+
+
 class ChunkStore:
     """``root/<run>/chunk00003.safetensors`` + ``.json``; a chunk counts as done once its JSON exists.
 
     ``root=None`` keeps nothing (no resume). ``fingerprint`` (the evaluation's
-    inputs) is checked against the stored one so a resume never mixes runs.
+    inputs) is checked against the stored one so a resume never mixes runs, and
+    its digest is written into every chunk and checked again when the chunk is
+    loaded: a chunk of another evaluation, or one that cannot be read (a
+    zero-byte or truncated file, torn JSON), is recomputed with a warning naming
+    it. ``resume=False`` deletes the stored state first. Only the ``owner``
+    (rank 0) writes the marker or deletes state; every rank stamps and checks chunks.
     """
 
-    def __init__(self, root: Path | None, fingerprint: dict | None = None, resume: bool = True):
+    def __init__(self, root: Path | None, fingerprint: dict | None = None, resume: bool = True, *,
+                 owner: bool = True):
         self.root = Path(root) if root is not None else None
         self.resume = resume
-        if self.root is None:
+        self.digest = None
+        if fingerprint is not None:
+            canonical = json.dumps(_canonical(fingerprint), sort_keys=True, separators=(",", ":"))
+            self.digest = hashlib.sha256(canonical.encode()).hexdigest()
+        if self.root is None or not owner:
             return
+        if not resume and self.root.exists():
+            _log.info("resume=False: deleting the evaluation state in %s", self.root)
+            shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         marker = self.root / "fingerprint.json"
         if fingerprint is not None:
             if resume and marker.is_file():
-                stored = json.loads(marker.read_text())
-                if stored != json.loads(json.dumps(_finite(fingerprint), default=_json_default)):
+                try:
+                    stored = json.loads(marker.read_text())
+                except ValueError:
+                    stored = None  # torn: the chunks' own stamps decide what is reused
+                    warnings.warn(f"unreadable {marker}; every chunk is checked against this evaluation's "
+                                  "fingerprint", RuntimeWarning, stacklevel=2)
+                if stored is not None and stored != _canonical(fingerprint):
                     raise ValueError(f"the state in {self.root} belongs to a different evaluation "
                                      "(inputs, seed or budget differ); use another --out or resume=False")
             write_json(marker, fingerprint)
@@ -94,13 +123,28 @@ class ChunkStore:
         return path
 
     def load(self, run_id: str, chunk: int):
-        """``(tensors, meta)`` of a finished chunk, or ``None``."""
+        """``(tensors, meta)`` of a finished chunk of this evaluation, or ``None`` (to be computed)."""
         if self.root is None or not self.resume:
             return None
         tensor_path, meta_path = self._paths(run_id, chunk)
-        if not meta_path.is_file() or not tensor_path.is_file():
+        if not meta_path.is_file():
             return None
-        return load_file(str(tensor_path)), json.loads(meta_path.read_text())
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"it holds a {type(meta).__name__}, not an object")
+            tensors = load_file(str(tensor_path))
+        except Exception as exc:  # zero-byte, truncated or missing: recompute, never fail every rerun
+            warnings.warn(f"recomputing chunk {chunk} of {run_id!r}: {tensor_path.name} / {meta_path.name} in "
+                          f"{meta_path.parent} cannot be read ({type(exc).__name__}: {exc})", RuntimeWarning,
+                          stacklevel=2)
+            return None
+        if meta.get(FINGERPRINT_KEY) != self.digest:
+            warnings.warn(f"recomputing chunk {chunk} of {run_id!r}: {meta_path} belongs to another evaluation "
+                          "(its fingerprint differs)", RuntimeWarning, stacklevel=2)
+            return None
+        meta = {k: v for k, v in meta.items() if k != FINGERPRINT_KEY}
+        return tensors, meta
 
     def save(self, run_id: str, chunk: int, tensors: dict, meta: dict) -> None:
         if self.root is None:
@@ -115,4 +159,4 @@ class ChunkStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        write_json(meta_path, meta)  # written last: marks the chunk complete
+        write_json(meta_path, {**meta, FINGERPRINT_KEY: self.digest})  # written last: marks the chunk complete
