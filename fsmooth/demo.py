@@ -92,11 +92,7 @@ def _batches(n: int, size: int):
 
 def _defense_config(model, max_iters):
     from .defense import DefenseConfig
-    delta = getattr(model, "defense_delta", None)
-    fields = {} if delta is None else {"delta": float(delta)}
-    if max_iters is not None:
-        fields["max_iters"] = max_iters
-    return DefenseConfig(**fields)
+    return DefenseConfig.for_model(model, max_iters=max_iters)
 
 
 def run_demo(args) -> int:

@@ -1,11 +1,11 @@
-"""Training curves in the style of the paper's Figures 2-3: accuracy and feature loss per epoch."""
+"""Figures: training curves in the style of the paper's Figures 2-3, and the defense calibration search."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
 
-__all__ = ["read_log", "plot_logs", "save_figure"]
+__all__ = ["read_log", "plot_logs", "plot_calibration", "save_figure"]
 
 
 def read_log(path: str | os.PathLike) -> list[dict]:
@@ -51,6 +51,49 @@ def plot_logs(paths, output: str | os.PathLike, *, delta: float | None = None) -
     for ax in (ax_acc, ax_lf):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, output)
+
+
+def plot_calibration(report: dict, output: str | os.PathLike) -> Path:
+    """Defended accuracy, iterations and L-inf distance against delta_test for each beta of a search.
+
+    ``report`` is what :func:`fsmooth.calibrate.calibrate_defense` returns; the chosen
+    point is starred, the target's bounds are dotted lines.
+    """
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points, target, chosen = report["points"], report["target"], report["chosen"]
+    panels = (("defended clean accuracy", lambda p: p["accuracy"]),
+              ("iterations (median; bars q10-q90)", lambda p: p["iterations"]["median"]),
+              ("L-inf(defended - input) x 255 (median)", lambda p: p["linf"]["median"]))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for beta in sorted({p["beta"] for p in points}, reverse=True):
+        group = sorted((p for p in points if p["beta"] == beta), key=lambda p: p["delta"])
+        deltas = [p["delta"] for p in group]
+        for ax, (_, value) in zip(axes, panels):
+            ax.plot(deltas, [value(p) for p in group], "o-", label=f"beta {beta:.3g}")
+        lo = [p["iterations"]["median"] - p["iterations"]["q10"] for p in group]
+        hi = [p["iterations"]["q90"] - p["iterations"]["median"] for p in group]
+        axes[1].errorbar(deltas, [p["iterations"]["median"] for p in group], yerr=[lo, hi], fmt="none",
+                         ecolor="gray", alpha=0.4)
+    bare = points[0]["bare_accuracy"]
+    axes[0].axhline(bare, color="k", linestyle="--", label=f"bare model {bare:.3f}")
+    axes[0].axhline(bare - target["accuracy_tolerance"], color="gray", linestyle=":", label="tolerance")
+    axes[1].axhline(target["min_median_iterations"], color="gray", linestyle=":", label="min median")
+    axes[1].axhline(report["max_iters"], color="r", linestyle=":", label="cap")
+    axes[1].set_yscale("log")
+    axes[2].axhline(target["max_median_linf"] * 255, color="gray", linestyle=":", label="max median")
+    for ax, (title, value) in zip(axes, panels):
+        ax.plot([chosen["delta"]], [value(chosen)], "*", color="k", markersize=14, label="chosen")
+        ax.set(xlabel="delta_test", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    verdict = "meets the target" if report["satisfied"] else "NO point met the target: closest shown"
+    fig.suptitle(f"Active Defense calibration, n={report['n']} {report.get('split', '')} images, "
+                 f"{report['start']['feature_size']} features: {verdict}", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, output)
 

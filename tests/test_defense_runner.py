@@ -72,8 +72,9 @@ def test_runner_matches_eager(mode, max_batch, compact):
     runner = CpuRunner(defense.prefix, x.device, tuple(x.shape[1:]), mode=mode, max_batch=max_batch, chunk=2, progress=(mode == "graph"),
                        compact=compact)
     with torch.no_grad(), defense.prefix.session() as module:
-        t, iterations, loss, occupancy = runner.run(module, x + noise, config)
+        t, iterations, loss, grew, occupancy = runner.run(module, x + noise, config)
     assert iterations.tolist() == ref.iterations.tolist()
+    assert not grew.any() and not ref.diverged.any()
     assert (t - ref.inputs).abs().max() < 1e-5
     assert (loss - ref.feature_loss).abs().max() < 1e-5
     assert 0 < occupancy <= 1
@@ -91,6 +92,6 @@ def test_runner_reuse_and_max_iters():
     for n in (5, 1):
         x = varied_inputs(n)
         with torch.no_grad(), defense.prefix.session() as module:
-            t, iterations, loss, _ = runner.run(module, x, defense.config)
+            t, iterations, loss, _, _ = runner.run(module, x, defense.config)
         assert iterations.tolist() == [3] * n
         assert bool((loss > 1e-6).all()) and (t - x).abs().max() > 1e-4

@@ -11,11 +11,11 @@ Modules: ``config`` (hyperparameters, presets), ``api`` (``ActiveDefense``,
 buckets, slots, compaction, chunked replay), ``while_loop`` (single-launch
 WHILE node), ``classifier`` (``DefendedClassifier``).
 """
-from .api import ActiveDefense, DefenseNotConvergedWarning, defend
+from .api import ActiveDefense, DefenseDivergedWarning, DefenseNotConvergedWarning, defend
 from .classifier import DefendedClassifier
 from .config import DEFENSE_PRESETS, DefenseConfig
 from .engines import ENGINES
 from .result import DefenseResult
 
 __all__ = ["defend", "ActiveDefense", "DefendedClassifier", "DefenseConfig", "DefenseResult", "DEFENSE_PRESETS",
-           "DefenseNotConvergedWarning", "ENGINES"]
+           "DefenseNotConvergedWarning", "DefenseDivergedWarning", "ENGINES"]

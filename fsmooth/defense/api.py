@@ -16,18 +16,30 @@ import torch
 from torch import nn
 
 from .._validation import check_finite, check_float_tensor
-from .config import DEFAULT_DELTA, DefenseConfig
+from .config import DIVERGENCE_PATIENCE, MAX_DISPLACEMENT, DefenseConfig
 from .eager import run_eager
 from .capture_flags import capture_flags
 from .engines import ENGINES, resolve_engine, unavailable_reason
 from .prefix_state import PrefixState, model_device
 from .result import DefenseResult
 
-__all__ = ["ActiveDefense", "defend", "DefenseNotConvergedWarning"]
+__all__ = ["ActiveDefense", "defend", "DefenseNotConvergedWarning", "DefenseDivergedWarning"]
 
 
 class DefenseNotConvergedWarning(RuntimeWarning):
     """Some samples stopped at ``max_iters`` with ``L_F > delta``."""
+
+
+class DefenseDivergedWarning(RuntimeWarning):
+    """Some samples diverged: the step size is likely too large for the layer (see ``fsmooth calibrate``)."""
+
+
+def _diverged(grew: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The divergence guard's verdict per sample: its loss kept rising, or its input left the sane range."""
+    if t.shape[0] == 0:
+        return grew
+    distance = (t.float() - x.detach().float()).abs().flatten(1).amax(1)
+    return grew | ~torch.isfinite(distance) | (distance > MAX_DISPLACEMENT)
 
 
 def _expected_channels(module: nn.Module) -> int | None:
@@ -64,8 +76,8 @@ class ActiveDefense:
     Args:
         model: a classifier taking [0, 1] inputs. Its weights are never modified.
         layer: layer whose output feeds ``L_F`` (default: ``model.default_layer``, ``block1`` for WRNs).
-        config: :class:`DefenseConfig`; default: paper values with ``delta`` from
-            ``model.defense_delta`` when set (checkpoints calibrated by fsmooth set it) else 0.0124.
+        config: :class:`DefenseConfig`; default: ``DefenseConfig.for_model(model)``, the model's
+            calibrated beta/delta (checkpoints calibrated by ``fsmooth calibrate`` carry them), else the paper's.
         engine: ``"auto"``, ``"eager"``, ``"graph"`` (single-launch WHILE node) or ``"chunked"``.
         dtype: prefix compute dtype; ``torch.bfloat16`` runs the prefix in bf16 channels_last while ``t``,
             ``L_F`` and the exit decision stay fp32. ``None``: the model's dtype.
@@ -85,8 +97,7 @@ class ActiveDefense:
                  max_batch: int = 256, chunk: int = 8, compact: bool = True, progress: bool = False,
                  backend: str = "auto"):
         if config is None:
-            calibrated = getattr(model, "defense_delta", None)
-            config = DefenseConfig(delta=DEFAULT_DELTA if calibrated is None else float(calibrated))
+            config = DefenseConfig.for_model(model)
         if not isinstance(config, DefenseConfig):
             raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
         if not isinstance(engine, str) or engine not in ENGINES:
@@ -169,7 +180,7 @@ class ActiveDefense:
         return runner
 
     def _run(self, engine: str, module: nn.Module, t0: torch.Tensor, config: DefenseConfig):
-        """``(t, iterations, loss, occupancy, engine that ran)``.
+        """``(t, iterations, loss, grew, occupancy, engine that ran)``.
 
         A forced engine runs or raises. ``engine="auto"`` tries ``engine`` and then the engines after it in
         graph -> chunked -> eager that can run here; one that fails is skipped from then on, with a
@@ -195,8 +206,9 @@ class ActiveDefense:
                               stacklevel=3)
                 self._failed_engines.add(candidate)
                 self._runners = {k: v for k, v in self._runners.items() if k[0] != candidate}
-        t, iterations, loss = run_eager(lambda s: self.prefix.features(module, s), t0, config, backend=self.backend)
-        return t, iterations, loss, None, "eager"
+        t, iterations, loss, grew = run_eager(lambda s: self.prefix.features(module, s), t0, config,
+                                              backend=self.backend)
+        return t, iterations, loss, grew, None, "eager"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, return_info: bool = False, *,
                  noise: torch.Tensor | None = None, config: DefenseConfig | None = None):
@@ -219,10 +231,11 @@ class ActiveDefense:
             if b == 0:
                 t, iterations = t0, torch.zeros(0, dtype=torch.int64, device=x.device)
                 loss = torch.zeros(0, dtype=torch.float32, device=x.device)
+                grew = torch.zeros(0, dtype=torch.bool, device=x.device)
             else:
                 try:
                     with self.prefix.session() as module:
-                        t, iterations, loss, occupancy, engine = self._run(engine, module, t0, config)
+                        t, iterations, loss, grew, occupancy, engine = self._run(engine, module, t0, config)
                 except RuntimeError as exc:
                     better = _inference_error(exc)
                     if better is not None:
@@ -231,11 +244,19 @@ class ActiveDefense:
             converged = loss <= config.delta
             result = DefenseResult(inputs=t.detach().to(x.dtype), iterations=iterations,
                                    converged=converged, feature_loss=loss.float(), engine=engine,
-                                   occupancy=occupancy)
+                                   occupancy=occupancy, diverged=_diverged(grew, t.detach(), x))
         stuck = result.num_unconverged
         if stuck:
             warnings.warn(f"{stuck} of {b} samples reached max_iters={config.max_iters} with feature loss above "
                           f"delta={config.delta}", DefenseNotConvergedWarning, stacklevel=2)
+        diverged = result.num_diverged
+        if diverged:
+            warnings.warn(
+                f"{diverged} of {b} samples diverged (feature loss rising for {DIVERGENCE_PATIENCE} consecutive "
+                f"steps, or the defended input more than {MAX_DISPLACEMENT} from the input in L-inf): the step "
+                f"size beta={config.beta:g} is likely too large for layer {self.layer!r}, whose gradient scales "
+                f"like 1/N. Run `fsmooth calibrate` (or fsmooth.calibrate.calibrate_defense) to choose beta and "
+                f"delta_test for this model.", DefenseDivergedWarning, stacklevel=2)
         return result if return_info else result.inputs
 
 
@@ -253,15 +274,17 @@ def _cached_engine(model: nn.Module, layer, engine: str, dtype) -> ActiveDefense
     return defense
 
 
-def defend(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, sigma: float = 0.075,
-           beta: float = 80.0, delta: float | None = None, max_iters: int = 1000, clamp=None,
+def defend(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, sigma: float | None = None,
+           beta: float | None = None, delta: float | None = None, max_iters: int = 1000, clamp=None,
            generator: torch.Generator | None = None, engine: str = "auto", dtype: torch.dtype | None = None,
            return_info: bool = False):
     """Active Defense of the batch ``x`` (values in [0, 1]) against ``model``.
 
     Per sample: ``t = x + U(-sigma, sigma)``; while ``L_F(t) > delta`` (and at most
-    ``max_iters`` times): ``t -= beta * dL_F/dt``. ``delta=None`` uses
-    ``model.defense_delta`` when set, else the paper's CIFAR-10 value 0.0124.
+    ``max_iters`` times): ``t -= beta * dL_F/dt``. ``sigma``, ``beta`` and
+    ``delta`` left at ``None`` come from :meth:`DefenseConfig.for_model`: the
+    model's calibration (``fsmooth calibrate``), else the paper's values
+    (0.075, 80, 0.0124), which fit WRN-28-10's block1 only.
 
     Returns the defended inputs (shape, dtype and device of ``x``), or with
     ``return_info=True`` a :class:`DefenseResult` with per-sample iteration
@@ -270,10 +293,7 @@ def defend(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, sigma
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if delta is None:
-        calibrated = getattr(model, "defense_delta", None)
-        delta = DEFAULT_DELTA if calibrated is None else float(calibrated)
-    config = DefenseConfig(sigma=sigma, beta=beta, delta=delta, max_iters=max_iters, clamp=clamp)
+    config = DefenseConfig.for_model(model, sigma=sigma, beta=beta, delta=delta, max_iters=max_iters, clamp=clamp)
     if not isinstance(engine, str) or engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     defense = _cached_engine(model, layer, engine, dtype)

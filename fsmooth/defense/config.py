@@ -5,10 +5,22 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-__all__ = ["DefenseConfig", "DEFENSE_PRESETS", "DEFAULT_DELTA"]
+__all__ = ["DefenseConfig", "DEFENSE_PRESETS", "DEFAULT_DELTA", "PAPER_BETA", "PAPER_FEATURE_SIZE",
+           "CALIBRATED_FIELDS", "DIVERGENCE_PATIENCE", "MAX_DISPLACEMENT"]
 
-# The paper's CIFAR-10 delta_test for the feature-smoothed WRN-28-10.
+# The paper's CIFAR-10 delta_test and step size for the feature-smoothed WRN-28-10.
 DEFAULT_DELTA = 0.0124
+PAPER_BETA = 80.0
+# C*H*W of the layer beta = 80 was tuned for: WRN-28-10's block1, 160 x 32 x 32.
+PAPER_FEATURE_SIZE = 160 * 32 * 32
+# The fields a calibration (``fsmooth calibrate``) stores for a model in ``model.defense_defaults``.
+CALIBRATED_FIELDS = ("sigma", "beta", "delta")
+# Divergence guard (every engine): a sample diverges when its L_F grows for this many consecutive
+# updates, or when its defended input ends farther than MAX_DISPLACEMENT (L-inf, in [0, 1] pixel units:
+# half the pixel range) from the input or non-finite. In the paper's regime the loss falls steadily and
+# the defended input moves about 32/255; a step too large for the layer overshoots again and again.
+DIVERGENCE_PATIENCE = 20
+MAX_DISPLACEMENT = 0.5
 
 
 def _check_real(value, name: str) -> float:
@@ -71,6 +83,35 @@ class DefenseConfig:
 
     def replace(self, **changes) -> "DefenseConfig":
         return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def for_model(cls, model, **overrides) -> "DefenseConfig":
+        """The defense settings for ``model``: its calibration, else the paper's, then ``overrides``.
+
+        The one place every entry point (``defend``, ``ActiveDefense``,
+        ``DefendedClassifier``, the CLI, the evaluation and the benchmarks)
+        resolves its defaults. In order of precedence:
+
+        1. ``overrides`` whose value is not ``None`` (explicit arguments);
+        2. ``model.defense_delta`` when set (the user's own delta_test);
+        3. ``model.defense_defaults``: the ``sigma``/``beta``/``delta`` that
+           ``fsmooth calibrate`` stored in the checkpoint (set by ``load_model``
+           and ``fsmooth.models.pretrained``);
+        4. the paper's values (sigma 0.075, beta 80, delta 0.0124), which fit
+           WRN-28-10's block1 only: calibrate any other network or layer.
+        """
+        values = {}
+        calibrated = getattr(model, "defense_defaults", None)
+        if isinstance(calibrated, dict):
+            values.update({k: calibrated[k] for k in CALIBRATED_FIELDS if calibrated.get(k) is not None})
+        legacy = getattr(model, "defense_delta", None)
+        if legacy is not None:
+            values["delta"] = legacy
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown DefenseConfig field(s) {sorted(unknown)}")
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
 
 
 # Paper, Sec. 5: sigma 0.075, beta 80; delta_test per dataset, and the larger thresholds of the

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import feature_loss_and_grad
-from .config import DefenseConfig
+from .config import DIVERGENCE_PATIENCE, DefenseConfig
 
 __all__ = ["run_eager"]
 
@@ -21,13 +21,16 @@ def run_eager(features_fn, t0: torch.Tensor, config: DefenseConfig, *, backend: 
     layer's features. Per sample: ``l = L_F(t)``; while ``l > delta`` and fewer
     than ``max_iters`` updates: ``t -= beta * dL_F/dt``, ``l = L_F(t)``.
 
-    Returns ``(t, iterations, loss)``: the final states, int64 update counts
-    and the loss each sample's exit test saw (in the loss dtype).
+    Returns ``(t, iterations, loss, grew)``: the final states, int64 update
+    counts, the loss each sample's exit test saw (in the loss dtype) and a bool
+    flag per sample that is set once its loss grew for ``DIVERGENCE_PATIENCE``
+    consecutive updates (the divergence guard; it never changes a trajectory).
     Must be called with autograd enabled.
     """
     b = t0.shape[0]
     t = t0.clone()
     iterations = torch.zeros(b, dtype=torch.int64, device=t.device)
+    streak = torch.zeros(b, dtype=torch.int64, device=t.device)
     loss_out = None
     active = torch.arange(b, device=t.device)
     while active.numel():
@@ -36,7 +39,11 @@ def run_eager(features_fn, t0: torch.Tensor, config: DefenseConfig, *, backend: 
         # Fused loss + closed-form dL_F/dF; fp32 (or fp64) whatever the prefix dtype.
         loss, grad_feats = feature_loss_and_grad(feats.detach(), backend=backend)
         if loss_out is None:
-            loss_out = torch.empty(b, dtype=loss.dtype, device=t.device)
+            loss_out = torch.full((b,), float("inf"), dtype=loss.dtype, device=t.device)
+            grew = torch.zeros(b, dtype=torch.bool, device=t.device)
+        rising = loss > loss_out.index_select(0, active)
+        streak.index_copy_(0, active, torch.where(rising, streak.index_select(0, active) + 1, 0))
+        grew |= streak >= DIVERGENCE_PATIENCE
         loss_out.index_copy_(0, active, loss)
         keep = (loss > config.delta) & (iterations.index_select(0, active) < config.max_iters)
         if not bool(keep.any()):
@@ -50,4 +57,5 @@ def run_eager(features_fn, t0: torch.Tensor, config: DefenseConfig, *, backend: 
         iterations.index_add_(0, active, torch.ones_like(active))
     if loss_out is None:
         loss_out = torch.empty(0, dtype=torch.float32, device=t.device)
-    return t, iterations, loss_out
+        grew = torch.zeros(0, dtype=torch.bool, device=t.device)
+    return t, iterations, loss_out, grew

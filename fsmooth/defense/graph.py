@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from ..functional import feature_loss_and_grad
 from .capture_flags import capture_flags
-from .config import DefenseConfig
+from .config import DIVERGENCE_PATIENCE, DefenseConfig
 
 __all__ = ["GraphRunner", "bucket_sizes"]
 
@@ -92,6 +92,9 @@ class GraphRunner:
         self.active = torch.zeros(self.max_batch, dtype=torch.bool, **kw)
         self.loss = torch.zeros(self.max_batch, dtype=loss_dtype, **kw)
         self.slot_sample = torch.full((self.max_batch,), -1, dtype=torch.int64, **kw)
+        # Divergence guard: consecutive loss increases per slot, and the sticky "grew" flag.
+        self.streak = torch.zeros(self.max_batch, dtype=torch.int32, **kw)
+        self.grew = torch.zeros(self.max_batch, dtype=torch.bool, **kw)
         self.beta = torch.zeros((), dtype=state, **kw)
         self.delta = torch.zeros((), dtype=loss_dtype, **kw)
         self.max_iters = torch.zeros((), dtype=torch.int64, **kw)
@@ -121,6 +124,9 @@ class GraphRunner:
         loss, grad_feats = feature_loss_and_grad(feats.detach(), grad_scale=active.to(torch.float32),
                                                  backend=self.backend)
         loss = loss.to(loss_buf.dtype)
+        streak, grew = self.streak[:b], self.grew[:b]
+        streak.copy_(torch.where(active & (loss > loss_buf), streak + 1, torch.where(active, 0, streak)))
+        grew.logical_or_(streak >= DIVERGENCE_PATIENCE)
         loss_buf.copy_(torch.where(active, loss, loss_buf))
         keep = active & (loss > self.delta) & (iters < self.max_iters)
         (grad_t,) = torch.autograd.grad(feats, leaf, grad_outputs=grad_feats)
@@ -225,7 +231,7 @@ class GraphRunner:
         else:
             graph.launch()
 
-    def _harvest(self, b: int, out_t, out_iters, out_loss) -> int:
+    def _harvest(self, b: int, out_t, out_iters, out_loss, out_grew) -> int:
         slots = self.slot_sample[:b]
         pos = ((~self.active[:b]) & (slots >= 0)).nonzero().squeeze(1)
         if pos.numel():
@@ -233,6 +239,7 @@ class GraphRunner:
             out_t[ids] = self.t[pos]
             out_iters[ids] = self.iters[pos]
             out_loss[ids] = self.loss[pos]
+            out_grew[ids] = self.grew[pos]
             slots[pos] = -1
         return pos.numel()
 
@@ -245,7 +252,9 @@ class GraphRunner:
             self.t[pos] = t0[ids]
             self.iters[pos] = 0
             self.active[pos] = True
-            self.loss[pos] = 0
+            self.loss[pos] = float("inf")  # the first loss is no "increase" for the divergence guard
+            self.streak[pos] = 0
+            self.grew[pos] = False
             self.slot_sample[pos] = ids
         return next_sample + k
 
@@ -256,19 +265,20 @@ class GraphRunner:
         new_b = self._bucket_for(max(m, 1))
         if new_b >= b:
             return b
-        for buf in (self.t, self.iters, self.active, self.loss, self.slot_sample):
+        for buf in (self.t, self.iters, self.active, self.loss, self.slot_sample, self.streak, self.grew):
             buf[:m] = buf[live]  # index_select copies first, so overlapping ranges are safe
         self.slot_sample[m:b] = -1
         self.active[m:b] = False
         return new_b
 
     def run(self, module, t0: torch.Tensor, config: DefenseConfig):
-        """Defend every sample of ``t0`` (noisy starts); returns ``(t, iterations, loss, occupancy)``."""
+        """Defend every sample of ``t0`` (noisy starts); returns ``(t, iterations, loss, grew, occupancy)``."""
         n = t0.shape[0]
         t0 = t0.to(self.t.dtype).contiguous()
         out_t = t0.clone()
         out_iters = torch.zeros(n, dtype=torch.int64, device=self.device)
         out_loss = torch.zeros(n, dtype=self.loss.dtype, device=self.device)
+        out_grew = torch.zeros(n, dtype=torch.bool, device=self.device)
         b = self._bucket_for(n)
         self._ensure_captured(module, b)
         self._set_config(config)
@@ -294,7 +304,7 @@ class GraphRunner:
             steps = int(self.steps.item())
             slot_evals += (steps - steps_seen) * b
             steps_seen = steps
-            bar.update(self._harvest(b, out_t, out_iters, out_loss))
+            bar.update(self._harvest(b, out_t, out_iters, out_loss, out_grew))
             if waiting:
                 next_sample = self._refill(b, t0, next_sample)
             if next_sample >= n:
@@ -305,4 +315,4 @@ class GraphRunner:
         bar.close()
         useful = float(out_iters.sum()) + n
         occupancy = useful / slot_evals if slot_evals else 1.0
-        return out_t, out_iters, out_loss, occupancy
+        return out_t, out_iters, out_loss, out_grew, occupancy

@@ -20,6 +20,9 @@ class DefenseResult:
         engine: the engine that ran (``"eager"``, ``"graph"``, ``"chunked"``).
         occupancy: graph engines: the fraction of slot-iterations that did useful work
             (``None`` for the eager engine, which only ever runs active samples).
+        diverged: bool ``(B,)``; ``True`` where the divergence guard fired: the sample's ``L_F``
+            rose for ``DIVERGENCE_PATIENCE`` consecutive updates, or its defended input ended more
+            than ``MAX_DISPLACEMENT`` (L-inf) from the input or non-finite (step size too large).
     """
 
     inputs: torch.Tensor
@@ -28,6 +31,7 @@ class DefenseResult:
     feature_loss: torch.Tensor
     engine: str
     occupancy: float | None = None
+    diverged: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -35,6 +39,10 @@ class DefenseResult:
     @property
     def num_unconverged(self) -> int:
         return int((~self.converged).sum())
+
+    @property
+    def num_diverged(self) -> int:
+        return 0 if self.diverged is None else int(self.diverged.sum())
 
     def summary(self) -> dict:
         """Plain numbers for logs and reports."""
@@ -45,5 +53,6 @@ class DefenseResult:
             "mean_iterations": float(it.mean()) if len(self) else 0.0,
             "max_iterations": int(self.iterations.max()) if len(self) else 0,
             "unconverged": self.num_unconverged,
+            "diverged": self.num_diverged,
             "occupancy": self.occupancy,
         }
