@@ -73,7 +73,7 @@ def main(argv=None) -> dict:
     model, images, labels, data_label = load_inputs(args)
     model = model.to(device).eval()
     max_iters = min(args.max_iters, 10) if args.quick else args.max_iters
-    config = fsmooth.DefenseConfig(delta=getattr(model, "defense_delta", None) or 0.0124, max_iters=max_iters)
+    config = fsmooth.DefenseConfig.for_model(model, max_iters=max_iters)
     engines = {name: fsmooth.ActiveDefense(model, config=config, dtype=dtype)
                for name, dtype in (("fp32", None), ("bf16", torch.bfloat16))}
     generator = torch.Generator().manual_seed(args.seed + 1)

@@ -338,7 +338,11 @@ def model_from_meta(meta: dict) -> nn.Module:
 
 
 def load_model(path: str | os.PathLike, device=None) -> tuple[nn.Module, dict]:
-    """``(model in eval mode, meta)`` from a checkpoint; sets ``model.defense_delta`` from ``meta["delta_test"]``.
+    """``(model in eval mode, meta)`` from a checkpoint, with its calibrated defense settings attached.
+
+    ``model.defense_defaults`` gets the calibration's ``{"sigma", "beta", "delta"}``
+    (``meta["defense"]``, written by ``fsmooth calibrate``) and ``model.defense_delta``
+    its ``delta_test``; :meth:`fsmooth.DefenseConfig.for_model` reads them.
 
     Weights are read with safetensors (no pickle) and cast to fp32.
     """
@@ -359,6 +363,12 @@ def load_model(path: str | os.PathLike, device=None) -> tuple[nn.Module, dict]:
     model.eval()
     if meta.get("delta_test") is not None:
         model.defense_delta = float(meta["delta_test"])
+    defense = meta.get("defense")
+    if defense is not None:
+        if not isinstance(defense, dict):
+            raise ValueError(f"checkpoint metadata 'defense' must be an object, got {type(defense).__name__}")
+        model.defense_defaults = {k: float(defense[k]) for k in ("sigma", "beta", "delta")
+                                  if defense.get(k) is not None}
     if device is not None:
         model.to(device)
     return model, meta

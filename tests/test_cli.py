@@ -71,11 +71,23 @@ def test_bad_arguments_exit_with_usage(capsys):
 
 def test_calibrate_then_plot(trained, tmp_path, capsys):
     data, run = trained
-    assert main(["calibrate", str(run), "--data", str(data)]) == 0
+    assert main(["calibrate", str(run), "--data", str(data), "--delta-only"]) == 0
     out = capsys.readouterr().out
     assert "suggested delta_test" in out and "q50=" in out
     meta = json.loads((run / "checkpoints" / "epoch-0001" / "meta.json").read_text())
-    assert f"{meta['delta_test']:.4f}" in out
+    assert f"{meta['delta_test']:.4f}" in out and meta["defense"] == {"delta": meta["delta_test"]}
+    figure = tmp_path / "search.png"
+    assert main(["calibrate", str(run), "--data", str(data), "--max-iters", "12", "--beta-factors", "1,0.5",
+                 "--delta-ratios", "0.92", "--min-median-iters", "2", "--accuracy-tolerance", "1",
+                 "--max-unconverged", "1", "--max-median-linf", "255", "--figure", str(figure), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    meta = json.loads((run / "checkpoints" / "epoch-0001" / "meta.json").read_text())
+    search = meta["calibration"]
+    assert search["split"] == "train" and search["n"] == 20 and search["satisfied"]
+    assert meta["defense"] == {"sigma": 0.075, "beta": search["beta"], "delta": meta["delta_test"]}
+    assert search["start"]["beta"] == 80 * 16 * 32 * 32 / 163840  # wrn-10-1's block1: 16 x 32 x 32
+    assert f"beta = {search['beta']:.4g}, delta_test = {meta['delta_test']:.4g}" in out and "why:" in out
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png = tmp_path / "curves.png"
     assert main(["plot-log", str(run / "log.jsonl"), "-o", str(png), "--delta", "0.02"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

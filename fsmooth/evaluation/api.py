@@ -29,12 +29,12 @@ def default_defended_factory(model, config, outer_loops: int, layer):
 
 
 def _defense_config(value, model, fallback: str | None = None):
-    from ..defense.config import DEFAULT_DELTA, DefenseConfig
+    from ..defense.config import DefenseConfig
 
     if value is None and fallback is not None:
         value = fallback
     if value is None:
-        return DefenseConfig(delta=float(getattr(model, "defense_delta", None) or DEFAULT_DELTA))
+        return DefenseConfig.for_model(model)
     if isinstance(value, str):
         return DefenseConfig.preset(value)
     if not isinstance(value, DefenseConfig):
@@ -116,7 +116,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
             or the groups ``"beyond"`` / ``"all"``.
         eps: L-inf radii in [0, 1] units (``8/255``).
         outer_loops: K values of the defended classifier (softmax averaged over K defense runs).
-        defense: ``DefenseConfig``, preset name, or ``None`` (``model.defense_delta`` else 0.0124).
+        defense: ``DefenseConfig``, preset name, or ``None`` (``DefenseConfig.for_model(model)``: the
+            model's calibrated beta/delta, else the paper's).
         baseline_model, baseline_defense: the model trained without ``L_F`` and its defense setting
             (``"cifar10-standard"``: delta 0.0562) for the static baseline row.
         budget: :class:`Budget` (paper defaults).
