@@ -44,6 +44,9 @@ DATASETS = {"cifar10": 10, "cifar100": 100}
 SPLITS = ("train", "test")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 _CACHE_VERSION = 1
+# A CIFAR image is a few kilobytes: a member above this is not an image of these data sets, and reading it
+# whole into memory (as every member is) could exhaust it.
+MAX_IMAGE_BYTES = 16 << 20
 _TORCHVISION_DIRS = {"cifar10": "cifar-10-batches-py", "cifar100": "cifar-100-python"}
 
 
@@ -287,6 +290,12 @@ def _split_parts(relative: str) -> tuple[str, str] | None:
     return None
 
 
+def _check_image_size(size: int, where: str) -> None:
+    if size > MAX_IMAGE_BYTES:
+        raise DataError(f"image {where!r} is {size} bytes, more than the {MAX_IMAGE_BYTES} bytes an image of "
+                        "these data sets can be (fsmooth.data.MAX_IMAGE_BYTES); is this the right archive?")
+
+
 def _read_tar(path: Path, split: str, dataset: str):
     entries: dict[str, list[tuple[str, bytes]]] = {}
     try:
@@ -297,6 +306,7 @@ def _read_tar(path: Path, split: str, dataset: str):
                 parts = _split_parts(member.name)
                 if parts is None or parts[0] != split:
                     continue
+                _check_image_size(member.size, f"{path}:{member.name}")  # before reading it into memory
                 handle = archive.extractfile(member)
                 entries.setdefault(parts[1], []).append((member.name, handle.read()))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
@@ -312,6 +322,8 @@ def _read_folder(path: Path, split: str, dataset: str):
     entries: dict[str, list[tuple[str, bytes]]] = {}
     for cls_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         files = [f for f in cls_dir.iterdir() if f.is_file() and f.suffix.lower() in _IMAGE_EXTENSIONS]
+        for f in files:
+            _check_image_size(f.stat().st_size, str(f))
         entries[cls_dir.name] = [(str(f), f.read_bytes()) for f in files]
     loose = [p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_EXTENSIONS]
     if loose:

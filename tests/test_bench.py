@@ -53,7 +53,7 @@ def test_iters_per_sec_quick_writes_rows(tmp_path):
     eager = [r for r in jsonl if r["provider"] == "eager" and r["section"] == "throughput"]
     assert {r["batch"] for r in eager} == {1, 2}
     for r in eager:
-        assert r["status"] == "ok" and r["rel_err"] == 0.0
+        assert r["status"] == "ok"  # (its check compares eager with eager: see test_check_fails_a_wrong_provider)
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"] and r["useful_iters"] == r["batch"] * r["iters"]
         assert r["useful_iters_per_s"] > 0 and r["roofline_fraction"] > 0
     flops = next(r for r in jsonl if r["provider"] == "flops-per-image-iteration")
@@ -95,6 +95,46 @@ def test_flop_counter_matches_hand_count(bench_modules):
     assert counted["forward_flops"] == forward == 8316
     assert counted["forward_plus_input_grad_flops"] == 2 * forward
     assert counted["layers_counted"] == 4  # one hook call per layer call (the batch is one call)
+
+
+class _WrongProvider:
+    """A provider whose defended inputs are off by 10% of the update: the check must refuse it."""
+
+    name, precision = "wrong", "fp32"
+
+    def __init__(self, reference, t0):
+        self.reference, self.t0 = reference, t0
+
+    def unavailable(self, device):
+        return None
+
+    def prepare(self, *args):
+        pass
+
+    def run(self, t0, schedule):
+        from providers import RunOutput
+        off = self.reference.inputs + 0.1 * (self.reference.inputs - self.t0)
+        return RunOutput(off, self.reference.iterations + 1)
+
+    def describe(self):
+        return {}
+
+    def close(self):
+        pass
+
+
+def test_check_fails_a_wrong_provider(bench_modules):
+    from providers import RunOutput, Schedule
+    _, ips = bench_modules
+    torch.manual_seed(0)
+    t0 = torch.rand(3, 4, dtype=torch.float64)
+    ref = RunOutput(t0 + torch.randn(3, 4, dtype=torch.float64), torch.tensor([2, 3, 4]))
+    wrong = _WrongProvider(ref, t0)
+    checked = ips.compare(wrong.run(t0, None), ref, t0)
+    assert checked["rel_err"] == pytest.approx(0.1, rel=1e-12) and checked["iters_mismatch"] == 3
+    assert ips.compare(ref, ref, t0)["rel_err"] == 0.0
+    row = ips.measure(wrong, None, None, Schedule(1.0, 0.0, 4), [t0], ref, repeats=1, warmup=0, device="cpu")
+    assert row["status"] == "check_failed" and "rel_err 0.1" in row["reason"]
 
 
 class _Twice(nn.Module):

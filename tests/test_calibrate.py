@@ -1,4 +1,5 @@
 """fsmooth.calibrate: the delta_test rule, the beta/delta_test search, and their storage in the checkpoint."""
+import copy
 import math
 import warnings
 
@@ -46,11 +47,18 @@ def test_report_quantiles_and_checkpoint_storage(tmp_path):
     model = tiny_model()
     images = torch.randint(0, 256, (20, 3, 16, 16), dtype=torch.uint8)
     report = calibrate(model, images, batch_size=8)
-    losses = clean_feature_losses(model, images)
-    assert report["n"] == 20 and report["mean"] == pytest.approx(losses.double().mean().item())
-    q = list(report["quantiles"].values())
-    assert q == sorted(q) and report["min"] <= q[0] and q[-1] <= report["max"]
-    assert report["fraction_above"] == pytest.approx((losses > report["delta_test"]).double().mean().item())
+    with torch.no_grad():  # an independent float64 transcription, not the function under test
+        net = copy.deepcopy(model).double()
+        f = net.block1(net.conv1(net.normalize(images.double() / 255))).flatten(1)
+        losses = (f - f.mean(1, keepdim=True)).abs().mean(1)
+    assert report["n"] == 20 and report["mean"] == pytest.approx(float(losses.mean()), rel=1e-5)
+    assert report["std"] == pytest.approx(float(losses.std()), rel=1e-4)
+    assert report["min"] == pytest.approx(float(losses.min()), rel=1e-5)
+    assert report["max"] == pytest.approx(float(losses.max()), rel=1e-5)
+    levels = torch.tensor([float(k) for k in report["quantiles"]], dtype=torch.float64)
+    assert list(report["quantiles"].values()) == pytest.approx(torch.quantile(losses, levels).tolist(), rel=1e-5)
+    assert report["delta_test"] == pytest.approx(DELTA_RATIO * float(losses.mean()), rel=1e-3)  # 4 digits
+    assert report["fraction_above"] == pytest.approx(float((losses > report["delta_test"]).double().mean()))
     save_checkpoint(tmp_path / "ck", model, {"arch": "wrn-10-1", "layer": "block1"})
     stored = calibrate_checkpoint(tmp_path / "ck", images=images, write=True, search=False)
     loaded, meta = load_model(tmp_path / "ck")

@@ -104,6 +104,22 @@ def test_folder_and_tar_agree_with_pixels(tmp_path):
             assert torch.equal(x, expected[split][0]) and torch.equal(y, expected[split][1])
 
 
+def test_oversized_member_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    import fsmooth.data as data
+    write_folder(tmp_path / "tree", per_class=1, splits=("test",))
+    archive = make_tar(tmp_path / "tree", tmp_path / "big.tar.gz")
+    monkeypatch.setattr(data, "MAX_IMAGE_BYTES", 1000)  # a random 32x32 PNG is about 3 kB
+
+    def no_read(self, member):
+        raise AssertionError(f"{member.name} was read before its size was checked")
+
+    monkeypatch.setattr(tarfile.TarFile, "extractfile", no_read)
+    with pytest.raises(DataError, match=r"test/airplane/0000.png'? is \d+ bytes, more than the 1000"):
+        load_dataset(archive, "test", use_cache=False)
+    with pytest.raises(DataError, match=r"0000.png'? is \d+ bytes"):
+        load_dataset(tmp_path / "tree", "test", use_cache=False)
+
+
 def test_cache_hit_and_damaged_cache(tmp_path):
     expected = write_folder(tmp_path / "tree", splits=("test",))
     archive = make_tar(tmp_path / "tree", tmp_path / "d.tar.gz")

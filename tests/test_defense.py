@@ -116,7 +116,7 @@ def test_batch_invariance_fp32():
     assert (shuffled.inputs - full.inputs[perm]).abs().max() < 1e-5
 
 
-def test_generator_determinism_and_noise_range():
+def test_generator_determinism():
     model = tiny_wrn()
     x = varied_inputs(3)
     kw = dict(beta=BETA, delta=0.3, max_iters=5)
@@ -125,11 +125,26 @@ def test_generator_determinism_and_noise_range():
         a = defend(model, x, generator=torch.Generator().manual_seed(7), **kw)
         b = defend(model, x, generator=torch.Generator().manual_seed(7), **kw)
         c = defend(model, x, generator=torch.Generator().manual_seed(8), **kw)
-        # sigma only, no update: the noise lies in [-sigma, sigma] and is not all zero.
-        n = defend(model, x, sigma=0.05, delta=100.0, generator=torch.Generator().manual_seed(7)) - x
     assert torch.equal(a, b)
     assert (a - c).abs().max() > 1e-4
-    assert float(n.abs().max()) <= 0.05 + 1e-6 and float(n.abs().mean()) > 0.01
+
+
+def test_noise_is_the_generators_exact_symmetric_draw():
+    """``t0 - x`` is exactly ``(2u - 1) sigma`` for ``u = rand(x.shape, generator)``: U(-sigma, sigma), per element."""
+    model = tiny_wrn(torch.float64)
+    x = varied_inputs(4, torch.float64)
+    sigma = 0.05
+    # delta above every L_F: no update, so the defended input is x plus the noise alone.
+    n = defend(model, x, sigma=sigma, beta=BETA, delta=100.0, generator=torch.Generator().manual_seed(7)) - x
+    u = torch.rand(x.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    assert (n - (2 * u - 1) * sigma).abs().max() < 1e-15
+    assert float(n.abs().max()) <= sigma
+    for i in range(x.shape[0]):  # both signs, out to +-sigma, in every sample
+        assert float(n[i].max()) > 0.95 * sigma and float(n[i].min()) < -0.95 * sigma
+        assert abs(float(n[i].mean())) < 0.1 * sigma
+    # Independent across samples: no sample's noise repeats or correlates with another's (216 values each).
+    correlation = torch.corrcoef(n.flatten(1)) - torch.eye(x.shape[0], dtype=torch.float64)
+    assert float(correlation.abs().max()) < 0.3
 
 
 def test_no_grad_and_inference_mode_callers():
@@ -214,6 +229,45 @@ def test_model_on_another_device():
     model = tiny_wrn().to("meta")
     with pytest.raises(ValueError, match="model is on meta"):
         defend(model, torch.rand(1, 3, 8, 8))
+
+
+def test_meta_input_is_refused_before_its_values_are_read():
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        defend(tiny_wrn(), torch.empty(1, 3, 8, 8, device="meta"))
+    with pytest.raises(ValueError, match="x is on the meta device"):
+        defend(tiny_wrn().to("meta"), torch.empty(1, 3, 8, 8, device="meta"))
+
+
+def test_defend_cache_follows_replaced_modules_and_dtype_changes():
+    import fsmooth.defense.api as api
+
+    model = tiny_wrn()
+    x = varied_inputs(3)
+    kw = dict(sigma=0.075, beta=BETA, delta=0.05, max_iters=5)
+    config = DefenseConfig(**kw)
+
+    def via_defend(inputs):
+        return defend(model, inputs, generator=torch.Generator().manual_seed(0), engine="eager", **kw)
+
+    def fresh(inputs):
+        return ActiveDefense(model, config=config, engine="eager")(inputs, torch.Generator().manual_seed(0))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # convergence is not the point here
+        before = via_defend(x)
+        model.block1 = tiny_wrn(seed=5).block1  # other weights in a new module
+        replaced = via_defend(x)
+        assert torch.equal(replaced, fresh(x)) and not torch.equal(replaced, before)
+        model.double()  # new storage in another dtype
+        doubled = via_defend(x.double())
+        assert doubled.dtype == torch.float64 and torch.equal(doubled, fresh(x.double()))
+        # An in-place update (an optimizer step) keeps the engine, and the engine sees the new values.
+        engine = api._cached_engine(model, None, "eager", None)
+        with torch.no_grad():
+            model.conv1.weight.mul_(1.5)
+        assert api._cached_engine(model, None, "eager", None) is engine
+        stepped = via_defend(x.double())
+        assert torch.equal(stepped, fresh(x.double())) and not torch.equal(stepped, doubled)
 
 
 def test_forced_graph_engine_on_cpu_raises_with_reason(monkeypatch):

@@ -115,3 +115,32 @@ def test_classifier_checks_outer_loops_and_handles_empty():
         DefendedClassifier(model, outer_loops=0)
     clf = DefendedClassifier(model, outer_loops=2, engine="eager")
     assert clf(torch.rand(0, 3, 6, 6)).shape == (0, 4)
+
+
+def test_classifier_classifies_in_eval_mode_and_restores_the_modes():
+    torch.manual_seed(2)
+    model = TinyNet()
+    model.train()
+    model.head.eval()  # a mixed-mode model
+    modes = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    config = DefenseConfig(beta=2.0, delta=0.05, max_iters=3)
+    x = torch.rand(4, 3, 6, 6)
+
+    def classify(inputs):
+        clf = DefendedClassifier(model, config, outer_loops=2, engine="eager",
+                                 generator=torch.Generator().manual_seed(3))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return clf(inputs)
+
+    in_train_mode = classify(x)
+    for k, v in model.state_dict().items():  # BatchNorm statistics untouched
+        assert torch.equal(v, state[k]), k
+    assert {name: m.training for name, m in model.named_modules()} == modes
+    model.eval()
+    assert torch.equal(in_train_mode, classify(x))  # the same as an eval-mode model's predictions
+    model.train()
+    # No prediction depends on the rest of the batch: another image in the batch changes nothing.
+    other = torch.cat([x[:2], torch.rand(2, 3, 6, 6) * 5])
+    assert (classify(other)[:2] - in_train_mode[:2]).abs().max() < 1e-5

@@ -1,4 +1,6 @@
 """Feature loss: reference vs float64 autograd, Triton kernel (interpreter on CPU) vs reference."""
+import zlib
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def test_reference_gradcheck():
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_kernel_forward_and_grad_match_reference(shape, dtype):
-    torch.manual_seed(hash((shape, str(dtype))) % 2**31)
+    torch.manual_seed(zlib.crc32(f"{shape}/{dtype}".encode()))  # fixed: hash() of a str varies per process
     x = (torch.randn(shape, device=DEVICE) * 3 + 0.5).to(dtype)
     ref_loss, ref_grad = closed_form_loss_grad(x.double())
     loss, grad = kernel.feature_loss_and_grad_triton(x)

@@ -144,10 +144,13 @@ class ActiveDefense:
             raise ValueError(f"x must be a 4-D (B, C, H, W) batch, got shape {tuple(x.shape)}")
         if self._in_channels is not None and x.shape[1] != self._in_channels:
             raise ValueError(f"x must have {self._in_channels} channels for this model, got shape {tuple(x.shape)}")
-        check_finite(x, "x")
+        # Devices before values: reading a meta tensor's values (the finiteness check) fails obscurely.
+        if x.device.type == "meta":
+            raise ValueError("x is on the meta device: it has a shape but no values to defend")
         device = model_device(self.prefix.module)
         if device is not None and device != x.device:
             raise ValueError(f"model is on {device} but x is on {x.device}; move one of them")
+        check_finite(x, "x")
 
     def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None,
                    sigma: float | None = None) -> torch.Tensor:
@@ -261,17 +264,33 @@ class ActiveDefense:
 
 
 # defend() reuses one engine per (model, layer, dtype, engine): graphs and buffers survive between calls.
+# Each entry remembers the model's structure signature it was built for and is rebuilt when that changes.
 _ENGINE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def _structure_signature(model: nn.Module) -> tuple:
+    """What a built engine depends on beyond its arguments: the model's modules and weight tensors.
+
+    An engine holds references to the prefix's modules, its dtype, and (CUDA graphs) the storage
+    addresses of the weights, but reads weight values live. So an in-place update (an optimizer step,
+    ``load_state_dict``) needs no rebuild, while a replaced module (``model.block1 = ...``) or tensor
+    storage (``model.double()``, ``.to(device)``, ``param.data = ...``) does.
+    """
+    modules = tuple((name, id(m)) for name, m in model.named_modules(remove_duplicate=False))
+    tensors = tuple((name, id(t), t.dtype, t.device, t.data_ptr())
+                    for name, t in (*model.named_parameters(remove_duplicate=False),
+                                    *model.named_buffers(remove_duplicate=False)))
+    return modules, tensors
 
 
 def _cached_engine(model: nn.Module, layer, engine: str, dtype) -> ActiveDefense:
     per_model = _ENGINE_CACHE.setdefault(model, {})
     key = (layer, engine, dtype)
-    defense = per_model.get(key)
-    if defense is None:
-        defense = ActiveDefense(model, layer, engine=engine, dtype=dtype)
-        per_model[key] = defense
-    return defense
+    signature = _structure_signature(model)
+    cached = per_model.get(key)
+    if cached is None or cached[0] != signature:
+        per_model[key] = cached = (signature, ActiveDefense(model, layer, engine=engine, dtype=dtype))
+    return cached[1]
 
 
 def defend(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, sigma: float | None = None,

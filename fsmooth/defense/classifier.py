@@ -27,6 +27,7 @@ unrolled ``create_graph=True`` steps on a small ReLU network.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -38,12 +39,27 @@ from .config import DefenseConfig
 __all__ = ["DefendedClassifier"]
 
 
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """``model`` in eval mode for the block; every module's own mode (mixed modes too) restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
 class DefendedClassifier(nn.Module):
     """``model`` behind Active Defense, averaging ``outer_loops`` independent defenses.
 
     ``forward(x)`` (``x`` in [0, 1]) runs the K defenses of the batch in one engine
     call (the batch repeated K times, each copy with its own noise), classifies every
-    defended copy with the full model and returns ``log(mean_k softmax(logits_k))``,
+    defended copy with the full model in eval mode (BatchNorm running statistics, no
+    dropout: whatever mode the caller left the model in, nothing is updated and no
+    prediction depends on the rest of the batch; each module's mode is restored
+    afterwards) and returns ``log(mean_k softmax(logits_k))``,
     a valid logit vector for cross-entropy-based attacks. The gradient with respect
     to ``x`` is straight-through the defense (exact for ReLU nets, see the module
     docstring). ``last_info`` holds the last :class:`DefenseResult`.
@@ -91,7 +107,9 @@ class DefendedClassifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         k, b = self.outer_loops, x.shape[0]
-        logits = self.model(self.defend(x))
+        defended = self.defend(x)
+        with _eval_mode(self.model):
+            logits = self.model(defended)
         log_probs = torch.log_softmax(logits.float(), dim=-1).view(k, b, logits.shape[-1])
         # log(mean_k softmax) computed stably in log space.
         return (torch.logsumexp(log_probs, dim=0) - math.log(k)).to(logits.dtype)
