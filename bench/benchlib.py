@@ -266,19 +266,20 @@ def count_flops(module: nn.Module, example: torch.Tensor) -> dict:
 
 RESULT_FIELDS = (
     "run_id", "date", "command", "device", "gpu_name", "torch", "triton", "cuda",
-    "section", "provider", "status", "reason", "dtype", "batch", "iters", "shape",
+    "section", "provider", "engine_used", "status", "reason", "dtype", "batch", "iters", "shape",
     "median_ms", "min_ms", "max_ms", "repeats",
     "useful_iters", "useful_iters_per_s", "speedup_vs_eager", "occupancy",
     "flops_per_s", "roofline_fraction", "bytes_per_s", "copy_bandwidth_fraction",
-    "rel_err", "extra",
+    "rel_err", "planned_s", "wall_s", "tag", "extra",
 )
 
 
 def append_results(out_dir: str | os.PathLike, stem: str, env: dict, rows: Iterable[dict]) -> tuple[Path, Path]:
     """Append ``rows`` (each merged with ``env``) to ``<out_dir>/<stem>.jsonl`` and ``<stem>.csv``.
 
-    The CSV has the fixed columns :data:`RESULT_FIELDS`; fields outside them go
-    to its ``extra`` column as JSON. The JSON lines keep every field.
+    The CSV has the fixed columns :data:`RESULT_FIELDS` (or, when it exists, the
+    columns of its header); fields outside them go to its ``extra`` column as
+    JSON. The JSON lines keep every field.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -288,13 +289,20 @@ def append_results(out_dir: str | os.PathLike, stem: str, env: dict, rows: Itera
         for row in full_rows:
             f.write(json.dumps(row, default=_json_default) + "\n")
     new = not csv_path.exists() or csv_path.stat().st_size == 0
+    fields = RESULT_FIELDS
+    if not new:
+        # Keep an existing file's columns (an older RESULT_FIELDS): what it lacks goes to ``extra``.
+        with open(csv_path, encoding="utf-8", newline="") as f:
+            header = next(csv.reader(f), [])
+        if "extra" in header:
+            fields = tuple(header)
     with open(csv_path, "a", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
         for row in full_rows:
-            extra = {k: v for k, v in row.items() if k not in RESULT_FIELDS}
-            flat = {k: row.get(k, "") for k in RESULT_FIELDS}
+            extra = {k: v for k, v in row.items() if k not in fields}
+            flat = {k: row.get(k, "") for k in fields}
             flat["extra"] = json.dumps(extra, default=_json_default) if extra else ""
             writer.writerow(flat)
     return jsonl, csv_path

@@ -25,11 +25,19 @@ schedule. Each provider's first call (warm-up, compile, capture) is checked
 against the fp32 eager loop and excluded from timing; timed calls rotate among
 ``--input-sets`` input sets; medians with min/max of ``--repeats`` calls.
 
+Rows run in the order given (batch-major: every provider at the first batch,
+then the next batch), so headline rows go first; a row's ``x eager`` needs the
+``eager`` row of its batch earlier. With ``--budget-s`` each section prints
+its rows' planned seconds (``bench/planner.py``: FLOPs over rates measured in
+this run) before running them, and a row that would overrun the budget is
+recorded as skipped with its reason.
+
 Usage::
 
     python bench/iters_per_sec.py --quick                  # CPU smoke configuration, seconds
     python bench/iters_per_sec.py                          # everything (needs a GPU and time)
     python bench/iters_per_sec.py --sections throughput --batches 1 8 64 --providers eager graph-bf16
+    python bench/iters_per_sec.py --sections latency --budget-s 300   # plan rows, skip what would overrun
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ import time
 import torch
 
 import benchlib
+import planner
 import providers as prov
 
 _log = logging.getLogger("bench.iters_per_sec")
@@ -200,20 +209,49 @@ def add_ratios(rows: list[dict], flops_per_iter: float | None, ceilings: dict | 
 
 
 def sweep(section: str, names, model, layer, schedule, batches, args, device, record, extra=None,
-          source=make_start_points) -> list[dict]:
-    """Every provider at every batch size with one schedule; each row goes to ``record`` when measured
-    (``eager`` first in ``names``, so later rows get their ratio to it)."""
-    rows = []
-    for batch in batches:
-        sets = input_sets(batch, args.input_sets, args.seed, device, source)
-        check = check_schedule(schedule, args.check_iters)
-        ref = reference_run(model, layer, check, sets[0])
-        for provider in prov.build_providers(list(names), tuple(args.compile_modes)):
-            _log.info("%s: %s batch %d, %d iters", section, provider.name, batch, schedule.max_iters)
-            row = measure(provider, model, layer, schedule, sets, ref, args.repeats, args.warmup, device, check)
-            rows += record([{"section": section, **row, **(extra or {})}])
-        del ref, sets
-        benchlib.release_memory(device)
+          source=make_start_points, plan: planner.Plan | None = None) -> list[dict]:
+    """Every provider at every batch size with one schedule, in the order given (batch-major).
+
+    Each row goes to ``record`` when measured (a row gets its ratio to ``eager`` when the eager row of its
+    batch came earlier). With a ``plan``: every row's planned seconds are printed before the first runs,
+    and a row that would overrun the budget is recorded as skipped (later, cheaper rows still run).
+    """
+    check = check_schedule(schedule, args.check_iters)
+    jobs = [(batch, provider) for batch in batches
+            for provider in prov.build_providers(list(names), tuple(args.compile_modes))]
+    planned = []
+    if plan is not None:
+        calls = 1 + args.warmup + args.repeats
+        unavailable = {p.name: p.unavailable(torch.device(device)) for _, p in jobs}
+        # + the check run and the fp32 eager reference, check.max_iters iterations each
+        planned = [0.0 if unavailable[p.name] else
+                   plan.cost.provider_s(p, b, schedule.max_iters, calls) + plan.cost.loop_s("fp32", b, check.max_iters, 2)
+                   for b, p in jobs]
+        plan.announce(f"{section} ({schedule.max_iters} iterations per call, {calls} calls per row)",
+                      [(f"{p.name} batch {b}" + (" (unavailable here)" if unavailable[p.name] else ""), s)
+                       for (b, p), s in zip(jobs, planned)])
+    rows, inputs = [], None  # inputs: (batch, input sets, eager reference) of the batch being measured
+    for i, (batch, provider) in enumerate(jobs):
+        base = {"section": section, "provider": provider.name, "dtype": provider.precision, "batch": batch,
+                "iters": schedule.max_iters}
+        if plan is not None and planned[i] > 0:  # 0: unavailable here, measure() records why
+            base["planned_s"] = round(planned[i], 3)
+            reason = plan.skip_reason(planned[i])
+            if reason is not None:
+                rows += record([{**base, "status": "skipped", "reason": reason, **(extra or {})}])
+                continue
+        if inputs is None or inputs[0] != batch:
+            inputs = None
+            benchlib.release_memory(device)
+            sets = input_sets(batch, args.input_sets, args.seed, device, source)
+            inputs = (batch, sets, reference_run(model, layer, check, sets[0]))
+        _log.info("%s: %s batch %d, %d iters", section, provider.name, batch, schedule.max_iters)
+        started = time.perf_counter()
+        row = measure(provider, model, layer, schedule, inputs[1], inputs[2], args.repeats, args.warmup, device,
+                      check)
+        rows += record([{**base, **row, "wall_s": round(time.perf_counter() - started, 3), **(extra or {})}])
+    inputs = None
+    benchlib.release_memory(device)
     return rows
 
 
@@ -264,16 +302,22 @@ def probe_largest_batch(name: str, model, layer, start: int, cap: int, args, dev
     return largest, notes
 
 
-def section_throughput(model, layer, args, device, record) -> list[dict]:
+def section_throughput(model, layer, args, device, record, plan=None) -> list[dict]:
     """Fixed-schedule sweep over ``--batches``, then the largest batch that fits with ``--max-batch-providers``.
 
     The eager baselines are not run at the largest batch by default: at
     thousands of samples one eager call takes minutes (they are compared at
-    the listed batch sizes).
+    the listed batch sizes). The largest-batch probe doubles until memory
+    runs out, which no plan can bound: it does not run under ``--budget-s``.
     """
     schedule = prov.Schedule(args.beta, FIXED_DELTA, args.iters)
-    rows = sweep("throughput", args.providers, model, layer, schedule, list(args.batches), args, device, record)
-    if args.max_batch_probe and torch.device(device).type == "cuda":
+    rows = sweep("throughput", args.providers, model, layer, schedule, list(args.batches), args, device, record,
+                 plan=plan)
+    if args.max_batch_probe and plan is not None:
+        rows += record([{"section": "throughput", "provider": f"probe:{args.max_batch_probe}", "iters": 2,
+                         "status": "skipped", "reason": "the largest-batch probe is not planned: it runs "
+                                                        "without --budget-s"}])
+    elif args.max_batch_probe and torch.device(device).type == "cuda":
         largest, notes = probe_largest_batch(args.max_batch_probe, model, layer, 2 * max(args.batches),
                                              args.max_batch_cap, args, device)
         _log.info("largest batch for %s: %s (%s)", args.max_batch_probe, largest, "; ".join(notes))
@@ -285,9 +329,10 @@ def section_throughput(model, layer, args, device, record) -> list[dict]:
     return rows
 
 
-def section_latency(model, layer, args, device, record) -> list[dict]:
+def section_latency(model, layer, args, device, record, plan=None) -> list[dict]:
     schedule = prov.Schedule(args.beta, FIXED_DELTA, args.latency_iters)
-    return sweep("latency", args.providers, model, layer, schedule, args.latency_batches, args, device, record)
+    return sweep("latency", args.providers, model, layer, schedule, args.latency_batches, args, device, record,
+                 plan=plan)
 
 
 def first_exit_iterations(losses: torch.Tensor, delta: float, max_iters: int) -> torch.Tensor:
@@ -366,9 +411,9 @@ def exit_setup(model, layer, args, device):
     return model, layer, schedule, info, make_start_points
 
 
-def section_early_exit(model, layer, args, device, schedule, info, record, source) -> list[dict]:
+def section_early_exit(model, layer, args, device, schedule, info, record, source, plan=None) -> list[dict]:
     return sweep("early-exit", args.exit_providers, model, layer, schedule, args.exit_batches, args, device,
-                 record, extra=info, source=source)
+                 record, extra=info, source=source, plan=plan)
 
 
 def add_compaction_saving(rows: list[dict], context: list[dict] | None = None) -> None:
@@ -392,22 +437,45 @@ def _workload_modes(args, device) -> list[tuple[str, str, int | None]]:
     return [("masking", "eager", args.workload_batch), ("compaction", "fsmooth-eager", args.workload_batch)]
 
 
-def section_workload(model, layer, args, device, schedule, info, record, source) -> list[dict]:
+def workload_planned_s(cost: planner.CostModel, provider, n: int, slots: int, max_iters: int,
+                       repeats: int) -> float:
+    """A workload row's planned seconds, every sample at ``max_iters`` (an upper bound): one untimed call on
+    ``slots`` inputs (with capture or compile), then ``repeats`` passes over the ``n`` inputs ``slots`` at a
+    time (chunks, or the slots of one continuous-batching call)."""
+    passes = -(-n // slots)
+    return (cost.provider_s(provider, slots, max_iters, calls=1)
+            + cost.loop_s(provider.precision, slots, max_iters, calls=passes * repeats))
+
+
+def section_workload(model, layer, args, device, schedule, info, record, source, plan=None) -> list[dict]:
     """``--workload-size`` inputs: per-chunk masking and compaction, and one continuous-batching call."""
     n = args.workload_size
-    inputs = torch.cat([source(min(4096, n - i), args.seed + 31 + i, device)
-                        for i in range(0, n, 4096)])
+    modes = [(mode, prov.build_providers([name], tuple(args.compile_modes))[0], chunk)
+             for mode, name, chunk in _workload_modes(args, device)]
+    planned = [workload_planned_s(plan.cost, provider, n, chunk or args.workload_batch, schedule.max_iters,
+                                  args.workload_repeats) if plan else None
+               for _, provider, chunk in modes]
+    if plan is not None:
+        plan.announce(f"workload ({n} inputs, at most {schedule.max_iters} iterations each)",
+                      [(f"{mode}:{provider.name}", s) for (mode, provider, _), s in zip(modes, planned)])
+    inputs = None
     rows = []
-    for mode, name, chunk in _workload_modes(args, device):
-        provider = prov.build_providers([name], tuple(args.compile_modes))[0]
+    for (mode, provider, chunk), planned_s in zip(modes, planned):
+        name = provider.name
         row = {"section": "workload", "provider": f"{mode}:{name}", "dtype": provider.precision, "batch": n,
                "iters": schedule.max_iters, **info}
         reason = provider.unavailable(torch.device(device))
+        if reason is None and plan is not None:
+            row["planned_s"] = round(planned_s, 3)
+            reason = plan.skip_reason(planned_s)
         if reason:
             rows += record([{**row, "status": "skipped", "reason": reason}])
             continue
+        if inputs is None:
+            inputs = torch.cat([source(min(4096, n - i), args.seed + 31 + i, device) for i in range(0, n, 4096)])
         slots = chunk or args.workload_batch
         pieces = [inputs[i:i + chunk] for i in range(0, n, chunk)] if chunk else [inputs]
+        started = time.perf_counter()
         try:
             provider.prepare(model, layer, schedule, inputs[:slots])
             provider.run(inputs[:slots], schedule)  # warm-up / capture, excluded
@@ -439,15 +507,26 @@ def section_workload(model, layer, args, device, schedule, info, record, source)
         rows += record([{**row, **timing.as_row(), **describe, "status": "ok", "useful_iters": useful,
                          "useful_iters_per_s": useful / (timing.median_ms * 1e-3), "occupancy": occupancy,
                          "iters_p50": float(iters.double().median()), "iters_max": int(iters.max()),
-                         "slots": slots}])
+                         "slots": slots, "wall_s": round(time.perf_counter() - started, 3)}])
     return rows
 
 
-def section_loss_kernel(args, device) -> list[dict]:
+def section_loss_kernel(args, device, plan=None) -> list[dict]:
+    """``bench/loss_kernel.py``'s shapes in fp32 and bf16. Planned from ``do_bench``'s time budget per
+    measurement (warm-up + repetitions), doubled for the float64 checks and the input generation."""
     import loss_kernel
     shapes = loss_kernel.QUICK_SHAPES if args.quick else loss_kernel.FULL_SHAPES
     rep_ms = 20.0 if args.quick else 100.0
-    rows, _ = loss_kernel.run(shapes, ["fp32", "bf16"], device, args.input_sets, args.seed, rep_ms, args.copy_bytes)
+    dtypes = ["fp32", "bf16"]
+    if plan is not None:
+        measurements = len(shapes) * len(dtypes) * 2  # Triton and the reference
+        planned_s = 2 * measurements * (25.0 + rep_ms) * 1e-3
+        plan.announce("loss-kernel", [(f"{len(shapes)} shapes x {dtypes} x 2 providers", planned_s)])
+        reason = plan.skip_reason(planned_s)
+        if reason is not None:
+            return [{"section": "loss-kernel", "provider": "all", "status": "skipped", "reason": reason,
+                     "planned_s": round(planned_s, 3)}]
+    rows, _ = loss_kernel.run(shapes, dtypes, device, args.input_sets, args.seed, rep_ms, args.copy_bytes)
     return rows
 
 
@@ -512,8 +591,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=None,
                    help="JSON lines + CSV are appended here (default bench/results/; with --quick a temp dir)")
     p.add_argument("--no-save", action="store_true")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="seconds this run may take: print each section's planned rows first (FLOPs over rates "
+                        "measured here, bench/planner.py) and skip the rows that would overrun")
+    p.add_argument("--plan-probe-batch", type=int, default=None,
+                   help="larger batch of the rate probe behind --budget-s (default 128; --quick: 2)")
+    p.add_argument("--compile-allowance", nargs="+", default=[], metavar="MODE=SECONDS",
+                   help="seconds planned for one torch.compile per mode (assumed, default "
+                        + ", ".join(f"{k}={v:g}" for k, v in planner.DEFAULT_COMPILE_ALLOWANCE_S.items()) + ")")
+    p.add_argument("--tag", default="", help="stored in every row (the GPU suite marks its calls' rows with it)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
     args = p.parse_args(argv)
+    if args.budget_s is not None and args.budget_s < 0:
+        p.error(f"--budget-s must be >= 0, got {args.budget_s:g}")
+    allowance = dict(planner.DEFAULT_COMPILE_ALLOWANCE_S)
+    for item in args.compile_allowance:
+        mode, _, seconds = item.partition("=")
+        try:
+            allowance[mode] = float(seconds)
+        except ValueError:
+            p.error(f"--compile-allowance takes MODE=SECONDS, got {item!r}")
+    args.compile_allowance = allowance
     _fill_defaults(args)
     return args
 
@@ -540,6 +638,7 @@ def _fill_defaults(args) -> None:
         warmup=0 if quick else 1,
         matmul_size=128 if quick else 8192,
         copy_bytes=(4 << 20) if quick else (1 << 30),
+        plan_probe_batch=2 if quick else 128,
     )
     defaults["out_dir"] = str(benchlib.default_out_dir(quick))
     for key, value in defaults.items():
@@ -572,10 +671,35 @@ class Recorder:
         return rows
 
 
+def make_plan(model, layer, args, device, flops_per_iter: float | None, budget: planner.Budget,
+              record) -> planner.Plan:
+    """``--budget-s``: measure the loop rates behind the plan (recorded as ``plan`` rows) and print them."""
+    cost = None
+    if flops_per_iter is not None:
+        cost = planner.probe_loop_costs(model, layer, device, flops_per_iter, args.plan_probe_batch,
+                                        compile_allowance_s=args.compile_allowance)
+        record(cost.as_rows())
+        print(f"# plan rates: {cost.describe()}", flush=True)
+    return planner.Plan(cost, budget, printer=lambda line: print(line, flush=True))
+
+
+def _exit_pilot_skip_reason(args, plan: planner.Plan | None) -> str | None:
+    """The synthetic exit schedule needs a pilot run of the fp32 eager loop: plan it like a row."""
+    if plan is None or args.exit_model != "synthetic":
+        return None
+    pilot_s = plan.cost.loop_s("fp32", args.pilot_batch, args.exit_iters)
+    plan.announce("exit-schedule pilot (fp32 eager loop)", [(f"eager batch {args.pilot_batch}", pilot_s)])
+    reason = plan.skip_reason(pilot_s)
+    return None if reason is None else f"the exit schedule's pilot run does not fit: {reason}"
+
+
 def run(args) -> tuple[list[dict], dict]:
+    budget = planner.Budget(args.budget_s)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     env = benchlib.environment()
     env.update(arch=args.arch, layer=args.layer)
+    if args.tag:
+        env["tag"] = args.tag
     if not args.compile_modes:
         args.providers = [n for n in args.providers if not n.startswith("compile")]
         env["compile_skipped"] = "torch.compile skipped: --quick on CPU (inductor's C++ build takes tens of s)"
@@ -586,19 +710,27 @@ def run(args) -> tuple[list[dict], dict]:
         roof_rows, flops, record.ceilings = section_roofline(model, args.layer, args, device)
         record.flops_per_iter = flops["forward_plus_input_grad_flops"]
         record(roof_rows)
+    plan = None
+    if args.budget_s is not None:
+        plan = make_plan(model, args.layer, args, device, record.flops_per_iter, budget, record)
     if "throughput" in sections:
-        section_throughput(model, args.layer, args, device, record)
+        section_throughput(model, args.layer, args, device, record, plan)
     if "latency" in sections:
-        section_latency(model, args.layer, args, device, record)
+        section_latency(model, args.layer, args, device, record, plan)
     if {"early-exit", "workload"} & sections:
-        exit_model, exit_layer, schedule, info, source = exit_setup(model, args.layer, args, device)
-        _log.info("exit schedule: %s", info)
-        if "early-exit" in sections:
-            section_early_exit(exit_model, exit_layer, args, device, schedule, info, record, source)
-        if "workload" in sections:
-            section_workload(exit_model, exit_layer, args, device, schedule, info, record, source)
+        reason = _exit_pilot_skip_reason(args, plan)
+        if reason is not None:
+            record([{"section": s, "provider": "all", "status": "skipped", "reason": reason}
+                    for s in ("early-exit", "workload") if s in sections])
+        else:
+            exit_model, exit_layer, schedule, info, source = exit_setup(model, args.layer, args, device)
+            _log.info("exit schedule: %s", info)
+            if "early-exit" in sections:
+                section_early_exit(exit_model, exit_layer, args, device, schedule, info, record, source, plan)
+            if "workload" in sections:
+                section_workload(exit_model, exit_layer, args, device, schedule, info, record, source, plan)
     if "loss-kernel" in sections:
-        record(section_loss_kernel(args, device))
+        record(section_loss_kernel(args, device, plan))
     return record.rows, env
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import time
 from typing import Callable
 
 import torch
@@ -118,6 +119,7 @@ class LoopProvider:
         self.precision = precision            # "fp32" (TF32 off), "tf32" or "bf16"
         self.compile_modes = compile_modes    # empty: eager
         self.mode_used: str | None = None
+        self.compile_s: float | None = None     # seconds of the compile (and its two probe steps) that worked
         self.compile_errors: dict[str, str] = {}
         self._loss_fn = None
 
@@ -146,6 +148,7 @@ class LoopProvider:
         probe = Schedule(schedule.beta, 1e-30, 2)
         for mode in self.compile_modes:
             torch._dynamo.reset()
+            started = time.perf_counter()
             try:
                 fn = torch.compile(eager_fn, mode=None if mode == "default" else mode, dynamic=False)
                 with benchlib.float32_matmul(self.matmul_mode()):
@@ -156,6 +159,7 @@ class LoopProvider:
                 _log.warning("torch.compile mode %s failed: %s", mode, self.compile_errors[mode])
                 continue
             self.mode_used = mode
+            self.compile_s = round(time.perf_counter() - started, 3)
             return fn
         raise RuntimeError(f"no torch.compile mode worked: {self.compile_errors}")
 
@@ -167,7 +171,10 @@ class LoopProvider:
         return RunOutput(t, iterations, occupancy)
 
     def describe(self) -> dict:
-        out = {"compile_mode": self.mode_used} if self.compile_modes else {}
+        if not self.compile_modes:
+            return {"engine_used": "pytorch-loop"}
+        out = {"engine_used": f"torch.compile:{self.mode_used}", "compile_mode": self.mode_used,
+               "compile_s": self.compile_s}
         if self.compile_errors:
             out["compile_errors"] = self.compile_errors
         return out
@@ -247,6 +254,9 @@ class EngineProvider:
             warnings.filterwarnings("ignore", message=".*reached max_iters.*")
             result = self._defense(t0, return_info=True, **kwargs)
         self._engine_used = result.engine
+        if self.engine != "auto" and result.engine != self.engine:
+            # A row must never be timed on another engine than its name says (engine="auto" may degrade).
+            raise RuntimeError(f"{self.name}: asked for engine {self.engine!r}, but {result.engine!r} ran")
         return RunOutput(result.inputs, result.iterations, getattr(result, "occupancy", None))
 
     def describe(self) -> dict:

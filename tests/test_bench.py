@@ -171,3 +171,80 @@ def test_precision_agreement_quick_writes_row_and_table(tmp_path):
     assert all(row.get(k) not in (None, "") for k in ("date", "command", "device", "torch", "triton"))
     table = (tmp_path / "precision_agreement.md").read_text()
     assert "bf16" in table and table.strip() in stdout
+
+
+@pytest.fixture
+def planner_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import planner
+    import providers
+    return planner, providers
+
+
+def test_loop_cost_fit_and_floor(planner_module):
+    planner, _ = planner_module
+    cost = planner.LoopCost.fit((1, 0.003), (129, 0.131))  # 2 ms fixed + 1 ms per image
+    assert cost.fixed_s == pytest.approx(0.002) and cost.per_image_s == pytest.approx(0.001)
+    assert cost.iteration_s(512) == pytest.approx(0.514)
+    noisy = planner.LoopCost.fit((1, 0.005), (64, 0.004))  # the larger batch measured faster: noise
+    assert noisy.per_image_s == pytest.approx(0.5 * 0.004 / 64)  # never free: half its own time per image
+    for bad in (((1, 0.1), (1, 0.2)), ((0, 0.1), (8, 0.2)), ((1, 0.0), (8, 0.2))):
+        with pytest.raises(ValueError):
+            planner.LoopCost.fit(*bad)
+
+
+def test_planned_seconds_per_provider(planner_module):
+    planner, providers = planner_module
+    fp32, bf16 = planner.LoopCost(0.001, 0.0001), planner.LoopCost(0.001, 0.00001)
+    cost = planner.CostModel(6.7e9, {"fp32": fp32, "bf16": bf16}, {"default": 90.0, "max-autotune": 300.0},
+                             row_setup_s=0.5)
+    assert cost.flops_per_s("bf16") == pytest.approx(6.7e14) and cost.flops_per_s("tf32") == cost.flops_per_s("fp32")
+    eager, graph, chunked, compiled = providers.build_providers(
+        ["eager", "graph-bf16", "chunked-bf16", "compile-bf16"], ("max-autotune", "default"))
+    loop = 4 * 50 * bf16.iteration_s(512)
+    assert cost.provider_s(eager, 512, 50, 4) == pytest.approx(0.5 + 4 * 50 * fp32.iteration_s(512))
+    # Graph engines also warm up (2 iterations) and record every bucket 1, 2, ..., 512.
+    buckets = [2 ** k for k in range(10)]
+    capture = sum(2 * bf16.iteration_s(b) + bf16.fixed_s for b in buckets)
+    assert cost.provider_s(graph, 512, 50, 4) == pytest.approx(0.5 + loop + capture)
+    assert cost.provider_s(chunked, 512, 50, 4) == pytest.approx(0.5 + loop + capture + 7 * 10 * bf16.fixed_s)
+    assert cost.provider_s(compiled, 512, 50, 4) == pytest.approx(0.5 + loop + 300.0)  # the first mode's allowance
+
+
+def test_budget_skips_what_would_overrun(planner_module):
+    planner, _ = planner_module
+    now = [100.0]
+    budget = planner.Budget(60, clock=lambda: now[0])
+    assert budget.skip_reason(59) is None
+    now[0] += 30
+    assert budget.left() == 30 and budget.skip_reason(30) is None
+    assert budget.skip_reason(31) == "planned 31 s > 30 s left of the 60 s budget"
+    assert planner.Budget(None).skip_reason(1e9) is None
+    with pytest.raises(ValueError):
+        planner.Budget(-1)
+
+
+def test_iters_per_sec_budget_plans_and_skips(tmp_path):
+    stdout = run_script("iters_per_sec.py", tmp_path, "--sections", "throughput", "latency", "--budget-s", "0",
+                        "--tag", "budget-test")
+    jsonl, _ = read_rows(tmp_path, "iters_per_sec")
+    assert all(r["tag"] == "budget-test" for r in jsonl)
+    probes = [r for r in jsonl if r["section"] == "plan"]
+    assert {r["provider"] for r in probes} == {"probe-fp32", "probe-bf16"} and all(r["flops_per_s"] > 0 for r in probes)
+    timed = [r for r in jsonl if r["section"] in ("throughput", "latency") and not r["provider"].startswith("probe:")]
+    assert timed and all(r["status"] == "skipped" for r in timed)
+    planned = [r for r in timed if "planned_s" in r]  # the others cannot run on a CPU at all
+    assert planned and all(r["reason"].startswith("planned ") and r["reason"].endswith("left of the 0 s budget")
+                           for r in planned)
+    assert stdout.index("# plan throughput") < stdout.index("# plan latency") < stdout.index("# Active Defense")
+
+
+def test_csv_keeps_an_existing_header(bench_modules, tmp_path):
+    benchlib, _ = bench_modules
+    old = ("run_id", "section", "provider", "status", "extra")
+    (tmp_path / "x.csv").write_text(",".join(old) + "\n")
+    benchlib.append_results(tmp_path, "x", {"run_id": "r1"}, [{"section": "s", "provider": "p", "status": "ok",
+                                                                "planned_s": 1.5}])
+    with open(tmp_path / "x.csv", newline="") as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["provider"] == "p" and json.loads(row["extra"]) == {"planned_s": 1.5}
