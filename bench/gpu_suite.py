@@ -85,38 +85,47 @@ TESTS = Step("tests", "tests", f"pytest -m cuda on {' '.join(GPU_TEST_FILES)}, {
              "(thread method)", cap_s=180, min_s=60)
 
 _EXIT = ("--exit-batches", "512", "--exit-iters", "300", "--repeats", "3", "--warmup", "0")
+# Benchmark steps. Within each, rows run in the order given: batch 512 first, eager first at each batch
+# (the baseline of "x eager"), masking before compaction (the saving is computed on the compaction row).
+THROUGHPUT = Step(
+    "throughput", "bench", "useful image-iterations/s, 50 fixed iterations, batches 512 64 1: eager fp32, "
+    "graph-bf16, chunked-bf16, graph-fp32, torch.compile (default mode, bf16)",
+    ("--sections", "throughput", "--batches", "512", "64", "1", "--iters", "50",
+     "--providers", "eager", "graph-bf16", "chunked-bf16", "graph-fp32", "compile-bf16",
+     "--compile-modes", "default", "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))
+LATENCY = Step(
+    "latency", "bench", "ms per call at batch 1 and 8, 300 fixed iterations",
+    ("--sections", "latency", "--latency-batches", "1", "8", "--latency-iters", "300",
+     "--providers", "eager", "graph-bf16", "chunked-bf16", "graph-fp32", "chunked-fp32", "fsmooth-eager",
+     "--repeats", "5", "--warmup", "1"), cap_s=200)
+LOSS_KERNEL = Step(
+    "loss-kernel", "bench", "fused Triton L_F + gradient vs the eager reference, fp32 and bf16",
+    ("--sections", "loss-kernel"), min_s=45)
+COMPILE_512 = Step(
+    "compile-512", "bench", "torch.compile max-autotune (falling back to default) vs graph-bf16 at batch 512",
+    ("--sections", "throughput", "--batches", "512", "--iters", "50",
+     "--providers", "graph-bf16", "compile-bf16", "compile", "--compile-modes", "max-autotune", "default",
+     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))
+EARLY_EXIT = Step(
+    "early-exit", "bench", "synthetic exit schedule at batch 512: masking vs compaction, bf16 engines",
+    ("--sections", "early-exit", "--exit-providers", "graph-bf16-nocompact", "graph-bf16",
+     "chunked-bf16-nocompact", "chunked-bf16", *_EXIT), cap_s=180)
+WORKLOAD = Step(
+    "workload", "bench", "10,000 inputs: masking vs compaction vs continuous batching (bf16)",
+    ("--sections", "workload", "--workload-size", "10000", "--workload-batch", "512", "--exit-iters", "300"))
+EARLY_EXIT_FP32 = Step(
+    "early-exit-fp32", "bench", "the exit schedule with the fp32 engines and the eager loops",
+    ("--sections", "early-exit", "--exit-providers", "graph-fp32-nocompact", "graph-fp32",
+     "chunked-fp32-nocompact", "chunked-fp32", "fsmooth-eager", "eager", *_EXIT))
+QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
+
 CALLS: dict[str, tuple[Step, ...]] = {
-    "first": (SETUP, EXTENSION, TESTS, Step(
-        "throughput", "bench", "useful image-iterations/s, 50 fixed iterations, batches 512 64 1: eager fp32, "
-        "graph-bf16, chunked-bf16, graph-fp32, torch.compile (default mode, bf16)",
-        ("--sections", "throughput", "--batches", "512", "64", "1", "--iters", "50",
-         "--providers", "eager", "graph-bf16", "chunked-bf16", "graph-fp32", "compile-bf16",
-         "--compile-modes", "default", "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))),
-    "second": (SETUP, EXTENSION, Step(
-        "latency", "bench", "ms per call at batch 1 and 8, 300 fixed iterations",
-        ("--sections", "latency", "--latency-batches", "1", "8", "--latency-iters", "300",
-         "--providers", "eager", "graph-bf16", "chunked-bf16", "graph-fp32", "chunked-fp32", "fsmooth-eager",
-         "--repeats", "5", "--warmup", "1")), Step(
-        "loss-kernel", "bench", "fused Triton L_F + gradient vs the eager reference, fp32 and bf16",
-        ("--sections", "loss-kernel"), min_s=45), Step(
-        "compile-512", "bench", "torch.compile max-autotune (falling back to default) vs graph-bf16 at batch 512",
-        ("--sections", "throughput", "--batches", "512", "--iters", "50",
-         "--providers", "graph-bf16", "compile-bf16", "compile", "--compile-modes", "max-autotune", "default",
-         "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))),
-    "third": (SETUP, EXTENSION, Step(
-        "early-exit", "bench", "synthetic exit schedule at batch 512: masking vs compaction, bf16 engines",
-        ("--sections", "early-exit", "--exit-providers", "graph-bf16-nocompact", "graph-bf16",
-         "chunked-bf16-nocompact", "chunked-bf16", *_EXIT), cap_s=200), Step(
-        "workload", "bench", "10,000 inputs: masking vs compaction vs continuous batching (bf16)",
-        ("--sections", "workload", "--workload-size", "10000", "--workload-batch", "512", "--exit-iters", "300"),
-        cap_s=240), Step(
-        "early-exit-fp32", "bench", "the exit schedule with the fp32 engines and the eager loops",
-        ("--sections", "early-exit", "--exit-providers", "graph-fp32-nocompact", "graph-fp32",
-         "chunked-fp32-nocompact", "chunked-fp32", "fsmooth-eager", "eager", *_EXIT))),
+    "first": (SETUP, EXTENSION, TESTS, THROUGHPUT),
+    "second": (SETUP, EXTENSION, LATENCY, LOSS_KERNEL, COMPILE_512),
+    "third": (SETUP, EXTENSION, EARLY_EXIT, WORKLOAD, EARLY_EXIT_FP32),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
-    "quick": (SETUP, EXTENSION, Step("quick", "bench", "the CPU smoke configuration, on the GPU machine",
-                                     ("--quick",))),
+    "quick": (SETUP, EXTENSION, QUICK),
 }
 
 
@@ -190,8 +199,9 @@ def run_process(cmd: list[str], limit_s: float, log, cwd: Path = ROOT, env: Mapp
     """
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
-    proc = subprocess.Popen(cmd, cwd=cwd, env=None if env is None else dict(env), stdout=subprocess.PIPE,
-                            stderr=log, text=True, start_new_session=True)
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")  # lines as they come, up to a kill
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=log, text=True,
+                            start_new_session=True)
     lines: list[str] = []
 
     def pump():
@@ -210,8 +220,11 @@ def run_process(cmd: list[str], limit_s: float, log, cwd: Path = ROOT, env: Mapp
         rc = proc.wait(timeout=max(limit_s, 1))
     except subprocess.TimeoutExpired:
         timed_out = True
+    try:  # the group: at the limit the step itself, and in any case what it left running
         os.killpg(proc.pid, signal.SIGKILL)
-        rc = proc.wait()
+    except ProcessLookupError:
+        pass
+    rc = proc.wait()
     reader.join(timeout=10)
     return rc, timed_out, "".join(lines)
 

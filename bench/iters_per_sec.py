@@ -225,7 +225,8 @@ def sweep(section: str, names, model, layer, schedule, batches, args, device, re
         unavailable = {p.name: p.unavailable(torch.device(device)) for _, p in jobs}
         # + the check run and the fp32 eager reference, check.max_iters iterations each
         planned = [0.0 if unavailable[p.name] else
-                   plan.cost.provider_s(p, b, schedule.max_iters, calls) + plan.cost.loop_s("fp32", b, check.max_iters, 2)
+                   plan.cost.provider_s(p, b, schedule.max_iters, calls, exit_work_fraction(p, extra, schedule))
+                   + plan.cost.loop_s("fp32", b, check.max_iters, 2)
                    for b, p in jobs]
         plan.announce(f"{section} ({schedule.max_iters} iterations per call, {calls} calls per row)",
                       [(f"{p.name} batch {b}" + (" (unavailable here)" if unavailable[p.name] else ""), s)
@@ -372,6 +373,7 @@ def calibrate_exit_delta(model, layer, args, device) -> tuple[prov.Schedule, dic
     hits = first_exit_iterations(losses, best, args.exit_iters).double()
     info = {"exit_beta": args.exit_beta, "exit_delta": best, "pilot_batch": args.pilot_batch,
             "pilot_iters_p10": float(hits.quantile(0.1)), "pilot_iters_p50": float(hits.median()),
+            "pilot_iters_mean": float(hits.mean()),
             "pilot_iters_p90": float(hits.quantile(0.9)), "pilot_iters_max": float(hits.max())}
     return prov.Schedule(args.exit_beta, best, args.exit_iters), info
 
@@ -437,14 +439,30 @@ def _workload_modes(args, device) -> list[tuple[str, str, int | None]]:
     return [("masking", "eager", args.workload_batch), ("compaction", "fsmooth-eager", args.workload_batch)]
 
 
-def workload_planned_s(cost: planner.CostModel, provider, n: int, slots: int, max_iters: int,
-                       repeats: int) -> float:
-    """A workload row's planned seconds, every sample at ``max_iters`` (an upper bound): one untimed call on
-    ``slots`` inputs (with capture or compile), then ``repeats`` passes over the ``n`` inputs ``slots`` at a
-    time (chunks, or the slots of one continuous-batching call)."""
+def exit_work_fraction(provider, info: dict | None, schedule: prov.Schedule) -> float:
+    """Planned share of ``max_iters`` that an early-exit call executes.
+
+    A masked batch (the eager loop, an engine with ``compact=False``) runs until its slowest sample exits:
+    all of it. An engine that drops or compacts exited samples executes about the samples' mean exit
+    iteration, measured by the exit schedule's pilot run (``pilot_iters_mean``), plus 25 % for bucket
+    rounding; without a pilot, all of it.
+    """
+    mean = (info or {}).get("pilot_iters_mean")
+    drops_exited = isinstance(provider, prov.EngineProvider) and provider.options.get("compact", True)
+    if mean is None or not drops_exited or schedule.max_iters <= 0:
+        return 1.0
+    return min(1.0, 1.25 * mean / schedule.max_iters)
+
+
+def workload_planned_s(cost: planner.CostModel, provider, n: int, slots: int, schedule: prov.Schedule,
+                       repeats: int, info: dict | None = None) -> float:
+    """A workload row's planned seconds: one untimed call on ``slots`` inputs (with capture or compile), then
+    ``repeats`` passes over the ``n`` inputs ``slots`` at a time (chunks, or the slots of one
+    continuous-batching call), each executing :func:`exit_work_fraction` of ``max_iters``."""
     passes = -(-n // slots)
-    return (cost.provider_s(provider, slots, max_iters, calls=1)
-            + cost.loop_s(provider.precision, slots, max_iters, calls=passes * repeats))
+    fraction = exit_work_fraction(provider, info, schedule)
+    return (cost.provider_s(provider, slots, schedule.max_iters, 1, fraction)
+            + fraction * cost.loop_s(provider.precision, slots, schedule.max_iters, calls=passes * repeats))
 
 
 def section_workload(model, layer, args, device, schedule, info, record, source, plan=None) -> list[dict]:
@@ -452,8 +470,8 @@ def section_workload(model, layer, args, device, schedule, info, record, source,
     n = args.workload_size
     modes = [(mode, prov.build_providers([name], tuple(args.compile_modes))[0], chunk)
              for mode, name, chunk in _workload_modes(args, device)]
-    planned = [workload_planned_s(plan.cost, provider, n, chunk or args.workload_batch, schedule.max_iters,
-                                  args.workload_repeats) if plan else None
+    planned = [workload_planned_s(plan.cost, provider, n, chunk or args.workload_batch, schedule,
+                                  args.workload_repeats, info) if plan else None
                for _, provider, chunk in modes]
     if plan is not None:
         plan.announce(f"workload ({n} inputs, at most {schedule.max_iters} iterations each)",

@@ -91,9 +91,10 @@ class CostModel:
     def compile_s(self, mode: str) -> float:
         return self.compile_allowance_s.get(mode, max(self.compile_allowance_s.values()))
 
-    def provider_s(self, provider, batch: int, iters: int, calls: int) -> float:
-        """Seconds of ``calls`` calls of ``provider`` at ``batch`` x ``iters``, with its capture or compile."""
-        seconds = self.row_setup_s + self.loop_s(provider.precision, batch, iters, calls)
+    def provider_s(self, provider, batch: int, iters: int, calls: int, work_fraction: float = 1.0) -> float:
+        """Seconds of ``calls`` calls of ``provider`` at ``batch`` x ``iters``, with its capture or compile;
+        ``work_fraction``: the share of the iterations a call executes (early exit, see iters_per_sec.py)."""
+        seconds = self.row_setup_s + work_fraction * self.loop_s(provider.precision, batch, iters, calls)
         if isinstance(provider, prov.EngineProvider) and provider.engine != "eager":
             unrolled = provider.options.get("chunk", 8) if provider.engine == "chunked" else 1
             seconds += self.capture_s(provider.precision, batch, unrolled)

@@ -248,3 +248,23 @@ def test_csv_keeps_an_existing_header(bench_modules, tmp_path):
     with open(tmp_path / "x.csv", newline="") as f:
         (row,) = list(csv.DictReader(f))
     assert row["provider"] == "p" and json.loads(row["extra"]) == {"planned_s": 1.5}
+
+
+def test_exit_rows_are_planned_from_the_pilots_mean_exit(bench_modules, planner_module):
+    _, ips = bench_modules
+    planner, providers = planner_module
+    schedule = providers.Schedule(2.0, 0.01, 300)
+    info = {"pilot_iters_mean": 120.0}
+    eager, fs_eager, graph, masked = providers.build_providers(
+        ["eager", "fsmooth-eager", "graph-bf16", "graph-bf16-nocompact"])
+    assert ips.exit_work_fraction(eager, info, schedule) == 1.0  # a masked batch runs to its slowest sample
+    assert ips.exit_work_fraction(masked, info, schedule) == 1.0
+    assert ips.exit_work_fraction(graph, info, schedule) == pytest.approx(0.5)  # 1.25 x 120 / 300
+    assert ips.exit_work_fraction(fs_eager, info, schedule) == pytest.approx(0.5)
+    assert ips.exit_work_fraction(graph, None, schedule) == 1.0  # no pilot: the upper bound
+    cost = planner.CostModel(1e9, {"fp32": planner.LoopCost(0.0, 1e-4), "bf16": planner.LoopCost(0.0, 1e-5)})
+    full = ips.workload_planned_s(cost, masked, 1000, 100, schedule, 1, info)
+    half = ips.workload_planned_s(cost, graph, 1000, 100, schedule, 1, info)
+    loop = 300 * 100 * 1e-5  # one call of 100 slots x 300 iterations
+    assert full == pytest.approx(loop + cost.capture_s("bf16", 100) + 10 * loop)
+    assert half == pytest.approx(0.5 * loop + cost.capture_s("bf16", 100) + 0.5 * 10 * loop)
