@@ -50,6 +50,8 @@ import time
 
 import torch
 
+from fsmooth.defense import DefenseConfig
+
 import benchlib
 import planner
 import providers as prov
@@ -383,7 +385,7 @@ def exit_setup(model, layer, args, device):
 
     ``synthetic``: the benchmark's untrained model with :func:`calibrate_exit_delta`.
     ``pretrained``: a trained model embedded in the repository (``fsmooth.models.pretrained``) at the
-    paper's beta=80 and its calibrated delta, on CIFAR-10 test images when ``--data`` is given (else the
+    calibrated beta and delta (``DefenseConfig.for_model``), on CIFAR-10 test images when ``--data`` is given (else the
     synthetic textures); falls back to ``synthetic`` (saying why in the rows) when none is embedded.
     """
     fallback = ""
@@ -399,15 +401,15 @@ def exit_setup(model, layer, args, device):
             fallback = f"pretrained unavailable ({benchlib.error_reason(exc, 150)}); "
             _log.warning("early exit: %s falling back to the synthetic schedule", fallback)
         else:
-            delta = getattr(trained, "defense_delta", None) or 0.0124
+            config = DefenseConfig.for_model(trained)
             source, data = make_start_points, "synthetic textures"
             if args.data:
                 from fsmooth.data import load_dataset
                 source, data = dataset_start_points(load_dataset(args.data, "test")[0]), "CIFAR-10 (JPEG q75 copy)"
             flops = benchlib.count_flops(models.prefix(trained, None), torch.rand(1, 3, 32, 32, device=device))
-            info = {"exit_model": f"pretrained:{name}", "exit_beta": 80.0, "exit_delta": float(delta),
+            info = {"exit_model": f"pretrained:{name}", "exit_beta": config.beta, "exit_delta": config.delta,
                     "exit_inputs": data, "model_flops_per_iter": flops["forward_plus_input_grad_flops"]}
-            return trained, None, prov.Schedule(80.0, float(delta), args.exit_iters), info, source
+            return trained, None, prov.Schedule(config.beta, config.delta, args.exit_iters), info, source
     schedule, info = calibrate_exit_delta(model, layer, args, device)
     info = {"exit_model": fallback + f"synthetic:{args.arch}", "exit_inputs": "synthetic textures", **info}
     return model, layer, schedule, info, make_start_points

@@ -95,7 +95,7 @@ def main(argv=None) -> dict:
     n = labels.numel()
     row = {
         "benchmark": "precision_agreement", "model": args.model if not args.quick else "random wrn-10-1",
-        "data": data_label, "n": n, "delta_test": config.delta, "max_iters": config.max_iters, "seed": args.seed,
+        "data": data_label, "n": n, "beta": config.beta, "delta_test": config.delta, "max_iters": config.max_iters, "seed": args.seed,
         "same_iterations": float((a["iters"] == b["iters"]).float().mean()),
         "mean_abs_iteration_difference": float((a["iters"] - b["iters"]).abs().float().mean()),
         "same_prediction": float((a["pred"] == b["pred"]).float().mean()),
@@ -120,7 +120,8 @@ def format_markdown(row: dict, env: dict) -> str:
     lines = [
         "# Active Defense: bf16 prefix vs fp32 (same noise)",
         "",
-        f"{row['n']} images of {row['data']}, model `{row['model']}`, delta_test {row['delta_test']:.5g}, "
+        f"{row['n']} images of {row['data']}, model `{row['model']}`, beta {row['beta']:.4g}, "
+        f"delta_test {row['delta_test']:.5g}, "
         f"max_iters {row['max_iters']}, seed {row['seed']}.",
         f"Device: {env['device']} ({env['gpu_name'] if env['device'] == 'cuda' else env['cpu']}); "
         f"torch {env['torch']}, triton {env['triton']}; {env['date']}.",
