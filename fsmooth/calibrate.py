@@ -242,6 +242,23 @@ def _measure(defense: ActiveDefense, model: nn.Module, x: torch.Tensor, y: torch
     }
 
 
+@torch.no_grad()
+def _noise_only_correct(defense: ActiveDefense, model: nn.Module, x: torch.Tensor, y: torch.Tensor, sigma: float, *,
+                        seed: int, batch_size: int) -> torch.Tensor:
+    """Whether ``model`` classifies ``x + noise`` correctly, with the very noise every search point starts from.
+
+    It separates what the noise costs from what the descent does: defended accuracy below this means the
+    descent hurts, above it means the descent repairs part of the noise's damage.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    correct = []
+    for lo in range(0, x.shape[0], batch_size):
+        xb = x[lo:lo + batch_size]
+        noisy = xb + defense.draw_noise(xb, generator, sigma).to(xb.dtype)
+        correct.append((model(noisy).argmax(1) == y[lo:lo + batch_size]).cpu())
+    return torch.cat(correct)
+
+
 def _sweep_done(point: dict, target: CalibrationTarget, max_iters: int) -> bool:
     """Whether smaller steps at this delta can no longer give a better point.
 
@@ -273,7 +290,8 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         engine: defense engine for the measurements (``"auto"``: CUDA graphs on a GPU).
 
     Returns a JSON-serialisable report: ``sigma``, ``beta``, ``delta_test`` (the choice),
-    ``satisfied``, ``why``, ``chosen`` and every measured ``points`` entry, the starting point,
+    ``satisfied``, ``why``, ``chosen`` and every measured ``points`` entry, the bare model's
+    accuracy and its accuracy on the noisy starts alone (``noise_accuracy``), the starting point,
     the clean ``L_F`` distribution, the target, ``n`` and ``seed``. Warns
     (:class:`CalibrationWarning`) when no point meets the target.
     """
@@ -312,6 +330,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         size = feature_size(model, layer, x[:1])
         beta0 = scaled_beta(size)
         defense = ActiveDefense(model, layer, engine=engine)
+        noise_correct = _noise_only_correct(defense, model, x, y, sigma, seed=seed, batch_size=batch_size)
         betas = [beta0 * f for f in sorted(set(beta_factors), reverse=True)]
         points = []
         bar = tqdm(total=len(delta_ratios) * len(betas), desc="calibrate", disable=quiet)
@@ -355,6 +374,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                       "looser target.", CalibrationWarning, stacklevel=2)
     return {
         "sigma": float(sigma), "beta": chosen["beta"], "delta_test": chosen["delta"], "satisfied": bool(feasible),
+        "bare_accuracy": float(bare_correct.double().mean()), "noise_accuracy": float(noise_correct.double().mean()),
         "why": why, "rule": SEARCH_RULE, "chosen": chosen, "points": points,
         "start": {"beta": beta0, "delta": suggest_delta_test(losses), "delta_ratio": DELTA_RATIO,
                   "feature_size": size},

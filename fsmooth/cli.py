@@ -199,6 +199,8 @@ def _print_search(report: dict) -> None:
     start = report["start"]
     print(f"start: beta0 = 80 x {start['feature_size']} / 163840 = {start['beta']:.4g}; "
           f"{report['n']} images, seed {report['seed']}, cap {report['max_iters']} iterations")
+    print(f"accuracy: bare model {report['bare_accuracy']:.3f}; on the noisy starts alone (sigma "
+          f"{report['sigma']:g}, no descent) {report['noise_accuracy']:.3f}")
     print(f"{'beta':>9}{'delta_test':>12}{'bare acc':>10}{'def. acc':>10}{'iters q10/med/q90':>20}"
           f"{'unconv.':>9}{'diverged':>9}{'L-inf med/q90':>15}{'s/img':>8}  ok")
     for p in report["points"]:

@@ -206,3 +206,19 @@ def test_every_entry_point_uses_the_calibration_and_explicit_arguments_win(calib
         DefenseConfig.for_model(loaded, step=3.0)
     # An uncalibrated model gets the paper's values.
     assert DefenseConfig.for_model(tiny_model()) == DefenseConfig()
+
+
+def test_noise_only_accuracy_uses_the_noise_every_point_starts_from():
+    model = tiny_model()
+    x = smooth_images(6, size=10)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    with pytest.warns(CalibrationWarning):  # 3 iterations cannot reach the default target's median of 100
+        report = calibrate_defense(model, x, y, n=None, max_iters=3, beta_factors=(1,), delta_ratios=(0.92,),
+                                   seed=6, sigma=0.3, batch_size=4)
+    generator = torch.Generator().manual_seed(6)
+    noisy = torch.cat([xb + (torch.rand(xb.shape, generator=generator) * 2 - 1) * 0.3 for xb in x.split(4)])
+    with torch.no_grad():
+        expected = (model(noisy).argmax(1) == y).double().mean().item()
+    assert 0 < expected < 1  # this draw flips some predictions: another draw would give another value
+    assert report["bare_accuracy"] == 1.0 and report["noise_accuracy"] == expected
