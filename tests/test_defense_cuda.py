@@ -4,7 +4,6 @@ fp32 parity needs IEEE fp32 on both sides: cuDNN allows TF32 for convolutions by
 rounding, amplified over tens of iterations and different algorithms per batch size, exceeds the
 1e-4 tolerances. Every test here runs with TF32 off (``_ieee_fp32``) unless it sets the flags itself.
 """
-import contextlib
 import warnings
 
 import pytest
@@ -12,29 +11,16 @@ import torch
 
 from fsmooth.defense import ActiveDefense, DefendedClassifier, DefenseConfig, DefenseNotConvergedWarning, defend
 from fsmooth.defense import while_loop
+from fsmooth.defense.capture_flags import tf32_allowed
 
 from test_defense import BETA, initial_losses, noise_for, tiny_wrn, varied_inputs
 
 pytestmark = pytest.mark.cuda
 
 
-@contextlib.contextmanager
-def _tf32(allowed: bool):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; the legacy flags still work
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
-    with _tf32(False):
+    with tf32_allowed(False):
         yield
 
 
@@ -134,7 +120,7 @@ def test_runner_cache_follows_tf32_flags(engine):
     defense = ActiveDefense(model, config=config, engine=engine, max_batch=4)
     defense(x, return_info=True, noise=noise)
     (ieee_runner,) = defense._runners.values()
-    with _tf32(True):
+    with tf32_allowed(True):
         assert defense(x, return_info=True, noise=noise).engine == engine
     assert len(defense._runners) == 2
     defense(x, return_info=True, noise=noise)

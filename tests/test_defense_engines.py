@@ -4,7 +4,6 @@ keyed by the TF32/cuDNN flags, and capture of every bucket, largest first, once.
 The graph engines' host logic runs on CPU through ``CpuRunner`` (captured graphs replaced by eager replays
 of the same iteration, see ``test_defense_runner``); failures are injected by monkeypatching the runner.
 """
-import contextlib
 import warnings
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 import fsmooth.defense.api as api
 import fsmooth.defense.graph as graph
 from fsmooth.defense import ActiveDefense, DefenseConfig
-from fsmooth.defense.capture_flags import capture_flags
+from fsmooth.defense.capture_flags import capture_flags, tf32_allowed
 
 from test_defense import BETA, initial_losses, noise_for, tiny_wrn, varied_inputs
 from test_defense_runner import CpuRunner
@@ -25,20 +24,6 @@ class _Broken:
 
     def run(self, *args):
         raise RuntimeError(self.message)
-
-
-@contextlib.contextmanager
-def _tf32(allowed: bool):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _problem(n=5):
@@ -114,12 +99,12 @@ def test_forced_engine_failure_raises(monkeypatch):
 
 
 def test_capture_flags_follow_tf32_switches():
-    with _tf32(False):
+    with tf32_allowed(False):
         off = capture_flags()
-    with _tf32(True):
+    with tf32_allowed(True):
         on = capture_flags()
     assert off != on and hash(off) != hash(on)
-    with _tf32(False):
+    with tf32_allowed(False):
         assert capture_flags() == off
 
 
@@ -127,13 +112,13 @@ def test_runner_cache_is_keyed_by_tf32_flags(monkeypatch):
     monkeypatch.setattr(graph, "GraphRunner", CpuRunner)
     defense = ActiveDefense(tiny_wrn(), config=DefenseConfig(delta=100.0), engine="eager")
     x = varied_inputs(2)
-    with _tf32(False):
+    with tf32_allowed(False):
         ieee = defense._runner("chunked", x)
         assert defense._runner("chunked", x) is ieee
-    with _tf32(True):
+    with tf32_allowed(True):
         tf32 = defense._runner("chunked", x)
     assert tf32 is not ieee
-    with _tf32(False):
+    with tf32_allowed(False):
         assert defense._runner("chunked", x) is ieee
     assert defense._runner("graph", x) is not ieee
 
@@ -157,6 +142,15 @@ def test_every_bucket_is_captured_once_largest_first(mode):
         runner.run(module, (x + noise)[:1], config)  # a call of one sample still captures every bucket
         runner.run(module, x + noise, config)
         assert runner.captures == [[8, 4, 2, 1]]
-        with _tf32(not torch.backends.cudnn.allow_tf32):  # new flags: a new signature, captured again
+        with tf32_allowed(not torch.backends.cudnn.allow_tf32):  # new flags: a new signature, captured again
             runner.run(module, x + noise, config)
     assert runner.captures == [[8, 4, 2, 1], [8, 4, 2, 1]]
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_tf32_allowed_sets_and_restores_both_flags(allowed):
+    before = capture_flags()
+    with tf32_allowed(allowed):
+        inside = capture_flags()
+        assert (inside.matmul_allow_tf32, inside.cudnn_allow_tf32) == (allowed, allowed)
+    assert capture_flags() == before

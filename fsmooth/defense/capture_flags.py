@@ -10,12 +10,13 @@ under those flags.
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import NamedTuple
 
 import torch
 
-__all__ = ["CaptureFlags", "capture_flags"]
+__all__ = ["CaptureFlags", "capture_flags", "tf32_allowed"]
 
 
 class CaptureFlags(NamedTuple):
@@ -61,3 +62,23 @@ def capture_flags() -> CaptureFlags:
             cudnn_deterministic=_read(lambda: b.cudnn.deterministic),
             deterministic_algorithms=_read(torch.are_deterministic_algorithms_enabled),
         )
+
+
+@contextlib.contextmanager
+def tf32_allowed(allowed: bool):
+    """Allow (or forbid) TF32 for fp32 matmuls and convolutions inside the block, then restore the old flags.
+
+    fp32 parity checks against the eager engine need ``tf32_allowed(False)``: cuBLAS/cuDNN may
+    otherwise pick TF32 kernels on Ampere and later.
+    """
+    cuda, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch prefers fp32_precision; the legacy flags still work
+        saved = (cuda.allow_tf32, cudnn.allow_tf32)
+        cuda.allow_tf32 = cudnn.allow_tf32 = bool(allowed)
+    try:
+        yield
+    finally:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cuda.allow_tf32, cudnn.allow_tf32 = saved
