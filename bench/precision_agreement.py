@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 
 import fsmooth
-from fsmooth.checkpoint import load_model
 from fsmooth.data import load_dataset
-from fsmooth.models.zoo import DEFAULT_PRETRAINED, available_pretrained
+from fsmooth.models.zoo import DEFAULT_PRETRAINED, load_classifier
 
 from benchlib import append_results, configure_logging, default_out_dir, environment
 
@@ -50,10 +49,7 @@ def load_inputs(args) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor, str]
         images = torch.rand(8, 3, 32, 32)
         labels = torch.randint(0, 10, (8,))
         return model, images, labels, "synthetic (quick)"
-    if args.model in available_pretrained():
-        model = fsmooth.models.pretrained(args.model)
-    else:
-        model, _ = load_model(args.model)
+    model, _ = load_classifier(args.model)
     images, labels = load_dataset(args.data, "test")
     subset = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(args.seed))[:args.n]
     return model, images[subset].float() / 255, labels[subset], "CIFAR-10 (JPEG q75 copy)"

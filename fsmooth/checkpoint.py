@@ -28,9 +28,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .io import append_line, fsync_dir, fsync_file, public_mode, write_json_atomic, write_text_atomic
+from .models.wrn import WideResNet
+
 __all__ = ["save_checkpoint", "load_model", "load_meta", "load_training_state", "resolve_checkpoint",
            "write_json_atomic", "write_text_atomic", "append_line", "save_run_checkpoint", "latest_checkpoint",
            "load_run_checkpoint", "update_meta", "model_from_meta"]
+# write_json_atomic, write_text_atomic, append_line, fsync_file and fsync_dir live in fsmooth.io; they stay
+# importable from here for existing callers.
 
 _log = logging.getLogger(__name__)
 FORMAT = "fsmooth-checkpoint/1"
@@ -42,81 +47,6 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         model = model.module
     return getattr(model, "_orig_mod", model)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _public(path, mode: int) -> None:
-    """mkstemp/mkdtemp create private (0600/0700) entries; give them the usual permissions."""
-    os.chmod(path, mode & ~_umask())
-
-
-def fsync_file(path: str | os.PathLike) -> None:
-    """Flush ``path``'s data to disk (files written by libraries that do not fsync themselves)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike) -> None:
-    """Make the entries (renames, new files) of folder ``path`` durable; a no-op where folders cannot be fsynced."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, fsync it, rename it over ``path``, fsync the folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    _public(tmp, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json_atomic(path: str | os.PathLike, obj) -> None:
-    """Write ``obj`` as JSON atomically (see :func:`write_text_atomic`)."""
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def append_line(path: str | os.PathLike, line: str) -> None:
-    """Append ``line`` and a newline to ``path`` with one ``write`` call, then fsync.
-
-    A crash can only leave the new line torn at the very end of the file (readers skip it);
-    earlier lines are never touched.
-    """
-    data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        written = os.write(fd, data)
-        if written != len(data):  # a short write (disk full): finish it rather than leave half a line
-            view = memoryview(data)[written:]
-            while view:
-                view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _state_dict(model: nn.Module, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
@@ -147,7 +77,7 @@ def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *
     if config is not None:
         meta.setdefault("model_config", dict(config))
     tmp = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.", dir=path_dir.parent))
-    _public(tmp, 0o777)
+    public_mode(tmp, 0o777)
     try:
         save_file(_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": FORMAT})
         fsync_file(tmp / WEIGHTS)
@@ -321,7 +251,6 @@ def update_meta(path: str | os.PathLike, **changes) -> dict:
 
 def model_from_meta(meta: dict) -> nn.Module:
     """An untrained model of the architecture ``meta`` describes."""
-    from .models import WideResNet
     config = meta.get("model_config")
     if not isinstance(config, dict):
         raise ValueError("checkpoint metadata has no 'model_config'")

@@ -27,12 +27,13 @@ import logging
 import os
 import pickle
 import tarfile
-import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .io import write_safetensors_atomic
 
 __all__ = ["load_dataset", "synthetic_dataset", "DeviceLoader", "augment", "resolve_source", "cache_dir",
            "DATASETS", "CIFAR10_CLASSES", "DataError"]
@@ -163,21 +164,9 @@ def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _write_cache(path: Path, images: torch.Tensor, labels: torch.Tensor, source: str) -> None:
-    from safetensors.torch import save_file
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        try:
-            save_file({"images": images.contiguous(), "labels": labels.contiguous()}, tmp,
-                      metadata={"source": source, "version": str(_CACHE_VERSION)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_safetensors_atomic(path, {"images": images, "labels": labels},
+                                 metadata={"source": source, "version": str(_CACHE_VERSION)})
     except OSError as exc:  # caching is an optimisation: a read-only home must not stop training
         _log.warning("could not write the data cache %s: %s", path, exc)
 

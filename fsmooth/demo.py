@@ -19,26 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import zoo
+
 __all__ = ["run_demo", "run_defend", "load_classifier", "pgd_linf", "demo_images", "figure4"]
 
 CPU_IMAGES, GPU_IMAGES = 16, 256
 
 
 def load_classifier(spec: str | None, device) -> tuple[nn.Module, dict, str]:
-    """``(model, meta, label)`` from a pretrained name, a checkpoint path, or the default embedded model."""
-    from .checkpoint import load_model
-    from .models import zoo
-    if spec is None:
-        spec = zoo.DEFAULT_PRETRAINED
-    if spec in zoo.available_pretrained():
-        model = zoo.pretrained(spec, device=device)
-        return model, model.pretrained_meta, spec
-    if not Path(spec).exists():
-        available = zoo.available_pretrained()
-        raise ValueError(f"--model {spec!r} is neither an embedded model ({available or 'none installed'}) "
-                         "nor an existing checkpoint path")
-    model, meta = load_model(spec, device=device)
-    return model, meta, str(spec)
+    """``(model, meta, label)``: :func:`fsmooth.models.zoo.load_classifier` and the name the tables show."""
+    model, meta = zoo.load_classifier(spec, device=device)
+    return model, meta, str(spec if spec is not None else zoo.DEFAULT_PRETRAINED)
 
 
 def demo_images(data, n: int, dataset: str = "cifar10") -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,11 @@
-"""Sharding an evaluation over ``torchrun`` ranks: rank r runs chunks r, r + W, ...; results are gathered.
+"""Rank and world detection for ``torchrun`` launches, shared by training and evaluation.
 
-Launch: ``torchrun --nproc_per_node=4 --no-python fsmooth eval ...``. Each rank
-uses ``cuda:LOCAL_RANK`` (NCCL) when CUDA is available, otherwise the CPU
-(gloo). Every rank ends with the full merged results; rank 0 writes the report.
+``torchrun`` describes the job in ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+:func:`init_from_env` joins that process group (NCCL on ``cuda:LOCAL_RANK`` when
+CUDA is available, otherwise gloo). Before a group exists, :func:`env_ranks` reads
+the environment; once it does, :func:`rank_and_world` asks the group. An
+evaluation shards as rank r running chunks r, r + W, ...; every rank ends with
+the full merged results and rank 0 writes the report.
 """
 from __future__ import annotations
 
@@ -11,24 +14,39 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["rank_and_world", "init_from_env", "all_gather_object", "barrier", "local_device"]
+__all__ = ["env_ranks", "rank_and_world", "is_main_process", "init_from_env", "all_gather_object", "barrier",
+           "local_device"]
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """``(rank, world size, local rank)`` as ``torchrun`` sets them; ``(0, 1, 0)`` outside it."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised process group; ``(0, 1)`` without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
+def is_main_process() -> bool:
+    """Rank 0 of the process group, or of the ``torchrun`` environment before the group exists."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return env_ranks()[0] == 0
+
+
 def local_device() -> torch.device:
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", env_ranks()[2])
     return torch.device("cpu")
 
 
 def init_from_env() -> bool:
     """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); ``True`` when distributed."""
-    if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if not dist.is_available() or env_ranks()[1] <= 1:
         return False
     if not dist.is_initialized():
         if torch.cuda.is_available():

@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from .io import atomic_path, read_jsonl
+
 __all__ = ["read_log", "plot_logs", "plot_calibration", "save_figure"]
 
 
@@ -15,14 +17,7 @@ def read_log(path: str | os.PathLike) -> list[dict]:
         path = path / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"training log {str(path)!r} does not exist")
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except ValueError as exc:
-            raise ValueError(f"{str(path)!r} line {number} is not JSON: {exc}") from exc
+    records = read_jsonl(path)
     if not records:
         raise ValueError(f"training log {str(path)!r} is empty")
     return records
@@ -102,9 +97,9 @@ def save_figure(fig, output, dpi: int = 120, **savefig_kwargs) -> Path:
     """Write ``fig`` atomically (temp file, then rename) and close it; returns the path."""
     import matplotlib.pyplot as plt
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.stem}.tmp{output.suffix}")
-    fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
-    plt.close(fig)
-    os.replace(tmp, output)
+    try:
+        with atomic_path(output) as tmp:
+            fig.savefig(tmp, dpi=dpi, **savefig_kwargs)
+    finally:
+        plt.close(fig)
     return output

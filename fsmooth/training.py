@@ -39,9 +39,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._validation import check_device, check_out_dir
-from .checkpoint import append_line, latest_checkpoint, load_run_checkpoint, save_run_checkpoint, write_text_atomic
+from .checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
 from .data import DeviceLoader, load_dataset
+from .distributed import all_gather_object, barrier, env_ranks, init_from_env
 from .functional import feature_loss
+from .io import append_jsonl, read_jsonl, write_text_atomic
 from .loss import FeatureSmoothingLoss
 from .models import build
 from .models.prefix import layer_module, resolve_layer
@@ -87,11 +89,6 @@ class _FeatureProbe:
 
     def close(self):
         self.handle.remove()
-
-
-def _distributed() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def _reduce(values: list[float], device) -> list[float]:
@@ -175,11 +172,10 @@ def train(out_dir: str | os.PathLike, *, arch: str = "wrn-16-4", data=None, data
         command: the command line recorded in the checkpoint metadata.
     """
     options = dict(locals())
-    rank, world, local_rank = _distributed()
-    own_group = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-        own_group = True
+    rank, world, local_rank = env_ranks()
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        init_from_env()
     try:
         return _train(**options, rank=rank, world=world, local_rank=local_rank)
     finally:
@@ -337,11 +333,9 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
         history.append(record)
         rng = _rng_state(device)
         if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rng)
-            rng = {"ranks": gathered}
+            rng = {"ranks": all_gather_object(rng)}
         if rank == 0:
-            append_line(run_dir / LOG_NAME, json.dumps(record))
+            append_jsonl(run_dir / LOG_NAME, record)
             meta = dict(meta_base, epoch=epoch + 1, metrics=record)
             checkpoint = save_run_checkpoint(run_dir, epoch + 1, model, meta, optimizer=optimizer,
                                              scheduler=scheduler, extra_state={"epoch": epoch + 1, "rng": rng})
@@ -351,8 +345,7 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
                         test_acc=f"{record['test_acc']:.4f}", test_LF=f"{record['test_feature_loss']:.4f}",
                         lr=f"{record['lr']:.3g}")
         bar.close()
-        if world > 1:
-            dist.barrier()
+        barrier()
     if criterion is not None:
         criterion.close()
     if probe is not None:
@@ -396,17 +389,11 @@ def _read_log(log: Path, last_epoch: int) -> list[dict]:
     if not log.exists():
         return []
     history = []
-    for number, line in enumerate(log.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-            epoch = record["epoch"]
-            if isinstance(epoch, bool) or not isinstance(epoch, int):
-                raise TypeError(f"epoch is {epoch!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            warnings.warn(f"skipping unreadable line {number} of {str(log)!r} ({type(exc).__name__}: {exc})",
-                          RuntimeWarning, stacklevel=3)
+    for number, record in enumerate(read_jsonl(log, corrupt="warn"), 1):
+        epoch = record.get("epoch") if isinstance(record, dict) else None
+        if isinstance(epoch, bool) or not isinstance(epoch, int):
+            warnings.warn(f"skipping record {number} of {str(log)!r}: its epoch is {epoch!r}", RuntimeWarning,
+                          stacklevel=3)
             continue
         if epoch <= last_epoch:  # epochs logged after the checkpoint are rerun
             history.append(record)

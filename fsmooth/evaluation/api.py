@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .distributed import barrier, rank_and_world
+from ..distributed import barrier, rank_and_world
 from .protocols import Budget, RunSpec, parse_protocols, plan
 from .report import build_report, write_outputs
 from .runner import Context, RunResult, execute

@@ -16,6 +16,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..models import zoo
+
 __all__ = ["add_parser", "run", "run_figures"]
 
 _log = logging.getLogger(__name__)
@@ -132,12 +134,7 @@ def _dataset_label(args, dataset: str) -> str:
 
 def _load(args, device=None):
     """``(model, meta)`` from ``--checkpoint`` or ``--pretrained``."""
-    if getattr(args, "pretrained", None):
-        from ..models import pretrained
-        model = pretrained(args.pretrained, device=device)
-        return model, dict(model.pretrained_meta)
-    from ..checkpoint import load_model
-    return load_model(args.checkpoint, device=device)
+    return zoo.load_classifier(getattr(args, "pretrained", None) or args.checkpoint, device=device)
 
 
 def _check_options(args):
@@ -161,11 +158,10 @@ def _check_options(args):
 def run(args) -> int:
     import torch
 
-    from ..checkpoint import load_model
     from ..data import load_dataset
     from ..defense.config import DefenseConfig
     from .api import _defense_config, evaluate
-    from .distributed import init_from_env, local_device, rank_and_world
+    from ..distributed import init_from_env, is_main_process, local_device
 
     budget = _check_options(args)
     init_from_env()
@@ -176,7 +172,7 @@ def run(args) -> int:
     defense = _defense_config(args.defense_preset, model)
     baseline, baseline_defense = None, args.baseline_preset
     if args.baseline_checkpoint:
-        baseline, _ = load_model(args.baseline_checkpoint, device=device)
+        baseline, _ = zoo.load_classifier(args.baseline_checkpoint, device=device)
     if args.max_iters is not None:
         defense = defense.replace(max_iters=args.max_iters)
         baseline_defense = DefenseConfig.preset(args.baseline_preset, max_iters=args.max_iters)
@@ -190,7 +186,7 @@ def run(args) -> int:
         meta={"command": command, "checkpoint": args.checkpoint or f"pretrained:{args.pretrained}",
               "dataset": _dataset_label(args, dataset), "baseline_checkpoint": args.baseline_checkpoint,
               "checkpoint_meta": meta})
-    if rank_and_world()[0] == 0 and not args.quiet:
+    if is_main_process() and not args.quiet:
         print((Path(args.out) / "report.md").read_text())
     return 0
 

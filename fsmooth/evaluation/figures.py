@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from ..io import read_jsonl
+
 __all__ = ["feature_panels", "iteration_histogram", "accuracy_vs_eps", "training_curves", "from_report"]
 
 
@@ -107,22 +109,10 @@ def accuracy_vs_eps(report: dict, path) -> Path:
     return _save(fig, path)
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for line in Path(path).read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill: skip it
-                continue
-    return rows
-
-
 def training_curves(log_path, path) -> Path:
     """Figures 2/3: each numeric field of a training JSONL log against epoch (or step, or line number)."""
     plt = _pyplot()
-    rows = _read_jsonl(log_path)
+    rows = read_jsonl(log_path, corrupt="skip")
     if not rows:
         raise ValueError(f"training log {str(log_path)!r} has no records")
     xkey = next((k for k in ("epoch", "step") if all(k in r for r in rows)), None)

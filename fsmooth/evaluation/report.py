@@ -6,11 +6,11 @@ import platform
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ..io import write_safetensors_atomic, write_text_atomic
 from .scoring import (accuracy_summary, eps_sweep_flag, gradient_masking_flag, perturbation_check,
                       rescore_summary)
-from .store import atomic_write_text, write_json
+from .store import write_json
 
 __all__ = ["build_report", "write_outputs", "markdown", "environment"]
 
@@ -209,7 +209,7 @@ def write_outputs(report: dict, results: dict, rescored: dict, out: Path, ctx) -
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", markdown(report))
+    write_text_atomic(out / "report.md", markdown(report))
     tensors = {"labels": ctx.labels.cpu()}
     for run_id, r in results.items():
         if r.spec is None:
@@ -227,6 +227,4 @@ def write_outputs(report: dict, results: dict, rescored: dict, out: Path, ctx) -
         if r.spec is not None and r.spec.column in ("apgd-ce", "apgd-t") and r.x_adv is not None:
             tensors[f"examples/{run_id}"] = r.x_adv[:16].contiguous()
     tensors["examples/clean"] = ctx.images[:16].cpu().contiguous()
-    tmp = out / ".per_image.safetensors.tmp"
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    tmp.replace(out / "per_image.safetensors")
+    write_safetensors_atomic(out / "per_image.safetensors", tensors)

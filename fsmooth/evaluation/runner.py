@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
-from .distributed import all_gather_object
+from ..distributed import all_gather_object
 from .protocols import Budget, RunSpec
 from .store import ChunkStore
 

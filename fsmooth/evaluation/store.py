@@ -5,36 +5,22 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..io import write_json_atomic, write_safetensors_atomic, write_text_atomic
+
+atomic_write_text = write_text_atomic  # the old name, kept for callers
 
 __all__ = ["ChunkStore", "atomic_write_text", "write_json"]
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _json_default(value):
@@ -59,7 +45,8 @@ def _finite(value):
 
 
 def write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(_finite(obj), indent=2, default=_json_default) + "\n")
+    """``obj`` as JSON, atomically, with NaN/Inf as null and tensors, sets, tuples and paths converted."""
+    write_json_atomic(path, _finite(obj), sort_keys=False, default=_json_default)
 
 
 def _safe(run_id: str) -> str:
@@ -150,13 +137,5 @@ class ChunkStore:
         if self.root is None:
             return
         tensor_path, meta_path = self._paths(run_id, chunk)
-        tensor_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tensor_path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, tensor_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_safetensors_atomic(tensor_path, tensors)
         write_json(meta_path, {**meta, FINGERPRINT_KEY: self.digest})  # written last: marks the chunk complete

@@ -5,7 +5,7 @@ from .prefix import layer_module, prefix, resolve_layer
 from .wrn import PRESETS, WideResNet, wrn16_4, wrn28_10
 
 __all__ = ["WideResNet", "wrn28_10", "wrn16_4", "PRESETS", "build", "prefix", "resolve_layer", "layer_module",
-           "pretrained", "available_pretrained"]
+           "pretrained", "available_pretrained", "load_classifier"]
 
 
 def build(arch: str, num_classes: int = 10, dropout: float = 0.0) -> WideResNet:
@@ -24,8 +24,8 @@ def build(arch: str, num_classes: int = 10, dropout: float = 0.0) -> WideResNet:
 
 
 def __getattr__(name):
-    # The pretrained registry (zoo.py) reads package data; import it only when asked.
-    if name in ("pretrained", "available_pretrained"):
+    # The pretrained registry (zoo.py) imports the checkpoint and data modules; import it only when asked.
+    if name in ("pretrained", "available_pretrained", "load_classifier"):
         from . import zoo as module
         return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

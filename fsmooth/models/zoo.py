@@ -8,11 +8,20 @@ Weights are read with safetensors; nothing is unpickled.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
+import torch
+from torch import nn
+
+from ..checkpoint import load_model, resolve_checkpoint, save_checkpoint
+from ..data import load_dataset
+from ..io import write_json_atomic
+
 __all__ = ["pretrained", "available_pretrained", "pretrained_meta", "pretrained_files", "export_pretrained",
-           "DEFAULT_PRETRAINED"]
+           "load_classifier", "DEFAULT_PRETRAINED"]
 
 # The demo's default: the small WRN trained on CPU with the feature-smoothing loss.
 DEFAULT_PRETRAINED = "wrn-16-1-cifar10-jpeg-fs-cpu"
@@ -52,10 +61,30 @@ def pretrained(name: str = DEFAULT_PRETRAINED, device=None):
 
     Its metadata is available as ``model.pretrained_meta``.
     """
-    from ..checkpoint import load_model
     model, meta = load_model(pretrained_files(name)["weights"], device=device)
     model.pretrained_meta = meta
     return model
+
+
+def load_classifier(spec: str | os.PathLike | None = None, device=None) -> tuple[nn.Module, dict]:
+    """``(model in eval mode, meta)`` from an embedded model's name or a checkpoint path (any form
+    :func:`fsmooth.checkpoint.resolve_checkpoint` accepts); ``None`` means :data:`DEFAULT_PRETRAINED`.
+
+    The one loader behind ``fsmooth demo``, ``defend``, ``eval`` and ``figures``. ``ValueError`` names the
+    embedded models when ``spec`` is neither one of them nor an existing path.
+    """
+    if spec is None:
+        spec = DEFAULT_PRETRAINED
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"model must be a name or a path, got {type(spec).__name__}")
+    available = available_pretrained()
+    if isinstance(spec, str) and spec in available:
+        model = pretrained(spec, device=device)
+        return model, dict(model.pretrained_meta)
+    if not Path(spec).exists():
+        raise ValueError(f"model {str(spec)!r} is neither an embedded model ({available or 'none installed'}) "
+                         "nor an existing checkpoint path")
+    return load_model(spec, device=device)
 
 
 def export_pretrained(checkpoint, name: str, out_dir=None, *, data=None, log=None, subset: int = 1000,
@@ -66,11 +95,6 @@ def export_pretrained(checkpoint, name: str, out_dir=None, *, data=None, log=Non
     seeded subset of ``subset`` test images of ``data`` (when given), which the test
     suite reproduces. ``out_dir`` defaults to the package's ``weights/`` folder.
     """
-    import shutil
-
-    import torch
-
-    from ..checkpoint import load_model, resolve_checkpoint, save_checkpoint, write_json_atomic
     model, meta = load_model(checkpoint)
     if meta.get("delta_test") is None:
         raise ValueError(f"checkpoint {str(checkpoint)!r} is not calibrated: run `fsmooth calibrate` first")
@@ -80,7 +104,6 @@ def export_pretrained(checkpoint, name: str, out_dir=None, *, data=None, log=Non
     staging = out_dir / f".{name}.staging"
     save_checkpoint(staging, model, meta, dtype=torch.float16)
     if data is not None:
-        from ..data import load_dataset
         half, _ = load_model(staging)
         images, labels = load_dataset(data, "test", meta.get("dataset", "cifar10"))
         index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1234))[:subset]
