@@ -16,9 +16,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .figures import figure4
 from .models import zoo
 
 __all__ = ["run_demo", "run_defend", "load_classifier", "pgd_linf", "demo_images", "figure4"]
@@ -62,18 +62,13 @@ def demo_images(data, n: int, dataset: str = "cifar10") -> tuple[torch.Tensor, t
 
 def pgd_linf(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 8 / 255, steps: int = 10,
              alpha: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """L-inf PGD with a uniform random start (Madry et al.), maximising cross-entropy; returns ``x_adv``."""
-    alpha = 2.5 * eps / steps if alpha is None else alpha
-    noise = torch.rand(x.shape, generator=generator, device=x.device if generator is None else generator.device)
-    delta = (noise.to(x.device) * 2 - 1) * eps
-    x_adv = (x + delta).clamp(0, 1).detach()
-    for _ in range(steps):
-        x_adv.requires_grad_(True)
-        loss = F.cross_entropy(model(x_adv).float(), y)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        x_adv = x_adv.detach() + alpha * grad.sign()
-        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1).detach()
-    return x_adv
+    """L-inf PGD with a uniform random start, maximising cross-entropy: :class:`fsmooth.evaluation.attacks.EOTPGD`
+    with one draw and one start, seeded from ``generator``; returns ``x_adv``."""
+    from .evaluation.attacks import EOTPGD  # needs pyautoattack (an optional dependency), so only when attacking
+    seed = int(torch.randint(2 ** 31 - 1, (1,), generator=generator,
+                             device=generator.device if generator is not None else "cpu"))
+    attack = EOTPGD(model, eps, steps=steps, eot_iter=1, n_restarts=1, alpha=alpha, loss="ce", seed=seed)
+    return attack(x, y)
 
 
 def _batches(n: int, size: int):
@@ -158,39 +153,6 @@ def run_demo(args) -> int:
 def _data_label(data) -> str:
     source = str(data or os.environ.get("FSMOOTH_DATA") or "torchvision download")
     return "JPEG q75 copy" if "jpeg" in source.lower() else source
-
-
-def figure4(model: nn.Module, defended, x: torch.Tensor, x_adv: torch.Tensor, output, config, generator) -> Path:
-    """Clean, adversarial, noisy and defended image of one sample, with one feature channel each (PNG)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .models.prefix import prefix
-    noise = (torch.rand(x_adv.shape, generator=generator, device=x_adv.device) * 2 - 1) * config.sigma
-    noisy = x_adv + noise
-    try:
-        info = defended.defense(x_adv, return_info=True, noise=noise)
-    except TypeError:  # an engine without the noise argument: defend from its own draw
-        info = defended.defense(x_adv, generator, return_info=True)
-    panels = [("clean", x), ("adversarial", x_adv), ("noisy", noisy), ("defended", info.inputs)]
-    net = prefix(model)
-    with torch.no_grad():
-        features = [net(img) for _, img in panels]
-        channel = int(features[0][0].flatten(1).var(1).argmax())
-    fig, axes = plt.subplots(2, 4, figsize=(10, 5))
-    for col, ((name, img), feat) in enumerate(zip(panels, features)):
-        axes[0, col].imshow(img[0].clamp(0, 1).permute(1, 2, 0).cpu().numpy())
-        axes[0, col].set_title(name)
-        axes[1, col].imshow(feat[0, channel].float().cpu().numpy(), cmap="viridis")
-        from .functional import feature_loss
-        axes[1, col].set_title(f"L_F {feature_loss(feat.float()).item():.4f}", fontsize=9)
-        for row in range(2):
-            axes[row, col].axis("off")
-    fig.suptitle(f"Active Defense ({int(info.iterations[0])} iterations); feature channel {channel}")
-    fig.tight_layout()
-    from .plotting import save_figure
-    return save_figure(fig, output, dpi=110)
 
 
 def _read_image(path: str) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""``fsmooth eval`` and ``fsmooth figures``: registered on the main parser by :mod:`fsmooth.cli`.
+"""``fsmooth eval``: registered on the main parser by :mod:`fsmooth.cli` (``fsmooth figures`` is
+:mod:`fsmooth.commands.figures`).
 
 ::
 
@@ -11,59 +12,47 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import shlex
 import sys
-from pathlib import Path
 
+import torch
+
+from .._validation import check_device, check_out_dir
+from ..commands.argtypes import count, eps_255, positive, positive_int
+from ..commands.figures import run as run_figures  # its old home; kept for callers
+from ..data import load_dataset
+from ..defense.config import DefenseConfig
+from ..distributed import init_from_env, is_main_process, local_device
 from ..models import zoo
+from .api import _defense_config, evaluate
+from .protocols import GROUPS, PROTOCOLS, Budget, parse_protocols
+from .report import markdown
 
 __all__ = ["add_parser", "run", "run_figures"]
 
 _log = logging.getLogger(__name__)
 
 
-def _number_type(kind, low: float, *, strict: bool, what: str):
-    """An argparse type: ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``."""
-    def parse(value: str):
-        try:
-            number = kind(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-        if not math.isfinite(number) or number < low or (strict and number == low):
-            raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
-        return number
-    return parse
-
-
-_positive_int = _number_type(int, 1, strict=False, what="an integer >= 1")
-_count = _number_type(int, 0, strict=False, what="an integer >= 0")
-_positive = _number_type(float, 0.0, strict=True, what="a number > 0")
-_eps_255 = _number_type(float, 0.5, strict=False, what="an eps in 1/255 units (8 means 8/255), at least 0.5")
-
-
 def _budget_args(p) -> None:
     g = p.add_argument_group("attack budgets (default: the published settings)")
     g.add_argument("--budget", choices=("paper", "tiny"), default="paper",
                    help="'tiny' only checks that everything runs; its numbers mean nothing")
-    for flag, kind, help_ in (("--apgd-iter", _positive_int, "APGD iterations (AutoAttack, adaptive)"),
-                              ("--fab-iter", _positive_int, "FAB-T iterations"),
-                              ("--square-queries", _positive_int, "Square queries"),
-                              ("--eot-draws", _positive_int, "EOT draws (AutoAttack rand, EOT-PGD, torchattacks)"),
-                              ("--pgd-steps", _positive_int, "EOT-PGD steps"),
-                              ("--pgd-restarts", _positive_int, "EOT-PGD restarts"),
-                              ("--adaptive-eot-draws", _positive_int, "EOT draws of the adaptive APGD (paper: 1)"),
-                              ("--rescore-runs", _count, "fresh defense runs for re-scoring (0: none)")):
+    for flag, kind, help_ in (("--apgd-iter", positive_int, "APGD iterations (AutoAttack, adaptive)"),
+                              ("--fab-iter", positive_int, "FAB-T iterations"),
+                              ("--square-queries", positive_int, "Square queries"),
+                              ("--eot-draws", positive_int, "EOT draws (AutoAttack rand, EOT-PGD, torchattacks)"),
+                              ("--pgd-steps", positive_int, "EOT-PGD steps"),
+                              ("--pgd-restarts", positive_int, "EOT-PGD restarts"),
+                              ("--adaptive-eot-draws", positive_int, "EOT draws of the adaptive APGD (paper: 1)"),
+                              ("--rescore-runs", count, "fresh defense runs for re-scoring (0: none)")):
         g.add_argument(flag, type=kind, default=None, help=help_)
-    g.add_argument("--lambdas", type=_positive, nargs="+", default=None,
+    g.add_argument("--lambdas", type=positive, nargs="+", default=None,
                    help="adaptive-attack |lambda| values (each run with both signs)")
-    g.add_argument("--sweep-eps", type=_eps_255, nargs="+", default=None, help="eps sweep values in 1/255 units")
+    g.add_argument("--sweep-eps", type=eps_255, nargs="+", default=None, help="eps sweep values in 1/255 units")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    """Register ``eval`` (and ``figures``) on ``subparsers``."""
-    from .protocols import GROUPS, PROTOCOLS
-
+    """Register ``eval`` on ``subparsers``; returns its parser."""
     p = subparsers.add_parser(
         "eval", help="robustness evaluation: AutoAttack (paper) and adaptive attacks, JSON + markdown report",
         description="Evaluate a checkpoint with Active Defense. Resumable: rerun the same command after an "
@@ -79,40 +68,28 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--dataset-label", default=None, help="how the data set is named in the report")
     p.add_argument("--protocol", default="paper",
                    help=f"comma-separated from {', '.join(PROTOCOLS)} or groups {', '.join(GROUPS)}")
-    p.add_argument("--n", "--num-images", dest="n", type=_positive_int, default=1000,
+    p.add_argument("--n", "--num-images", dest="n", type=positive_int, default=1000,
                    help="first N test images (under torchrun spell it --num-images: torchrun claims --n)")
-    p.add_argument("--eps", type=_eps_255, nargs="+", default=[8.0, 16.0], help="L-inf eps in 1/255 units")
-    p.add_argument("--outer-loops", type=_positive_int, nargs="+", default=[1, 10], help="K values (outerloop)")
+    p.add_argument("--eps", type=eps_255, nargs="+", default=[8.0, 16.0], help="L-inf eps in 1/255 units")
+    p.add_argument("--outer-loops", type=positive_int, nargs="+", default=[1, 10], help="K values (outerloop)")
     p.add_argument("--defense-preset", default=None, help="cifar10, cifar100, ... (default: the checkpoint's delta)")
     p.add_argument("--baseline-preset", default="cifar10-standard")
-    p.add_argument("--max-iters", type=_positive_int, default=None, help="defense iteration cap")
+    p.add_argument("--max-iters", type=positive_int, default=None, help="defense iteration cap")
     p.add_argument("--layer", default=None)
     p.add_argument("--out", default="runs/eval", help="output folder (report, per-image tensors, state)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chunk-size", type=_positive_int, default=250, help="images per resumable chunk")
-    p.add_argument("--batch-size", type=_positive_int, default=250,
+    p.add_argument("--chunk-size", type=positive_int, default=250, help="images per resumable chunk")
+    p.add_argument("--batch-size", type=positive_int, default=250,
                    help="images per forward/attack call at K=1 (divided by K); lower it on out-of-memory")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse finished chunks in OUT/state (default on)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     _budget_args(p)
-    p.set_defaults(func=run)
-
-    f = subparsers.add_parser("figures", help="figures of an evaluation (Figs. 4/5, iterations, accuracy vs eps) "
-                                              "and training curves")
-    f.add_argument("--report", default=None, help="an eval --out folder")
-    f.add_argument("--checkpoint", default=None, help="model for the feature panels (Figures 4/5)")
-    f.add_argument("--pretrained", default=None, help="an embedded model for the feature panels")
-    f.add_argument("--log", action="append", default=[], help="training log.jsonl (Figures 2/3); repeatable")
-    f.add_argument("--out", default="figures")
-    f.set_defaults(func=run_figures)
     return p
 
 
 def _budget(args):
-    from .protocols import Budget
-
     budget = Budget.tiny() if args.budget == "tiny" else Budget()
     names = ("apgd_iter", "fab_iter", "square_queries", "eot_draws", "pgd_steps", "pgd_restarts",
              "adaptive_eot_draws", "rescore_runs")
@@ -139,10 +116,6 @@ def _load(args, device=None):
 
 def _check_options(args):
     """Every option checked before a model or data set is loaded; returns the budget."""
-    from .._validation import check_device, check_out_dir
-    from ..defense.config import DefenseConfig
-    from .protocols import parse_protocols
-
     if any(e < 0.5 for e in args.eps):
         raise ValueError(f"--eps is in 1/255 units (8 means 8/255), got {args.eps}")
     parse_protocols(args.protocol)
@@ -156,13 +129,6 @@ def _check_options(args):
 
 
 def run(args) -> int:
-    import torch
-
-    from ..data import load_dataset
-    from ..defense.config import DefenseConfig
-    from .api import _defense_config, evaluate
-    from ..distributed import init_from_env, is_main_process, local_device
-
     budget = _check_options(args)
     init_from_env()
     device = torch.device(args.device) if args.device else local_device()
@@ -178,7 +144,7 @@ def run(args) -> int:
         baseline_defense = DefenseConfig.preset(args.baseline_preset, max_iters=args.max_iters)
     argv = getattr(args, "argv", None)
     command = "fsmooth " + shlex.join(argv) if argv is not None else shlex.join(sys.argv)
-    evaluate(
+    report = evaluate(
         model, images, labels, protocol=args.protocol, n=args.n, eps=[e / 255 for e in args.eps],
         outer_loops=args.outer_loops, defense=defense, baseline_model=baseline, baseline_defense=baseline_defense,
         layer=args.layer, budget=budget, seed=args.seed, chunk_size=args.chunk_size,
@@ -187,21 +153,5 @@ def run(args) -> int:
               "dataset": _dataset_label(args, dataset), "baseline_checkpoint": args.baseline_checkpoint,
               "checkpoint_meta": meta})
     if is_main_process() and not args.quiet:
-        print((Path(args.out) / "report.md").read_text())
-    return 0
-
-
-def run_figures(args) -> int:
-    from . import figures
-
-    made = []
-    if args.report:
-        model = _load(args)[0] if (args.checkpoint or args.pretrained) else None
-        made += figures.from_report(args.report, args.out, model=model)
-    for i, log in enumerate(args.log):
-        made.append(figures.training_curves(log, Path(args.out) / f"training_{i}.png"))
-    if not made:
-        raise ValueError("nothing to plot: give --report and/or --log")
-    for path in made:
-        print(path)
+        print(markdown(report))
     return 0
