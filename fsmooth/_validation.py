@@ -44,6 +44,15 @@ def check_number(value, name: str, *, min_value: float | None = None, positive: 
         raise ValueError(f"{name} must be >= {min_value}, got {value}")
 
 
+def check_positive_int(value, name: str, *, allow_none: bool = False):
+    """``value`` when it is an int >= 1 (not a bool), or ``None`` with ``allow_none``; else ``ValueError``."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
 def check_device(device, name: str = "device") -> torch.device:
     """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` if it is malformed or absent here."""
     try:

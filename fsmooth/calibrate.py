@@ -57,6 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._validation import check_positive_int
 from .defense import ActiveDefense, DefenseConfig
 from .defense.config import PAPER_BETA, PAPER_FEATURE_SIZE
 from .functional import feature_loss
@@ -199,8 +200,7 @@ def feature_size(model: nn.Module, layer: str | None, sample: torch.Tensor) -> i
 
 def scaled_beta(size: int) -> float:
     """The paper's step for a layer of ``size`` features: ``80 * size / 163840`` (dL_F/dF shrinks like 1/N)."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int, got {size!r}")
+    check_positive_int(size, "size")
     return PAPER_BETA * size / PAPER_FEATURE_SIZE
 
 
@@ -304,9 +304,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     if not isinstance(labels, torch.Tensor) or labels.shape != x.shape[:1]:
         raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},), got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
-    if n is not None:
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be a positive int or None, got {n!r}")
+    if check_positive_int(n, "n", allow_none=True) is not None:
         x, labels = x[:n], labels[:n]
     if x.shape[0] == 0:
         raise ValueError("images is empty: need at least one image to calibrate")

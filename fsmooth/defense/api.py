@@ -15,7 +15,7 @@ import weakref
 import torch
 from torch import nn
 
-from .._validation import check_finite, check_float_tensor
+from .._validation import check_finite, check_float_tensor, check_positive_int
 from .config import DIVERGENCE_PATIENCE, MAX_DISPLACEMENT, DefenseConfig
 from .eager import run_eager
 from .capture_flags import capture_flags
@@ -102,9 +102,8 @@ class ActiveDefense:
             raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
         if not isinstance(engine, str) or engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-        for name, value in (("max_batch", max_batch), ("chunk", chunk)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_positive_int(max_batch, "max_batch")
+        check_positive_int(chunk, "chunk")
         self.prefix = PrefixState(model, layer, dtype)
         # Weak: defend()'s cache is keyed weakly by the model, so a strong reference here would leak it.
         self._model_ref = weakref.ref(model)

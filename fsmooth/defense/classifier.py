@@ -33,6 +33,7 @@ import math
 import torch
 from torch import nn
 
+from .._validation import check_positive_int
 from .api import ActiveDefense
 from .config import DefenseConfig
 
@@ -76,8 +77,7 @@ class DefendedClassifier(nn.Module):
                  layer: str | None = None, engine: str = "auto", dtype: torch.dtype | None = None,
                  generator: torch.Generator | None = None, **engine_options):
         super().__init__()
-        if isinstance(outer_loops, bool) or not isinstance(outer_loops, int) or outer_loops < 1:
-            raise ValueError(f"outer_loops must be an int >= 1, got {outer_loops!r}")
+        check_positive_int(outer_loops, "outer_loops")
         self.model = model
         self.outer_loops = outer_loops
         self.generator = generator

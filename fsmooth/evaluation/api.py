@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .._validation import check_positive_int
 from ..distributed import barrier, rank_and_world
 from .protocols import Budget, RunSpec, parse_protocols, plan
 from .report import build_report, write_outputs
@@ -142,9 +143,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     budget = budget or Budget()
     if not isinstance(budget, Budget):
         raise TypeError(f"budget must be a Budget, got {type(budget).__name__}")
-    for name, value in (("chunk_size", chunk_size), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    check_positive_int(chunk_size, "chunk_size")
+    check_positive_int(batch_size, "batch_size")
     device = _model_device(model)
     images, labels = _as_images(images, labels, n, device)
     if images.shape[0] == 0:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.square import SquareAttack
 
+from .._validation import check_positive_int
 from ..functional import feature_loss
 from ..models.prefix import prefix as network_prefix
 
@@ -219,8 +220,7 @@ class EOTPGD(Attack):
             raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
         for name, value in (("steps", steps), ("eot_iter", eot_iter), ("n_restarts", n_restarts),
                             ("n_target_classes", n_target_classes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            check_positive_int(value, name)
         self.steps, self.eot_iter, self.n_restarts, self.loss = steps, eot_iter, n_restarts, loss
         self.n_target_classes = n_target_classes
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / steps
