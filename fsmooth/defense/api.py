@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from .._validation import check_finite, check_float_tensor, check_positive_int
+from . import graph
+from .capture_flags import capture_flags
 from .config import DIVERGENCE_PATIENCE, MAX_DISPLACEMENT, DefenseConfig
 from .eager import run_eager
-from .capture_flags import capture_flags
-from .engines import ENGINES, resolve_engine, unavailable_reason
+from .engines import check_engine, resolve_engine, unavailable_reason
 from .prefix_state import PrefixState, model_device
-from .result import DefenseResult
+from .result import DefenseResult, EngineRun
 
 __all__ = ["ActiveDefense", "defend", "DefenseNotConvergedWarning", "DefenseDivergedWarning"]
 
@@ -100,15 +101,13 @@ class ActiveDefense:
             config = DefenseConfig.for_model(model)
         if not isinstance(config, DefenseConfig):
             raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
-        if not isinstance(engine, str) or engine not in ENGINES:
-            raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+        self.engine = check_engine(engine)
         check_positive_int(max_batch, "max_batch")
         check_positive_int(chunk, "chunk")
         self.prefix = PrefixState(model, layer, dtype)
         # Weak: defend()'s cache is keyed weakly by the model, so a strong reference here would leak it.
         self._model_ref = weakref.ref(model)
         self.config = config
-        self.engine = engine
         self.enforce_eager = bool(enforce_eager)
         self.max_batch = max_batch
         self.chunk = chunk
@@ -174,15 +173,14 @@ class ActiveDefense:
         key = (engine, x.device, tuple(x.shape[1:]), capture_flags())
         runner = self._runners.get(key)
         if runner is None:
-            from .graph import GraphRunner
-            runner = GraphRunner(self.prefix, x.device, tuple(x.shape[1:]), mode=engine,
-                                 max_batch=self.max_batch, chunk=self.chunk, backend=self.backend,
-                                 compact=self.compact, progress=self.progress)
+            runner = graph.GraphRunner(self.prefix, x.device, tuple(x.shape[1:]), mode=engine,
+                                       max_batch=self.max_batch, chunk=self.chunk, backend=self.backend,
+                                       compact=self.compact, progress=self.progress)
             self._runners[key] = runner
         return runner
 
-    def _run(self, engine: str, module: nn.Module, t0: torch.Tensor, config: DefenseConfig):
-        """``(t, iterations, loss, grew, occupancy, engine that ran)``.
+    def _run(self, engine: str, module: nn.Module, t0: torch.Tensor, config: DefenseConfig) -> tuple[EngineRun, str]:
+        """The engine's :class:`EngineRun` and the name of the engine that ran.
 
         A forced engine runs or raises. ``engine="auto"`` tries ``engine`` and then the engines after it in
         graph -> chunked -> eager that can run here; one that fails is skipped from then on, with a
@@ -198,7 +196,7 @@ class ActiveDefense:
             if candidate == "eager":
                 break
             try:
-                return (*self._runner(candidate, t0).run(module, t0, config), candidate)
+                return self._runner(candidate, t0).run(module, t0, config), candidate
             except Exception as exc:
                 if self.engine != "auto" or _inference_error(exc) is not None:
                     raise
@@ -208,9 +206,7 @@ class ActiveDefense:
                               stacklevel=3)
                 self._failed_engines.add(candidate)
                 self._runners = {k: v for k, v in self._runners.items() if k[0] != candidate}
-        t, iterations, loss, grew = run_eager(lambda s: self.prefix.features(module, s), t0, config,
-                                              backend=self.backend)
-        return t, iterations, loss, grew, None, "eager"
+        return run_eager(lambda s: self.prefix.features(module, s), t0, config, backend=self.backend), "eager"
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None, return_info: bool = False, *,
                  noise: torch.Tensor | None = None, config: DefenseConfig | None = None):
@@ -229,24 +225,23 @@ class ActiveDefense:
             if noise is None:
                 noise = self.draw_noise(x, generator, config.sigma)
             t0 = x.detach().to(self.prefix.state_dtype) + noise.detach().to(x.device, self.prefix.state_dtype)
-            occupancy = None
             if b == 0:
-                t, iterations = t0, torch.zeros(0, dtype=torch.int64, device=x.device)
-                loss = torch.zeros(0, dtype=torch.float32, device=x.device)
-                grew = torch.zeros(0, dtype=torch.bool, device=x.device)
+                run = EngineRun(t0, torch.zeros(0, dtype=torch.int64, device=x.device),
+                                torch.zeros(0, dtype=torch.float32, device=x.device),
+                                torch.zeros(0, dtype=torch.bool, device=x.device))
             else:
                 try:
                     with self.prefix.session() as module:
-                        t, iterations, loss, grew, occupancy, engine = self._run(engine, module, t0, config)
+                        run, engine = self._run(engine, module, t0, config)
                 except RuntimeError as exc:
                     better = _inference_error(exc)
                     if better is not None:
                         raise better from exc
                     raise
-            converged = loss <= config.delta
-            result = DefenseResult(inputs=t.detach().to(x.dtype), iterations=iterations,
-                                   converged=converged, feature_loss=loss.float(), engine=engine,
-                                   occupancy=occupancy, diverged=_diverged(grew, t.detach(), x))
+            states = run.states.detach()
+            result = DefenseResult(inputs=states.to(x.dtype), iterations=run.iterations,
+                                   converged=run.loss <= config.delta, feature_loss=run.loss.float(), engine=engine,
+                                   occupancy=run.occupancy, diverged=_diverged(run.grew, states, x))
         stuck = result.num_unconverged
         if stuck:
             warnings.warn(f"{stuck} of {b} samples reached max_iters={config.max_iters} with feature loss above "
@@ -312,7 +307,5 @@ def defend(model: nn.Module, x: torch.Tensor, *, layer: str | None = None, sigma
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     config = DefenseConfig.for_model(model, sigma=sigma, beta=beta, delta=delta, max_iters=max_iters, clamp=clamp)
-    if not isinstance(engine, str) or engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     defense = _cached_engine(model, layer, engine, dtype)
     return defense(x, generator, return_info, config=config)

@@ -10,20 +10,21 @@ import torch
 
 from ..functional import feature_loss_and_grad
 from .config import DIVERGENCE_PATIENCE, DefenseConfig
+from .result import EngineRun
 
 __all__ = ["run_eager"]
 
 
-def run_eager(features_fn, t0: torch.Tensor, config: DefenseConfig, *, backend: str = "auto"):
+def run_eager(features_fn, t0: torch.Tensor, config: DefenseConfig, *, backend: str = "auto") -> EngineRun:
     """Run the per-sample loop from the noisy start ``t0``.
 
     ``features_fn(t)`` maps a loop state (fp32/fp64, requires grad) to the
     layer's features. Per sample: ``l = L_F(t)``; while ``l > delta`` and fewer
     than ``max_iters`` updates: ``t -= beta * dL_F/dt``, ``l = L_F(t)``.
 
-    Returns ``(t, iterations, loss, grew)``: the final states, int64 update
-    counts, the loss each sample's exit test saw (in the loss dtype) and a bool
-    flag per sample that is set once its loss grew for ``DIVERGENCE_PATIENCE``
+    Returns an :class:`EngineRun`: the final states, int64 update counts, the
+    loss each sample's exit test saw (in the loss dtype) and a bool flag per
+    sample that is set once its loss grew for ``DIVERGENCE_PATIENCE``
     consecutive updates (the divergence guard; it never changes a trajectory).
     Must be called with autograd enabled.
     """
@@ -58,4 +59,4 @@ def run_eager(features_fn, t0: torch.Tensor, config: DefenseConfig, *, backend: 
     if loss_out is None:
         loss_out = torch.empty(0, dtype=torch.float32, device=t.device)
         grew = torch.zeros(0, dtype=torch.bool, device=t.device)
-    return t, iterations, loss_out, grew
+    return EngineRun(t, iterations, loss_out, grew)

@@ -14,9 +14,16 @@ import os
 
 import torch
 
-__all__ = ["ENGINES", "enforce_eager_env", "unavailable_reason", "resolve_engine"]
+__all__ = ["ENGINES", "check_engine", "enforce_eager_env", "unavailable_reason", "resolve_engine"]
 
 ENGINES = ("auto", "eager", "graph", "chunked")
+
+
+def check_engine(engine) -> str:
+    """``engine`` when it names one of :data:`ENGINES`; the one check of an engine name."""
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
+    return engine
 
 
 def enforce_eager_env() -> bool:
@@ -25,10 +32,8 @@ def enforce_eager_env() -> bool:
 
 def unavailable_reason(engine: str, device: torch.device, enforce_eager: bool = False) -> str | None:
     """``None`` if ``engine`` can run on ``device``, else a sentence saying why not."""
-    if engine == "eager":
+    if check_engine(engine) == "eager":
         return None
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     if enforce_eager or enforce_eager_env():
         return "CUDA-graph engines are disabled (enforce_eager=True or FSMOOTH_ENFORCE_EAGER=1)"
     if device.type != "cuda":
@@ -43,9 +48,7 @@ def unavailable_reason(engine: str, device: torch.device, enforce_eager: bool = 
 
 def resolve_engine(engine: str, device: torch.device, enforce_eager: bool = False) -> str:
     """The concrete engine for ``engine`` on ``device``; raises ``RuntimeError`` when a forced one cannot run."""
-    if not isinstance(engine, str) or engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
-    if engine == "auto":
+    if check_engine(engine) == "auto":
         for candidate in ("graph", "chunked"):
             if unavailable_reason(candidate, device, enforce_eager) is None:
                 return candidate

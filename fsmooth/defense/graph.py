@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 from ..functional import feature_loss_and_grad
 from .capture_flags import capture_flags
 from .config import DIVERGENCE_PATIENCE, DefenseConfig
+from .result import EngineRun
 
 __all__ = ["GraphRunner", "bucket_sizes"]
 
@@ -271,10 +272,12 @@ class GraphRunner:
         self.active[m:b] = False
         return new_b
 
-    def run(self, module, t0: torch.Tensor, config: DefenseConfig):
-        """Defend every sample of ``t0`` (noisy starts); returns ``(t, iterations, loss, grew, occupancy)``."""
+    def run(self, module, t0: torch.Tensor, config: DefenseConfig) -> EngineRun:
+        """Defend every sample of ``t0`` (noisy starts, in the state dtype: the caller casts once)."""
+        if t0.dtype != self.t.dtype:
+            raise TypeError(f"t0 must be in the state dtype {self.t.dtype}, got {t0.dtype}")
         n = t0.shape[0]
-        t0 = t0.to(self.t.dtype).contiguous()
+        t0 = t0.contiguous()
         out_t = t0.clone()
         out_iters = torch.zeros(n, dtype=torch.int64, device=self.device)
         out_loss = torch.zeros(n, dtype=self.loss.dtype, device=self.device)
@@ -315,4 +318,4 @@ class GraphRunner:
         bar.close()
         useful = float(out_iters.sum()) + n
         occupancy = useful / slot_evals if slot_evals else 1.0
-        return out_t, out_iters, out_loss, out_grew, occupancy
+        return EngineRun(out_t, out_iters, out_loss, out_grew, occupancy)

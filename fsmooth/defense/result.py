@@ -2,10 +2,29 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["DefenseResult"]
+__all__ = ["DefenseResult", "EngineRun"]
+
+
+class EngineRun(NamedTuple):
+    """What an engine (:func:`~fsmooth.defense.eager.run_eager`, :meth:`GraphRunner.run`) returns.
+
+    Attributes:
+        states: the final loop states ``t``, in the state dtype (fp32, or fp64 for an fp64 prefix).
+        iterations: int64 ``(B,)`` update counts.
+        loss: ``(B,)`` the loss each sample's exit test saw, in the loss dtype.
+        grew: bool ``(B,)``; set once a sample's loss rose for ``DIVERGENCE_PATIENCE`` consecutive updates.
+        occupancy: graph engines: the fraction of slot-iterations that did useful work; ``None`` for eager.
+    """
+
+    states: torch.Tensor
+    iterations: torch.Tensor
+    loss: torch.Tensor
+    grew: torch.Tensor
+    occupancy: float | None = None
 
 
 @dataclass
