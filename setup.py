@@ -86,7 +86,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     # kernels/ ships inside the package as fsmooth.kernels: no generic top-level name in site-packages.
-    packages=["fsmooth", "fsmooth.models", "fsmooth.defense", "fsmooth.evaluation", "fsmooth.kernels"],
+    packages=["fsmooth", "fsmooth.commands", "fsmooth.models", "fsmooth.defense", "fsmooth.evaluation",
+              "fsmooth.kernels"],
     package_dir={"fsmooth": "fsmooth", "fsmooth.kernels": "kernels"},
     package_data={"fsmooth.models": ["weights/*.safetensors", "weights/*.json", "weights/*.jsonl"]},
     install_requires=[
