@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: F401  (public)
 
 _LAZY = {
     "feature_loss": "fsmooth.functional",

@@ -63,7 +63,7 @@ def abi_reason() -> str | None:
     module, reason = load_extension()
     if module is None:
         return reason
-    import torch
+    import torch  # lazy: setup.py loads this file to digest csrc/ before torch may be importable
     abi = int(torch.ops.fsmooth.abi_version())
     if abi != EXTENSION_ABI:
         return f"fsmooth._C is a stale build (ABI {abi}, this fsmooth needs {EXTENSION_ABI}); rebuild it: {_REBUILD}"
@@ -74,7 +74,7 @@ def build_info() -> dict | None:
     """``{"torch", "cuda", "sources"}`` that ``fsmooth._C`` was built with; ``None`` without a current build."""
     if abi_reason() is not None:
         return None
-    import torch
+    import torch  # lazy: setup.py loads this file to digest csrc/ before torch may be importable
     return json.loads(torch.ops.fsmooth.build_info())
 
 
@@ -84,7 +84,7 @@ def stale_reason(csrc_dir: str | Path | None = SOURCE_DIR) -> str | None:
     reason = abi_reason()
     if reason is not None:
         return reason
-    import torch
+    import torch  # lazy: setup.py loads this file to digest csrc/ before torch may be importable
     info = build_info()
     if info["torch"] != torch.__version__:
         return (f"fsmooth._C was built for torch {info['torch']}, but torch {torch.__version__} is running; "

@@ -58,6 +58,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._validation import check_positive_int
+from .checkpoint import load_model, update_meta
+from .data import load_dataset
 from .defense import ActiveDefense, DefenseConfig
 from .defense.config import PAPER_BETA, PAPER_FEATURE_SIZE
 from .functional import feature_loss
@@ -401,8 +403,6 @@ def calibrate_checkpoint(path, *, data=None, split: str = "train", dataset: str 
     ``delta_test`` and the whole report under ``calibration``; ``search=False``
     stores only the delta-only rule of :func:`calibrate` (beta stays the paper's).
     """
-    from .checkpoint import load_model, update_meta
-    from .data import load_dataset
     model, meta = load_model(path, device=device)
     if images is None:
         images, labels = load_dataset(data, split, dataset or meta.get("dataset", "cifar10"))

@@ -26,6 +26,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .io import append_line, fsync_dir, fsync_file, public_mode, write_json_atomic, write_text_atomic
@@ -68,7 +69,6 @@ def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *
     stored float weights. Optimizer/scheduler state and ``extra_state`` go to
     ``state.pt``. An existing ``path_dir`` is replaced.
     """
-    from safetensors.torch import save_file
     path_dir = Path(path_dir)
     path_dir.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(meta)
@@ -133,7 +133,6 @@ def _epoch_folders(root: Path) -> list[Path]:
 
 def _read_run_checkpoint(path: Path) -> tuple[dict, dict, dict]:
     """``(weights, training state, meta)`` of one run checkpoint; raises if any part is missing or unreadable."""
-    from safetensors.torch import load_file
     meta = json.loads((path / META).read_text(encoding="utf-8"))
     if not isinstance(meta, dict):
         raise ValueError(f"{META} holds a {type(meta).__name__}, not an object")
@@ -275,7 +274,6 @@ def load_model(path: str | os.PathLike, device=None) -> tuple[nn.Module, dict]:
 
     Weights are read with safetensors (no pickle) and cast to fp32.
     """
-    from safetensors.torch import load_file
     weights, _ = resolve_checkpoint(path)
     meta = load_meta(path)
     model = model_from_meta(meta)

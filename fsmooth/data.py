@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from .io import write_safetensors_atomic
 
@@ -158,7 +159,6 @@ def _detect(path: Path, dataset: str) -> tuple[str, list[Path]]:
 
 
 def _read_cache(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors.torch import load_file
     tensors = load_file(str(path))
     return tensors["images"], tensors["labels"]
 
@@ -236,7 +236,7 @@ def _check_labels(labels: torch.Tensor, num_classes: int, where: str) -> None:
 
 
 def _decode(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # optional (Pillow): only image-folder and JPEG sources need it
     try:
         with Image.open(io.BytesIO(data)) as img:
             return np.asarray(img.convert("RGB"), dtype=np.uint8)

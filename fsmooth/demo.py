@@ -13,11 +13,15 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
+from .data import CIFAR10_CLASSES, DataError, cache_dir, load_dataset
+from .defense import DefendedClassifier, DefenseConfig
 from .figures import figure4
 from .models import zoo
 
@@ -38,12 +42,11 @@ def demo_images(data, n: int, dataset: str = "cifar10") -> tuple[torch.Tensor, t
     From ``data`` / ``$FSMOOTH_DATA``, else a torchvision download into the fsmooth
     cache; ``ValueError`` with instructions when none is reachable.
     """
-    from .data import DataError, cache_dir, load_dataset
     source = data if data is not None else os.environ.get("FSMOOTH_DATA")
     if source is None:
         root = cache_dir() / "torchvision"
         try:
-            import torchvision
+            import torchvision  # optional: only the download fallback needs it
             cls = torchvision.datasets.CIFAR10 if dataset == "cifar10" else torchvision.datasets.CIFAR100
             cls(str(root), train=False, download=True)
             source = root
@@ -76,18 +79,12 @@ def _batches(n: int, size: int):
         yield slice(start, min(n, start + size))
 
 
-def _defense_config(model, max_iters):
-    from .defense import DefenseConfig
+def _defense_config(model, max_iters) -> DefenseConfig:
     return DefenseConfig.for_model(model, max_iters=max_iters)
 
 
 def run_demo(args) -> int:
     """The ``fsmooth demo`` subcommand: prints the table, writes the figure; returns the exit code."""
-    import warnings
-
-    from tqdm.auto import tqdm
-
-    from .defense import DefendedClassifier
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, meta, label = load_classifier(args.model, device)
@@ -156,7 +153,7 @@ def _data_label(data) -> str:
 
 
 def _read_image(path: str) -> torch.Tensor:
-    from PIL import Image
+    from PIL import Image  # optional (Pillow): only `fsmooth defend` reads image files
     try:
         with Image.open(path) as img:
             img = img.convert("RGB")
@@ -170,10 +167,6 @@ def _read_image(path: str) -> torch.Tensor:
 
 def run_defend(args) -> int:
     """The ``fsmooth defend`` subcommand: one line per image, without and with the defense."""
-    import warnings
-
-    from .data import CIFAR10_CLASSES
-    from .defense import DefendedClassifier
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         model, meta, label = load_classifier(args.model, device)
@@ -184,8 +177,8 @@ def run_defend(args) -> int:
     classes = meta.get("classes") or (CIFAR10_CLASSES if model.config["num_classes"] == 10 else None)
     name = (lambda i: classes[i]) if classes else str
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    defended = DefendedClassifier(model, _defense_config(model, args.max_iters), outer_loops=args.outer_loops,
-                                  generator=gen)
+    config = _defense_config(model, args.max_iters)
+    defended = DefendedClassifier(model, config, outer_loops=args.outer_loops, generator=gen)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)
         plain = model(x).softmax(1)

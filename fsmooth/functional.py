@@ -28,7 +28,7 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 def _triton_kernels():
     """The kernel module, or the reason it cannot be imported."""
     try:
-        from .kernels import feature_loss as module
+        from .kernels import feature_loss as module  # Triton: heavy and optional, only for backend triton
     except Exception as exc:  # ImportError, or a Triton without a usable backend
         return None, f"{type(exc).__name__}: {exc}"
     return module, None
@@ -44,7 +44,7 @@ def _interpreter_active() -> bool:
     if _interpret_requested():
         return True
     try:
-        import triton
+        import triton  # optional: only asked whether its interpreter is on
         return bool(triton.knobs.runtime.interpret)
     except (ImportError, AttributeError):
         return False

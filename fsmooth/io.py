@@ -17,6 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
+from safetensors.torch import save_file
+
 __all__ = ["fsync_file", "fsync_dir", "atomic_path", "write_bytes_atomic", "write_text_atomic",
            "write_json_atomic", "write_safetensors_atomic", "append_line", "append_jsonl", "read_jsonl"]
 
@@ -101,7 +103,6 @@ def write_json_atomic(path: str | os.PathLike, obj, *, sort_keys: bool = True,
 
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
     """Save ``tensors`` (moved to the CPU, made contiguous) as a safetensors file, atomically."""
-    from safetensors.torch import save_file  # only the writers of tensors need safetensors
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)

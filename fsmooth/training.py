@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 from torch import nn
 
 from ._validation import check_device, check_out_dir
@@ -186,7 +187,6 @@ def train(out_dir: str | os.PathLike, *, arch: str = "wrn-16-4", data=None, data
 def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, weight_decay, warmup_epochs,
            delta, layer, seed, device, amp, channels_last, compile, eval_batch_size, limit_train, limit_test,
            resume, overwrite, max_epochs_this_run, quiet, train_data, test_data, command, rank, world, local_rank):
-    from tqdm.auto import tqdm
     # Every argument is checked, and the run folder claimed, before any data is read.
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")

@@ -14,6 +14,8 @@ import os
 
 import torch
 
+from .while_loop import while_loop_unavailable_reason
+
 __all__ = ["ENGINES", "check_engine", "enforce_eager_env", "unavailable_reason", "resolve_engine"]
 
 ENGINES = ("auto", "eager", "graph", "chunked")
@@ -41,7 +43,6 @@ def unavailable_reason(engine: str, device: torch.device, enforce_eager: bool = 
     if not torch.cuda.is_available():
         return "CUDA is not available"
     if engine == "graph":
-        from .while_loop import while_loop_unavailable_reason
         return while_loop_unavailable_reason(device)
     return None
 

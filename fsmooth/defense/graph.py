@@ -47,6 +47,7 @@ from ..functional import feature_loss_and_grad
 from .capture_flags import capture_flags
 from .config import DIVERGENCE_PATIENCE, DefenseConfig
 from .result import EngineRun
+from .while_loop import capture_while_loop
 
 __all__ = ["GraphRunner", "bucket_sizes"]
 
@@ -162,7 +163,6 @@ class GraphRunner:
                 for _ in range(self.chunk):
                     self._iteration(module, b)
             return graph
-        from .while_loop import capture_while_loop
 
         def start_phase():
             self._update_predicate(b)

@@ -10,8 +10,9 @@ from pathlib import Path
 import torch
 
 from .._validation import check_positive_int
+from ..defense import DefendedClassifier, DefenseConfig
 from ..distributed import barrier, rank_and_world
-from .protocols import Budget, RunSpec, parse_protocols, plan
+from .protocols import Budget, RunSpec, clean_run_id, parse_protocols, plan
 from .report import build_report, write_outputs
 from .runner import Context, RunResult, execute
 from .scoring import choose_candidates, worst_case
@@ -24,13 +25,10 @@ _log = logging.getLogger(__name__)
 
 def default_defended_factory(model, config, outer_loops: int, layer):
     """``DefendedClassifier(model, config, outer_loops, layer=layer)``."""
-    from ..defense import DefendedClassifier
-
     return DefendedClassifier(model, config, outer_loops, layer=layer)
 
 
 def _defense_config(value, model, fallback: str | None = None):
-    from ..defense.config import DefenseConfig
 
     if value is None and fallback is not None:
         value = fallback
@@ -205,10 +203,6 @@ def settings_of(specs: list[RunSpec]) -> dict[tuple, list[RunSpec]]:
         if spec.kind != "clean":
             groups.setdefault(spec.setting, []).append(spec)
     return groups
-
-
-def clean_run_id(target: str, outer_loops: int) -> str:
-    return f"clean/{target}/ol{outer_loops}"
 
 
 def _rescore(ctx: Context, specs, results) -> dict:

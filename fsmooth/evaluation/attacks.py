@@ -314,7 +314,7 @@ class TorchattacksEOTPGD(Attack):
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / steps
 
     def perturb(self, x, y):
-        import torchattacks
+        import torchattacks  # optional cross-check library: only this attack needs it
 
         attack = torchattacks.EOTPGD(self.model, eps=self.eps, alpha=self.alpha, steps=self.steps,
                                      eot_iter=self.eot_iter, random_start=self.random_start)

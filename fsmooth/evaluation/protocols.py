@@ -25,7 +25,8 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Budget", "RunSpec", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key"]
+__all__ = ["Budget", "RunSpec", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key",
+           "clean_run_id"]
 
 PROTOCOLS = ("paper", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
 GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"), "all": PROTOCOLS}
@@ -107,6 +108,11 @@ def setting_key(target: str, outer_loops: int, eps: float) -> tuple:
     return (target, int(outer_loops), round(float(eps) * 255, 6))
 
 
+def clean_run_id(target: str, outer_loops: int) -> str:
+    """The run id of the clean pass of ``target`` with ``outer_loops`` defense runs."""
+    return f"clean/{target}/ol{outer_loops}"
+
+
 def eps_tag(eps: float) -> str:
     return f"eps{eps * 255:g}"
 
@@ -140,7 +146,7 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
         specs.setdefault(spec.run_id, spec)
 
     def clean(target: str, k: int) -> None:
-        add(RunSpec(f"clean/{target}/ol{k}", "clean", "clean", "clean", target, k, 0.0, threat="clean"))
+        add(RunSpec(clean_run_id(target, k), "clean", "clean", "clean", target, k, 0.0, threat="clean"))
 
     def autoattack(protocol, target, k, eps, version="standard", attacks=None, column=None):
         name = column or (f"aa-{version}" if attacks is None else attacks[0])

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import torch
 
+from .._version import __version__
 from ..io import write_safetensors_atomic, write_text_atomic
+from .protocols import clean_run_id
 from .scoring import (accuracy_summary, eps_sweep_flag, gradient_masking_flag, perturbation_check,
                       rescore_summary)
 from .store import write_json
@@ -19,14 +21,13 @@ TABLE_COLUMNS = ("apgd-ce", "apgd-t", "fab-t", "square", "aa-standard", "aa-rand
 
 
 def environment() -> dict:
-    import pyautoattack
+    import pyautoattack  # optional and slow to import: only the report's environment block names its version
 
-    from .. import __version__
     env = {"fsmooth": __version__, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
            "python": platform.python_version(), "cuda": torch.version.cuda,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"}
     try:
-        import torchattacks
+        import torchattacks  # optional cross-check library
         env["torchattacks"] = torchattacks.__version__
     except Exception:  # optional cross-check library
         env["torchattacks"] = None
@@ -56,8 +57,6 @@ def _run_row(ctx, result) -> dict:
 
 
 def build_report(ctx, specs, results, rescored, info) -> dict:
-    from .api import clean_run_id
-
     runs = {spec.run_id: _run_row(ctx, results[spec.run_id]) for spec in specs}
     flags: list[dict] = []
     for row in runs.values():

@@ -10,6 +10,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .prefix import unknown_layer_error
+
 __all__ = ["WideResNet", "Normalize", "wrn28_10", "wrn16_4", "PRESETS", "CIFAR10_MEAN", "CIFAR10_STD",
            "CIFAR100_MEAN", "CIFAR100_STD"]
 
@@ -111,7 +113,6 @@ class WideResNet(nn.Module):
         """The sub-network from the input to ``layer``'s output, sharing this model's modules."""
         layer = layer or self.default_layer
         if layer not in self.layer_names:
-            from .prefix import unknown_layer_error
             raise unknown_layer_error(self, layer, candidates=self.layer_names)
         stages = [self.normalize]
         for name in self.layer_names:
