@@ -12,9 +12,9 @@ import torch
 from .._validation import check_positive_int
 from ..defense import DefendedClassifier, DefenseConfig
 from ..distributed import barrier, rank_and_world
-from .protocols import Budget, RunSpec, clean_run_id, parse_protocols, plan
+from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, plan
 from .report import build_report, write_outputs
-from .runner import Context, RunResult, execute
+from .runner import Context, RunResult, execute, rescore
 from .scoring import choose_candidates, worst_case
 from .store import ChunkStore
 
@@ -29,7 +29,7 @@ def default_defended_factory(model, config, outer_loops: int, layer):
 
 
 def _defense_config(value, model, fallback: str | None = None):
-
+    """``value`` as a :class:`DefenseConfig`: ``None`` is the model's calibrated setting, a string a preset."""
     if value is None and fallback is not None:
         value = fallback
     if value is None:
@@ -196,9 +196,9 @@ def _config_dict(config) -> dict | None:
     return {k: getattr(config, k) for k in ("sigma", "beta", "delta", "max_iters", "clamp")}
 
 
-def settings_of(specs: list[RunSpec]) -> dict[tuple, list[RunSpec]]:
-    """Attack runs grouped by (target, outer_loops, eps), plan order kept."""
-    groups: dict[tuple, list[RunSpec]] = {}
+def settings_of(specs: list[RunSpec]) -> dict[Setting, list[RunSpec]]:
+    """Attack runs grouped by their :class:`Setting`, plan order kept."""
+    groups: dict[Setting, list[RunSpec]] = {}
     for spec in specs:
         if spec.kind != "clean":
             groups.setdefault(spec.setting, []).append(spec)
@@ -209,24 +209,19 @@ def _rescore(ctx: Context, specs, results) -> dict:
     """Per setting: worst case over clean + all attacks, and (defended targets) re-scored candidates."""
     out = {}
     for setting, group in settings_of(specs).items():
-        target, k, _ = setting
-        clean = results[clean_run_id(target, k)]
+        clean = results[clean_run_id(setting.target, setting.outer_loops)]
         correct = {"clean": clean.correct, **{s.run_id: results[s.run_id].correct for s in group}}
         robust, fooled_by = worst_case(correct)
         entry = {"robust": robust, "fooled_by": fooled_by, "runs": [s.run_id for s in group]}
-        if target != "undefended" and ctx.budget.rescore_runs > 0:
+        if setting.target != "undefended" and ctx.budget.rescore_runs > 0:
             x_adv = {s.run_id: results[s.run_id].x_adv for s in group if results[s.run_id].x_adv is not None}
             fallback = [s.run_id for s in group if s.kind == "attack"] + list(x_adv)
             candidates, source = choose_candidates(ctx.images.cpu(), x_adv, fooled_by, fallback)
-            cand_id = f"candidates/{target}/ol{k}/eps{setting[2]:g}"
-            results_view = dict(results)
-            results_view[cand_id] = RunResult(spec=None, pred=clean.pred, correct=clean.correct,
-                                              iterations=clean.iterations, x_adv=candidates)
             # The run id names the attack runs the candidates come from: another protocol set, another rescore.
             tag = f"{zlib.crc32('|'.join(entry['runs']).encode()):08x}"
-            spec = RunSpec(f"rescore/{target}/ol{k}/eps{setting[2]:g}/{tag}", "scoring", "rescore", "rescore", target,
-                           k, group[0].eps, {"runs": ctx.budget.rescore_runs}, source=cand_id, threat="clean")
-            entry["rescore"] = execute(ctx, spec, results_view)
+            spec = RunSpec(f"rescore/{setting.id}/{tag}", "scoring", "rescore", "rescore", setting.target,
+                           setting.outer_loops, group[0].eps, {"runs": ctx.budget.rescore_runs}, threat="clean")
+            entry["rescore"] = rescore(ctx, spec, candidates)
             entry["candidate_source"] = source
             entry["candidates"] = candidates
         out[setting] = entry

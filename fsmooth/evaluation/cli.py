@@ -136,12 +136,13 @@ def run(args) -> int:
     dataset = args.dataset or meta.get("dataset", "cifar10")
     images, labels = load_dataset(args.data, "test", dataset=dataset)
     defense = _defense_config(args.defense_preset, model)
-    baseline, baseline_defense = None, args.baseline_preset
+    baseline = None
+    baseline_defense = DefenseConfig.preset(args.baseline_preset)
     if args.baseline_checkpoint:
         baseline, _ = zoo.load_classifier(args.baseline_checkpoint, device=device)
     if args.max_iters is not None:
         defense = defense.replace(max_iters=args.max_iters)
-        baseline_defense = DefenseConfig.preset(args.baseline_preset, max_iters=args.max_iters)
+        baseline_defense = baseline_defense.replace(max_iters=args.max_iters)
     argv = getattr(args, "argv", None)
     command = "fsmooth " + shlex.join(argv) if argv is not None else shlex.join(sys.argv)
     report = evaluate(

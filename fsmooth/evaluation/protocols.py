@@ -25,7 +25,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
-__all__ = ["Budget", "RunSpec", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key",
+__all__ = ["Budget", "RunSpec", "Setting", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key",
            "clean_run_id"]
 
 PROTOCOLS = ("paper", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
@@ -77,6 +77,47 @@ class Budget:
         return dataclasses.asdict(self)
 
 
+@dataclass(frozen=True, eq=False)
+class Setting:
+    """Where an attack runs: classifier ``target``, its ``outer_loops`` K, ``eps`` ([0, 1] units) and ``attack``.
+
+    The one place run ids are made: :attr:`id` is ``target/olK/epsE`` (E in 1/255 units) plus
+    ``/attack`` when it names one. Settings are equal when their eps agree to 1e-6 / 255, so an eps
+    computed twice (``8 / 255`` from the command line and from the sweep) is one setting.
+    """
+
+    target: str
+    outer_loops: int
+    eps: float
+    attack: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "outer_loops", int(self.outer_loops))
+        object.__setattr__(self, "eps", float(self.eps))
+
+    @property
+    def eps_255(self) -> float:
+        return round(self.eps * 255, 6)
+
+    @property
+    def key(self) -> tuple:
+        return (self.target, self.outer_loops, self.eps_255, self.attack)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Setting) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+    @property
+    def id(self) -> str:
+        base = f"{self.target}/ol{self.outer_loops}/eps{self.eps_255:g}"
+        return base if self.attack is None else f"{base}/{self.attack}"
+
+    def with_attack(self, attack: str | None) -> "Setting":
+        return dataclasses.replace(self, attack=attack)
+
+
 @dataclass
 class RunSpec:
     """One attack (or clean pass) on one classifier at one eps, executed chunk by chunk.
@@ -100,21 +141,19 @@ class RunSpec:
     threat: str = "white-box"   # "white-box", "black-box", "transfer", "composite" (AutoAttack), "clean"
 
     @property
-    def setting(self) -> tuple:
-        return setting_key(self.target, self.outer_loops, self.eps)
+    def setting(self) -> Setting:
+        """The setting this run belongs to (its attack left out): the runs a worst case is taken over."""
+        return Setting(self.target, self.outer_loops, self.eps)
 
 
 def setting_key(target: str, outer_loops: int, eps: float) -> tuple:
-    return (target, int(outer_loops), round(float(eps) * 255, 6))
+    """``(target, K, eps in 1/255 units rounded)``: :attr:`Setting.key` without the attack."""
+    return Setting(target, outer_loops, eps).key[:3]
 
 
 def clean_run_id(target: str, outer_loops: int) -> str:
     """The run id of the clean pass of ``target`` with ``outer_loops`` defense runs."""
     return f"clean/{target}/ol{outer_loops}"
-
-
-def eps_tag(eps: float) -> str:
-    return f"eps{eps * 255:g}"
 
 
 def parse_protocols(spec) -> list[str]:
@@ -150,13 +189,12 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
 
     def autoattack(protocol, target, k, eps, version="standard", attacks=None, column=None):
         name = column or (f"aa-{version}" if attacks is None else attacks[0])
-        rid = f"{target}/ol{k}/{eps_tag(eps)}/{name}"
-        add(RunSpec(rid, protocol, name, "autoattack", target, k, eps,
+        add(RunSpec(Setting(target, k, eps, name).id, protocol, name, "autoattack", target, k, eps,
                     {"version": version, "attacks": attacks},
                     threat="black-box" if name == "square" else "composite" if attacks is None else "white-box"))
 
     def attack(protocol, target, k, eps, column, name, **kwargs):
-        add(RunSpec(f"{target}/ol{k}/{eps_tag(eps)}/{column}", protocol, column, "attack", target, k, eps,
+        add(RunSpec(Setting(target, k, eps, column).id, protocol, column, "attack", target, k, eps,
                     {"name": name, "kwargs": kwargs}))
 
     clean("undefended", 0)
@@ -183,8 +221,8 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                                n_target_classes=budget.pgd_targets)
                 elif protocol == "transfer":
                     autoattack(protocol, "undefended", 0, eps)
-                    add(RunSpec(f"defended/ol{k}/{eps_tag(eps)}/transfer", protocol, "transfer", "transfer",
-                                "defended", k, eps, source=f"undefended/ol0/{eps_tag(eps)}/aa-standard",
+                    add(RunSpec(Setting("defended", k, eps, "transfer").id, protocol, "transfer", "transfer",
+                                "defended", k, eps, source=Setting("undefended", 0, eps, "aa-standard").id,
                                 threat="transfer"))
                 elif protocol == "square":
                     autoattack(protocol, "defended", k, eps, attacks=["square"])

@@ -70,11 +70,11 @@ def build_report(ctx, specs, results, rescored, info) -> dict:
     undefended = runs.get(clean_run_id("undefended", 0))
     settings = []
     for setting, entry in rescored.items():
-        target, k, eps255 = setting
+        target, k = setting.target, setting.outer_loops
         group = [runs[r] for r in entry["runs"]]
         clean = runs[clean_run_id(target, k)]
         columns = {row["column"]: row["accuracy"] for row in group}
-        s = {"target": target, "outer_loops": k, "eps": group[0]["eps"], "eps_255": eps255,
+        s = {"target": target, "outer_loops": k, "eps": group[0]["eps"], "eps_255": setting.eps_255,
              "clean": {key: clean[key] for key in ("n", "correct", "accuracy", "ci95")}, "columns": columns,
              "worst_case": accuracy_summary(entry["robust"]),
              "fooled_by": _count([f for f in entry["fooled_by"] if f is not None]), "flags": []}
@@ -94,7 +94,7 @@ def build_report(ctx, specs, results, rescored, info) -> dict:
         masking = gradient_masking_flag(black, white)
         if masking:
             s["flags"].append(masking)
-            flags.append({"where": f"{target}/ol{k}/eps{eps255:g}", **masking})
+            flags.append({"where": setting.id, **masking})
         settings.append(s)
     order = {"defended": 0, "standard-defended": 1, "undefended": 2}
     settings.sort(key=lambda s: (order.get(s["target"], 3), s["outer_loops"], s["eps"]))
@@ -211,19 +211,17 @@ def write_outputs(report: dict, results: dict, rescored: dict, out: Path, ctx) -
     write_text_atomic(out / "report.md", markdown(report))
     tensors = {"labels": ctx.labels.cpu()}
     for run_id, r in results.items():
-        if r.spec is None:
-            continue
         tensors[f"pred/{run_id}"] = r.pred
         tensors[f"iterations/{run_id}"] = r.iterations.float()
     for setting, entry in rescored.items():
-        key = f"{setting[0]}/ol{setting[1]}/eps{setting[2]:g}"
+        key = setting.id
         tensors[f"robust/{key}"] = entry["robust"]
         if "rescore" in entry:
             tensors[f"rescore_correct/{key}"] = entry["rescore"].correct_runs
             tensors[f"rescore_iterations/{key}"] = entry["rescore"].iterations.float()
             tensors[f"candidates/{key}"] = entry["candidates"][:16].contiguous()
     for run_id, r in results.items():  # a few adversarial examples for the Figure 4/5 panels
-        if r.spec is not None and r.spec.column in ("apgd-ce", "apgd-t") and r.x_adv is not None:
+        if r.spec.column in ("apgd-ce", "apgd-t") and r.x_adv is not None:
             tensors[f"examples/{run_id}"] = r.x_adv[:16].contiguous()
     tensors["examples/clean"] = ctx.images[:16].cpu().contiguous()
     write_safetensors_atomic(out / "per_image.safetensors", tensors)

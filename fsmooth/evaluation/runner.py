@@ -21,7 +21,7 @@ from ..distributed import all_gather_object
 from .protocols import Budget, RunSpec
 from .store import ChunkStore
 
-__all__ = ["Context", "RunResult", "execute", "chunk_seed", "predict", "predict_batched"]
+__all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed", "predict", "predict_batched"]
 
 
 def chunk_seed(seed: int, run_id: str, chunk: int) -> int:
@@ -135,7 +135,8 @@ def predict_batched(clf, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, tor
     return torch.cat([p for p, _ in parts]), torch.cat([i for _, i in parts])
 
 
-def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict, lo: int, hi: int, chunk: int):
+def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict, lo: int, hi: int, chunk: int,
+               candidates: torch.Tensor | None = None):
     meta: dict = {}
     batch = ctx.batch_for(spec.target, spec.outer_loops)
     if spec.kind == "clean":
@@ -158,7 +159,7 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
         x_adv = sources[spec.source].x_adv[lo:hi].to(x.device)
         meta["settings"] = {"source": spec.source, **sources[spec.source].settings}
     elif spec.kind == "rescore":
-        candidates = sources[spec.source].x_adv[lo:hi].to(x.device)
+        candidates = candidates[lo:hi].to(x.device)
         runs = spec.options["runs"]
         preds, iters = [], []
         for r in range(runs):
@@ -175,8 +176,15 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
     return {"pred": pred, "iterations": iters, "x_adv": x_adv.detach().cpu()}, meta
 
 
-def execute(ctx: Context, spec: RunSpec, sources: dict | None = None) -> RunResult:
-    """Run (or load) this rank's chunks of ``spec``, gather all ranks' and merge them."""
+def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
+            candidates: torch.Tensor | None = None) -> RunResult:
+    """Run (or load) this rank's chunks of ``spec``, gather all ranks' and merge them.
+
+    ``sources``: the finished runs a transfer run scores the points of; ``candidates``: the images a
+    rescore run scores (see :func:`rescore`).
+    """
+    if (spec.kind == "rescore") != (candidates is not None):
+        raise ValueError("a rescore run, and only a rescore run, takes candidates")
     sources = sources or {}
     n_chunks = max(math.ceil(ctx.n / ctx.chunk_size), 1) if ctx.n else 0
     mine = [c for c in range(n_chunks) if c % ctx.world == ctx.rank]
@@ -197,7 +205,7 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None) -> RunResu
                 # pass would drown the log.
                 warnings.filterwarnings("ignore", message=r".*reached max_iters.*")
                 tensors, meta = _run_chunk(ctx, spec, clf, ctx.images[lo:hi], ctx.labels[lo:hi], seed, sources,
-                                           lo, hi, c)
+                                           lo, hi, c, candidates)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             meta.update(wall_s=time.perf_counter() - start, seed=seed, lo=lo, hi=hi)
@@ -210,6 +218,12 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None) -> RunResu
             merged.update(part)
         local = merged
     return _merge(ctx, spec, [local[c] for c in range(n_chunks)])
+
+
+def rescore(ctx: Context, spec: RunSpec, candidates: torch.Tensor) -> RunResult:
+    """The re-scoring step: ``spec.options["runs"]`` fresh defense runs on each of ``candidates``
+    (one adversarial image per test image), chunked, seeded and resumable like every run."""
+    return execute(ctx, spec, candidates=candidates)
 
 
 def _merge(ctx: Context, spec: RunSpec, chunks: list) -> RunResult:
