@@ -362,3 +362,40 @@ def release_memory(device) -> None:
 def error_reason(exc: BaseException, limit: int = 300) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ----------------------------------------------------------------------------------------------
+# Derived row fields
+
+
+def add_ratios(rows: list[dict], flops_per_iter: float | None, ceilings: dict | None,
+               context: list[dict] | None = None) -> None:
+    """Speedup over ``eager`` at the same section/batch/iters (looked up in ``context``, default ``rows``),
+    achieved FLOP/s and roofline fractions."""
+    eager = {(r.get("section"), r["batch"], r["iters"]): r for r in (context or rows)
+             if r["provider"] == "eager" and r.get("useful_iters_per_s")}
+    for r in rows:
+        rate = r.get("useful_iters_per_s")
+        if not rate:
+            continue
+        base = eager.get((r.get("section"), r["batch"], r["iters"]))
+        if base is not None:
+            if r.get("section") == "latency":
+                r["speedup_vs_eager"] = base["median_ms"] / r["median_ms"]
+            else:
+                r["speedup_vs_eager"] = rate / base["useful_iters_per_s"]
+        per_iter = r.get("model_flops_per_iter") or flops_per_iter  # the exit model may be another network
+        if per_iter and ceilings:
+            r["flops_per_s"] = rate * per_iter
+            r["roofline_fraction"] = r["flops_per_s"] / ceilings[r["dtype"]]["flops_per_s"]
+            r["fraction_of_bf16_peak"] = r["flops_per_s"] / ceilings["bf16"]["flops_per_s"]
+            r["fraction_of_tf32_peak"] = r["flops_per_s"] / ceilings["tf32"]["flops_per_s"]
+
+
+def add_compaction_saving(rows: list[dict], context: list[dict] | None = None) -> None:
+    """``1 - t(compacting engine) / t(same engine, masking only)`` on the compacting engine's row."""
+    by_key = {(r.get("section"), r["provider"], r.get("batch")): r for r in (context or rows)}
+    for r in rows:
+        masked = by_key.get((r.get("section"), r["provider"] + "-nocompact", r.get("batch")))
+        if masked and r.get("median_ms") and masked.get("median_ms"):
+            r["compaction_saving"] = 1.0 - r["median_ms"] / masked["median_ms"]

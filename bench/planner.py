@@ -193,3 +193,14 @@ class Plan:
 
     def skip_reason(self, planned_s: float) -> str | None:
         return self.budget.skip_reason(planned_s)
+
+
+def workload_planned_s(cost: CostModel, provider, n: int, slots: int, schedule: prov.Schedule,
+                       repeats: int, info: dict | None = None) -> float:
+    """A workload row's planned seconds: one untimed call on ``slots`` inputs (with capture or compile), then
+    ``repeats`` passes over the ``n`` inputs ``slots`` at a time (chunks, or the slots of one
+    continuous-batching call), each executing :func:`exit_work_fraction` of ``max_iters``."""
+    passes = -(-n // slots)
+    fraction = prov.exit_work_fraction(provider, info, schedule)
+    return (cost.provider_s(provider, slots, schedule.max_iters, 1, fraction)
+            + fraction * cost.loop_s(provider.precision, slots, schedule.max_iters, calls=passes * repeats))

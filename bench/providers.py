@@ -22,11 +22,14 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import statistics
 import time
 from typing import Callable
 
 import torch
 from torch import nn
+
+import fsmooth.models as models
 
 import benchlib
 
@@ -298,3 +301,188 @@ PROVIDER_NAMES = ("eager", "eager-bf16", "compile", "compile-bf16", "fsmooth-eag
                   "graph-fp32", "graph-tf32", "graph-bf16", "chunked-fp32", "chunked-tf32", "chunked-bf16",
                   "graph-fp32-nocompact", "graph-tf32-nocompact", "graph-bf16-nocompact",
                   "chunked-fp32-nocompact", "chunked-tf32-nocompact", "chunked-bf16-nocompact")
+
+
+# Error of the checked state against fp32 eager, relative to the eager update (see check_schedule).
+# dL_F/dF is sign(F - mean) based: reduced precision flips the signs of elements near the mean, so a
+# correct bf16 step lands 5-10 % off (seen on CPU); a wrong sign or scale lands at >= 1.
+CHECK_TOLERANCE = {"fp32": 1e-2, "tf32": 0.2, "bf16": 0.25}
+
+
+FIXED_DELTA = 1e-30  # "nobody exits": L_F of non-constant features never gets this small
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs and models
+
+
+def make_model(arch: str, device: torch.device) -> torch.nn.Module:
+    """An untrained WRN (random init, fixed seed) in eval mode; only the prefix's cost matters here."""
+    torch.manual_seed(0)
+    return models.build(arch).to(device).eval()
+
+
+def make_start_points(batch: int, seed: int, device, sigma: float = 0.075) -> torch.Tensor:
+    """Synthetic [0, 1] images plus the defense noise ``U(-sigma, sigma)``, drawn once for every provider.
+
+    Each image is a per-sample base colour plus a random texture whose
+    contrast varies across the batch (0 to 0.5), so samples start at different
+    feature losses and converge at different rates (a spread of exit
+    iterations; never zeros).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    base = torch.rand(batch, 3, 1, 1, generator=gen) * 0.6 + 0.2
+    contrast = torch.rand(batch, 1, 1, 1, generator=gen) * 0.5
+    x = (base + contrast * (torch.rand(batch, 3, 32, 32, generator=gen) - 0.5)).clamp_(0, 1)
+    noise = (torch.rand(x.shape, generator=gen) * 2 - 1) * sigma
+    return (x + noise).to(device)
+
+
+def input_sets(batch: int, sets: int, seed: int, device, source=make_start_points) -> list[torch.Tensor]:
+    return [source(batch, seed + 1000 * i + batch, device) for i in range(sets)]
+
+
+def dataset_start_points(images: torch.Tensor):
+    """Like :func:`make_start_points`, drawing (seeded) images from a uint8 ``(N, 3, 32, 32)`` dataset."""
+    def source(batch: int, seed: int, device, sigma: float = 0.075) -> torch.Tensor:
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        x = images[torch.randint(len(images), (batch,), generator=gen)].float() / 255
+        return (x + (torch.rand(x.shape, generator=gen) * 2 - 1) * sigma).to(device)
+    return source
+
+
+# ----------------------------------------------------------------------------------------------
+# Measuring providers (shared by every section of iters_per_sec.py)
+
+
+def reference_run(model, layer, schedule: Schedule, t0: torch.Tensor) -> RunOutput:
+    """The fp32 eager loop (TF32 off): ground truth for every provider's check."""
+    ref = LoopProvider("eager", "fp32")
+    ref.prepare(model, layer, schedule, t0)
+    return ref.run(t0, schedule)
+
+
+def compare(out: RunOutput, ref: RunOutput, t0: torch.Tensor) -> dict:
+    """Final-state error relative to the eager update, and how many iteration counts differ."""
+    update = (ref.inputs.double() - t0.double()).norm()
+    diff = (out.inputs.double() - ref.inputs.double()).norm()
+    return {"rel_err": float(diff / update.clamp_min(1e-30)),
+            "iters_mismatch": int((out.iterations.cpu() != ref.iterations.cpu()).sum()),
+            "finite": bool(torch.isfinite(out.inputs).all())}
+
+
+def check_schedule(schedule: Schedule, check_iters: int) -> Schedule:
+    """The first ``check_iters`` updates of ``schedule``.
+
+    With beta=80 on an untrained network the loop is chaotic: rounding
+    differences (TF32, bf16, another reduction order) grow over hundreds of
+    iterations until final states share nothing, without either being wrong.
+    A few updates test every part of the step (forward, loss, gradient,
+    masked update, exit test) before that amplification.
+    """
+    return Schedule(schedule.beta, schedule.delta, min(schedule.max_iters, check_iters))
+
+
+def measure(provider, model, layer, schedule: Schedule, sets: list[torch.Tensor], ref: RunOutput,
+            repeats: int, warmup: int, device, check: Schedule | None = None) -> dict:
+    """One row: a warm-up call, a check against ``ref`` (the fp32 eager loop from ``sets[0]`` under
+    ``check``, default ``schedule``), then ``repeats`` timed calls rotating among ``sets``.
+
+    Failures are recorded in the row (``status``/``reason``), never raised.
+    """
+    batch = sets[0].shape[0]
+    check = check or schedule
+    row = {"provider": provider.name, "dtype": provider.precision, "batch": batch, "iters": schedule.max_iters,
+           "check_iters": check.max_iters}
+    reason = provider.unavailable(torch.device(device))
+    if reason is not None:
+        return {**row, "status": "skipped", "reason": reason}
+    try:
+        provider.prepare(model, layer, schedule, sets[0])
+        provider.run(sets[0], schedule)  # warm-up: compile / capture / autotune, excluded
+        checked = compare(provider.run(sets[0], check), ref, sets[0])
+        for _ in range(warmup):
+            provider.run(sets[0], schedule)
+        timing, outs = benchlib.time_repeated(lambda r: provider.run(sets[r % len(sets)], schedule), device,
+                                              repeats, warmup=0)
+    except Exception as exc:
+        status = "oom" if benchlib.is_oom(exc) else "error"
+        _log.warning("%s at batch %d: %s", provider.name, batch, benchlib.error_reason(exc))
+        return {**row, "status": status, "reason": benchlib.error_reason(exc), **provider.describe()}
+    finally:
+        describe = provider.describe()
+        provider.close()
+        benchlib.release_memory(device)
+    ok = checked["finite"] and checked["rel_err"] <= CHECK_TOLERANCE[provider.precision]
+    useful = [int(o.iterations.sum()) for o in outs]
+    rates = [u / (ms * 1e-3) for u, ms in zip(useful, timing.samples_ms)]
+    occupancy = [o.occupancy for o in outs if o.occupancy is not None]
+    return {**row, **timing.as_row(), **checked, **describe,
+            "status": "ok" if ok else "check_failed",
+            "reason": "" if ok else f"rel_err {checked['rel_err']:.3g} > {CHECK_TOLERANCE[provider.precision]}",
+            "useful_iters": statistics.median(useful), "useful_iters_per_s": statistics.median(rates),
+            "occupancy": statistics.median(occupancy) if occupancy else None,
+            "iters_p50": float(outs[0].iterations.double().median()), "iters_max": int(outs[0].iterations.max())}
+
+
+def exit_work_fraction(provider, info: dict | None, schedule: Schedule) -> float:
+    """Planned share of ``max_iters`` that an early-exit call executes.
+
+    A masked batch (the eager loop, an engine with ``compact=False``) runs until its slowest sample exits:
+    all of it. An engine that drops or compacts exited samples executes about the samples' mean exit
+    iteration, measured by the exit schedule's pilot run (``pilot_iters_mean``), plus 25 % for bucket
+    rounding; without a pilot, all of it.
+    """
+    mean = (info or {}).get("pilot_iters_mean")
+    drops_exited = isinstance(provider, EngineProvider) and provider.options.get("compact", True)
+    if mean is None or not drops_exited or schedule.max_iters <= 0:
+        return 1.0
+    return min(1.0, 1.25 * mean / schedule.max_iters)
+
+
+def sweep(section: str, names, model, layer, schedule, batches, args, device, record, extra=None,
+          source=make_start_points, plan=None) -> list[dict]:
+    """Every provider at every batch size with one schedule, in the order given (batch-major).
+
+    Each row goes to ``record`` when measured (a row gets its ratio to ``eager`` when the eager row of its
+    batch came earlier). With a ``plan``: every row's planned seconds are printed before the first runs,
+    and a row that would overrun the budget is recorded as skipped (later, cheaper rows still run).
+    """
+    check = check_schedule(schedule, args.check_iters)
+    jobs = [(batch, provider) for batch in batches
+            for provider in build_providers(list(names), tuple(args.compile_modes))]
+    planned = []
+    if plan is not None:
+        calls = 1 + args.warmup + args.repeats
+        unavailable = {p.name: p.unavailable(torch.device(device)) for _, p in jobs}
+        # + the check run and the fp32 eager reference, check.max_iters iterations each
+        planned = [0.0 if unavailable[p.name] else
+                   plan.cost.provider_s(p, b, schedule.max_iters, calls, exit_work_fraction(p, extra, schedule))
+                   + plan.cost.loop_s("fp32", b, check.max_iters, 2)
+                   for b, p in jobs]
+        plan.announce(f"{section} ({schedule.max_iters} iterations per call, {calls} calls per row)",
+                      [(f"{p.name} batch {b}" + (" (unavailable here)" if unavailable[p.name] else ""), s)
+                       for (b, p), s in zip(jobs, planned)])
+    rows, inputs = [], None  # inputs: (batch, input sets, eager reference) of the batch being measured
+    for i, (batch, provider) in enumerate(jobs):
+        base = {"section": section, "provider": provider.name, "dtype": provider.precision, "batch": batch,
+                "iters": schedule.max_iters}
+        if plan is not None and planned[i] > 0:  # 0: unavailable here, measure() records why
+            base["planned_s"] = round(planned[i], 3)
+            reason = plan.skip_reason(planned[i])
+            if reason is not None:
+                rows += record([{**base, "status": "skipped", "reason": reason, **(extra or {})}])
+                continue
+        if inputs is None or inputs[0] != batch:
+            inputs = None
+            benchlib.release_memory(device)
+            sets = input_sets(batch, args.input_sets, args.seed, device, source)
+            inputs = (batch, sets, reference_run(model, layer, check, sets[0]))
+        _log.info("%s: %s batch %d, %d iters", section, provider.name, batch, schedule.max_iters)
+        started = time.perf_counter()
+        row = measure(provider, model, layer, schedule, inputs[1], inputs[2], args.repeats, args.warmup, device,
+                      check)
+        rows += record([{**base, **row, "wall_s": round(time.perf_counter() - started, 3), **(extra or {})}])
+    inputs = None
+    benchlib.release_memory(device)
+    return rows
