@@ -49,17 +49,28 @@ def save_figure(fig, output, dpi: int = 120, **savefig_kwargs) -> Path:
 # --------------------------------------------------------------------------- training curves
 
 
-def read_log(path: str | os.PathLike) -> list[dict]:
-    """The records of a ``log.jsonl`` (or of ``<run>/log.jsonl`` for a run folder)."""
+def read_log(path: str | os.PathLike, *, corrupt: str = "raise") -> list[dict]:
+    """The records of a ``log.jsonl`` (or of ``<run>/log.jsonl`` for a run folder); a torn last line is
+    skipped, another unreadable line handled as :func:`fsmooth.io.read_jsonl`'s ``corrupt`` says."""
     path = Path(path)
     if path.is_dir():
         path = path / "log.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"training log {str(path)!r} does not exist")
-    records = read_jsonl(path)
+    records = read_jsonl(path, corrupt=corrupt)
     if not records:
         raise ValueError(f"training log {str(path)!r} is empty")
     return records
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _plot_field(ax, records: list[dict], key: str, xkey: str | None, *args, **kwargs) -> None:
+    """One training curve: field ``key`` against ``xkey`` (epoch, step) or the record number."""
+    points = [(r[xkey] if xkey else i, r[key]) for i, r in enumerate(records) if _is_number(r.get(key))]
+    ax.plot([p[0] for p in points], [p[1] for p in points], *args, **kwargs)
 
 
 def plot_logs(paths, output: str | os.PathLike, *, delta: float | None = None) -> Path:
@@ -71,10 +82,9 @@ def plot_logs(paths, output: str | os.PathLike, *, delta: float | None = None) -
     for path in paths:
         records = read_log(path)
         name = Path(path).parent.name if Path(path).is_file() else Path(path).name
-        epochs = [r["epoch"] for r in records]
         for key, style in (("train", "--"), ("test", "-")):
-            ax_acc.plot(epochs, [r[f"{key}_acc"] for r in records], style, label=f"{name} {key}")
-            ax_lf.plot(epochs, [r[f"{key}_feature_loss"] for r in records], style, label=f"{name} {key}")
+            _plot_field(ax_acc, records, f"{key}_acc", "epoch", style, label=f"{name} {key}")
+            _plot_field(ax_lf, records, f"{key}_feature_loss", "epoch", style, label=f"{name} {key}")
     if delta is not None:
         ax_lf.axhline(delta, color="gray", linestyle=":", label=f"delta = {delta:g}")
     ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
@@ -89,20 +99,16 @@ def plot_logs(paths, output: str | os.PathLike, *, delta: float | None = None) -
 def training_curves(log_path, path) -> Path:
     """Figures 2/3: each numeric field of a training JSONL log against epoch (or step, or line number)."""
     plt = _pyplot()
-    rows = read_jsonl(log_path, corrupt="skip")
-    if not rows:
-        raise ValueError(f"training log {str(log_path)!r} has no records")
+    rows = read_log(log_path, corrupt="skip")
     xkey = next((k for k in ("epoch", "step") if all(k in r for r in rows)), None)
-    keys = sorted({k for r in rows for k, v in r.items()
-                   if k != xkey and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    keys = sorted({k for r in rows for k, v in r.items() if k != xkey and _is_number(v)})
     if not keys:
         raise ValueError(f"training log {str(log_path)!r} has no numeric fields")
     cols = min(3, len(keys))
     nrows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
-        pts = [(r[xkey] if xkey else i, r[key]) for i, r in enumerate(rows) if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts])
+        _plot_field(ax, rows, key, xkey)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel(xkey or "record")
     for ax in list(axes.flat)[len(keys):]:

@@ -7,14 +7,14 @@ import math
 __all__ = ["number", "positive_int", "count", "positive", "eps_255", "fraction", "positive_floats", "delta"]
 
 
-def number(kind, low: float, *, strict: bool, what: str):
-    """An argparse type: ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``."""
+def number(kind, low: float, *, strict: bool, what: str, high: float = math.inf):
+    """An argparse type: ``kind`` (int or float) above ``low`` (``strict``) or at least ``low``, at most ``high``."""
     def parse(value: str):
         try:
             parsed = kind(value)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}") from None
-        if not math.isfinite(parsed) or parsed < low or (strict and parsed == low):
+        if not math.isfinite(parsed) or parsed < low or (strict and parsed == low) or parsed > high:
             raise argparse.ArgumentTypeError(f"expected {what}, got {value!r}")
         return parsed
     return parse
@@ -24,16 +24,7 @@ positive_int = number(int, 1, strict=False, what="a positive integer")
 count = number(int, 0, strict=False, what="an integer >= 0")
 positive = number(float, 0.0, strict=True, what="a number > 0")
 eps_255 = number(float, 0.5, strict=False, what="an eps in 1/255 units (8 means 8/255), at least 0.5")
-
-
-def fraction(value: str) -> float:
-    try:
-        parsed = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}") from None
-    if not 0 <= parsed <= 1:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value!r}")
-    return parsed
+fraction = number(float, 0.0, strict=False, high=1.0, what="a number in [0, 1]")
 
 
 def positive_floats(value: str) -> tuple[float, ...]:
