@@ -31,6 +31,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from fsmooth.io import append_jsonl
+
 _log = logging.getLogger("bench")
 
 DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
@@ -285,9 +287,8 @@ def append_results(out_dir: str | os.PathLike, stem: str, env: dict, rows: Itera
     out_dir.mkdir(parents=True, exist_ok=True)
     jsonl, csv_path = out_dir / f"{stem}.jsonl", out_dir / f"{stem}.csv"
     full_rows = [{**env, **row} for row in rows]
-    with open(jsonl, "a", encoding="utf-8") as f:
-        for row in full_rows:
-            f.write(json.dumps(row, default=_json_default) + "\n")
+    for row in full_rows:  # one fsynced write per row: a kill can only tear the last line
+        append_jsonl(jsonl, row, default=_json_default)
     new = not csv_path.exists() or csv_path.stat().st_size == 0
     fields = RESULT_FIELDS
     if not new:
