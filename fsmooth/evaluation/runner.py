@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..distributed import all_gather_object
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
-from ..distributed import all_gather_object
 from .protocols import Budget, RunSpec
 from .store import ChunkStore
 
