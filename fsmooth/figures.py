@@ -268,17 +268,20 @@ def accuracy_vs_eps(report: dict, path) -> Path:
 
 def from_report(report_dir, out_dir, *, model=None, layer=None, config=None) -> list[Path]:
     """All figures an evaluation folder supports; Figures 4/5 need ``model``."""
+    # The evaluation package imports pyautoattack (optional, slow): only an evaluation's figures need its ids.
+    from .evaluation.protocols import Setting, clean_run_id
+
     report_dir, out_dir = Path(report_dir), Path(out_dir)
     report = json.loads((report_dir / "report.json").read_text())
     tensors = load_file(str(report_dir / "per_image.safetensors"))
     made = [accuracy_vs_eps(report, out_dir / "accuracy_vs_eps.png")]
-    for key in sorted(k for k in tensors if k.startswith("rescore_iterations/")):
-        setting = key.split("/", 1)[1]
-        target, k = setting.split("/")[:2]
-        clean = tensors.get(f"iterations/clean/{target}/{k}")
-        if clean is not None:
-            name = f"iterations_{setting.replace('/', '_')}.png"
-            made.append(iteration_histogram(clean, tensors[key], out_dir / name, title=setting))
+    for row in report.get("settings", []):
+        setting = Setting(row["target"], row["outer_loops"], row["eps"])
+        adversarial = tensors.get(f"rescore_iterations/{setting.id}")
+        clean = tensors.get(f"iterations/{clean_run_id(setting.target, setting.outer_loops)}")
+        if adversarial is not None and clean is not None:
+            name = f"iterations_{setting.id.replace('/', '_')}.png"
+            made.append(iteration_histogram(clean, adversarial, out_dir / name, title=setting.id))
     if model is not None:
         if config is None and report["info"].get("defense"):
             fields = dict(report["info"]["defense"])
