@@ -132,7 +132,7 @@ def run_demo(args) -> int:
     iters = torch.cat(iterations).double()
     pct = lambda t: f"{100 * t.float().mean().item():6.2f}%"  # noqa: E731
     print(f"model: {label} ({meta.get('arch')}, trained {meta.get('epoch')} epochs on "
-          f"{meta.get('device', '?')}); delta_test = {config.delta}; device: {device}")
+          f"{meta.get('device', '?')}); beta = {config.beta:g}, delta_test = {config.delta}; device: {device}")
     print(f"{n} test images of CIFAR-10 ({_data_label(args.data)}); PGD L-inf eps {args.eps * 255:.0f}/255, "
           f"{args.pgd_steps} steps, random start")
     rows = [("clean accuracy", pct(clean_ok), pct(clean_def_ok)),
@@ -184,7 +184,8 @@ def run_defend(args) -> int:
         plain = model(x).softmax(1)
         protected = defended(x).softmax(1)
     iters = defended.last_info.iterations.view(args.outer_loops, -1).double().mean(0)
-    print(f"model: {label}; delta_test = {defended.config.delta}; outer loops {args.outer_loops}")
+    print(f"model: {label}; beta = {defended.config.beta:g}, delta_test = {defended.config.delta}; "
+          f"outer loops {args.outer_loops}")
     print(f"{'image':<40}{'no defense':>22}{'Active Defense':>22}{'iters':>8}")
     for i, path in enumerate(args.images):
         p, q = plain[i].max(0), protected[i].max(0)
