@@ -78,7 +78,7 @@ def run(args) -> int:
               f"{report['fraction_above'] * 100:.1f}% of clean images are above it")
     else:
         _print_search(report)
-        weights, meta_path = resolve_checkpoint(args.checkpoint)
+        _, meta_path = resolve_checkpoint(args.checkpoint)
         figure = args.figure or (meta_path.with_name("calibration.png") if meta_path.name == "meta.json"
                                  else meta_path.with_suffix(".calibration.png"))
         if not args.dry_run or args.figure:
