@@ -62,13 +62,17 @@ def test_while_loop_graph_rejects_bad_arguments():
         torch.classes.fsmooth.WhileLoopGraph(1, torch.zeros((), dtype=torch.bool), cap)
 
 
-@pytest.mark.cuda
-def test_while_loop_graph_runs_a_counter():
-    """A captured body incrementing a counter runs, in one launch, until the counter reaches a limit."""
+def _skip_without_extension_while_loop():
     from fsmooth.defense.while_loop import extension_while_reason
     reason = extension_while_reason()
     if reason is not None:
         pytest.skip(reason)
+
+
+@pytest.mark.cuda
+def test_while_loop_graph_runs_a_counter():
+    """A captured body incrementing a counter runs, in one launch, until the counter reaches a limit."""
+    _skip_without_extension_while_loop()
     counter = torch.zeros((), dtype=torch.int64, device="cuda")
     limit = torch.full((), 37, dtype=torch.int64, device="cuda")
     cap = torch.full((), 1000, dtype=torch.int64, device="cuda")
@@ -96,10 +100,7 @@ def test_while_loop_graph_runs_a_counter():
 @pytest.mark.cuda
 def test_while_loop_graph_stops_at_max_trips_when_the_predicate_never_clears():
     """A body that never clears the predicate (a bug) still ends: the trip cap is enforced on the device."""
-    from fsmooth.defense.while_loop import extension_while_reason
-    reason = extension_while_reason()
-    if reason is not None:
-        pytest.skip(reason)
+    _skip_without_extension_while_loop()
     counter = torch.zeros((), dtype=torch.int64, device="cuda")
     cap = torch.full((), 41, dtype=torch.int64, device="cuda")
     pred = torch.ones((), dtype=torch.bool, device="cuda")
