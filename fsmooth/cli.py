@@ -1,4 +1,4 @@
-"""The ``fsmooth`` command: train, calibrate, plot-log, demo, defend, eval, figures.
+"""The ``fsmooth`` command: train, calibrate, plot-log, demo, defend, eval, figures, summarize.
 
 Each subcommand is one module with ``add_parser(subparsers)`` (returns its parser) and
 ``run(args)`` (returns the exit code), listed in :data:`COMMANDS`. A module that cannot
@@ -25,6 +25,7 @@ COMMANDS = {
     "defend": "fsmooth.commands.defend",
     "eval": "fsmooth.evaluation.cli",
     "figures": "fsmooth.commands.figures",
+    "summarize": "fsmooth.commands.summarize",
 }
 
 

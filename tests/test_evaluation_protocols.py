@@ -38,7 +38,7 @@ def test_every_protocol_runs_end_to_end(full_report):
     assert {r["protocol"] for r in report["runs"]} >= set(PROTOCOLS) - {"square"}  # square dedupes into paper
     for k in (1, 2):
         for column in ("aa-standard", "apgd-ce", "apgd-t", "fab-t", "square", "aa-rand", "eot-pgd-ce",
-                       "eot-pgd-dlr-targeted", "transfer", "adaptive-0.1", "adaptive+100"):
+                       "eot-pgd-dlr-targeted", "transfer", "adaptive-0.1", "adaptive+0", "adaptive+100"):
             assert f"defended/ol{k}/eps8/{column}" in runs
         assert f"standard-defended/ol{k}/eps8/aa-standard" in runs
     assert "undefended/ol0/eps8/aa-standard" in runs and "defended/ol1/eps8/torchattacks-eotpgd" in runs
@@ -110,6 +110,35 @@ def test_plan_covers_protocols_without_duplicates():
     assert sum(s.column == "apgd-ce-sweep" for s in specs) == len(tiny_budget().eps_sweep)
     with pytest.raises(ValueError, match="unknown protocol"):
         parse_protocols("paper,nope")
+
+
+def test_clean_protocol_plans_the_clean_passes_alone():
+    specs = plan(["clean"], (8 / 255,), (1, 10), tiny_budget())
+    assert [s.run_id for s in specs] == ["clean/undefended/ol0", "clean/defended/ol1", "clean/defended/ol10"]
+    with_baseline = plan(["clean"], (8 / 255,), (1,), tiny_budget(), has_baseline=True)
+    assert {s.run_id for s in with_baseline} == {"clean/undefended/ol0", "clean/defended/ol1",
+                                                 "clean/standard-defended/ol1"}
+    assert all(s.kind == "clean" for s in with_baseline)
+    assert "clean" not in parse_protocols("all")
+
+
+def test_adaptive_protocol_includes_lambda_zero_as_its_control():
+    specs = plan(["adaptive"], (8 / 255,), (1,), tiny_budget().replace(lambdas=(1.0, 10.0)))
+    lams = [s.options["kwargs"]["lam"] for s in specs if s.kind == "attack"]
+    assert lams == [-10.0, -1.0, 0.0, 1.0, 10.0]
+    assert "defended/ol1/eps8/adaptive+0" in {s.run_id for s in specs}
+
+
+def test_baseline_is_defended_with_its_own_calibration_else_the_paper_preset():
+    from fsmooth.defense import DefenseConfig
+    from fsmooth.evaluation.api import _defense_config
+
+    baseline = trained_tiny_net(seed=1)
+    assert _defense_config(None, baseline, fallback="cifar10-standard") == DefenseConfig.preset("cifar10-standard")
+    baseline.defense_defaults = {"sigma": 0.05, "beta": 3.0, "delta": 0.031}
+    got = _defense_config(None, baseline, fallback="cifar10-standard")
+    assert (got.sigma, got.beta, got.delta) == (0.05, 3.0, 0.031)
+    assert _defense_config("cifar10-standard", baseline) == DefenseConfig.preset("cifar10-standard")
 
 
 def test_resume_after_interruption_gives_the_same_result(setup, tmp_path):
@@ -274,3 +303,38 @@ def test_cli_eval_and_figures_on_a_real_checkpoint_and_image_folder(tmp_path, mo
     assert {"accuracy_vs_eps.png", "feature_panels.png", "training_0.png"} <= set(pngs)
     assert any(p.startswith("iterations_") for p in pngs)
     assert all((figs / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_summarize_joins_reports_into_one_worst_case(setup, tmp_path):
+    """Two evaluations of one model (other protocols, other n): the joined worst case is the AND of both
+    reports' per-image verdicts on the images both evaluated, and every column keeps its own n."""
+    from fsmooth.cli import main
+    from fsmooth.evaluation.summary import summarize
+
+    model, x, y = setup
+    kwargs = dict(eps=EPS, outer_loops=(1,), defense=TINY_DEFENSE, budget=tiny_budget(), chunk_size=4,
+                  quiet=True, defended_factory=tiny_factory)
+    a = evaluate(model, x, y, protocol="eot", out=tmp_path / "a", meta={"checkpoint": "runs/fs/checkpoints/e1"},
+                 **kwargs)
+    b = evaluate(model, x[:8], y[:8], protocol="square,clean", out=tmp_path / "b",
+                 meta={"checkpoint": "runs/fs/checkpoints/e1"}, **kwargs)
+    summary = summarize([tmp_path / "a", tmp_path / "b"], {"fs": "feature-smoothed"})
+    assert list(summary["models"]) == ["feature-smoothed"]
+    (s,) = summary["settings"]
+    assert set(s["columns"]) == {"eot-pgd-ce", "eot-pgd-dlr-targeted", "square"}
+    assert s["columns"]["eot-pgd-ce"]["n"] == 12 and s["columns"]["square"]["n"] == 8
+    ra = load_file(str(tmp_path / "a" / "per_image.safetensors"))["robust/defended/ol1/eps8"]
+    rb = load_file(str(tmp_path / "b" / "per_image.safetensors"))["robust/defended/ol1/eps8"]
+    both = ra[:8].bool() & rb.bool()
+    assert s["worst_case"]["n"] == 8 and s["worst_case"]["correct"] == int(both.sum())
+    assert s["worst_case"]["correct"] <= min(a["settings"][0]["worst_case"]["correct"],
+                                             b["settings"][0]["worst_case"]["correct"])
+    assert s["strict"]["correct"] <= s["worst_case"]["correct"]
+    assert {(c["target"], c["n"]) for c in summary["clean"]} >= {("defended", 12), ("defended", 8)}
+    # The command writes both files; a folder without a report is named.
+    assert main(["summarize", str(tmp_path / "a"), str(tmp_path / "b"), "--name", "fs=feature-smoothed",
+                 "--out", str(tmp_path / "summary")]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["settings"][0]["worst_case"] == s["worst_case"]
+    assert "**worst case**" in (tmp_path / "summary.md").read_text()
+    with pytest.raises(FileNotFoundError, match="no report.json"):
+        summarize([tmp_path / "a", tmp_path])

@@ -29,8 +29,10 @@ def default_defended_factory(model, config, outer_loops: int, layer):
 
 
 def _defense_config(value, model, fallback: str | None = None):
-    """``value`` as a :class:`DefenseConfig`: ``None`` is the model's calibrated setting, a string a preset."""
-    if value is None and fallback is not None:
+    """``value`` as a :class:`DefenseConfig`: a string is a preset; ``None`` is the model's calibrated
+    setting, else the preset ``fallback`` (when given), else the paper's."""
+    calibrated = isinstance(getattr(model, "defense_defaults", None), dict)
+    if value is None and fallback is not None and not calibrated:
         value = fallback
     if value is None:
         return DefenseConfig.for_model(model)
@@ -101,7 +103,7 @@ def _check_outer_loops(outer_loops) -> tuple[int, ...]:
 
 def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, *, protocol="paper",
              n: int | None = None, eps=(8 / 255, 16 / 255), outer_loops=(1, 10), defense=None,
-             baseline_model: torch.nn.Module | None = None, baseline_defense="cifar10-standard",
+             baseline_model: torch.nn.Module | None = None, baseline_defense=None,
              layer: str | None = None, budget: Budget | None = None, seed: int = 0, chunk_size: int = 250,
              batch_size: int = 250,
              out: str | Path | None = None, resume: bool = True, quiet: bool = False,
@@ -117,8 +119,9 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         outer_loops: K values of the defended classifier (softmax averaged over K defense runs).
         defense: ``DefenseConfig``, preset name, or ``None`` (``DefenseConfig.for_model(model)``: the
             model's calibrated beta/delta, else the paper's).
-        baseline_model, baseline_defense: the model trained without ``L_F`` and its defense setting
-            (``"cifar10-standard"``: delta 0.0562) for the static baseline row.
+        baseline_model, baseline_defense: the model trained without ``L_F`` and its defense setting for
+            the "Standard (using Active Defense)" rows. ``None``: the baseline's own calibration
+            (``fsmooth calibrate``), else the paper's ``"cifar10-standard"`` (delta 0.0562).
         budget: :class:`Budget` (paper defaults).
         seed: every chunk of every run is seeded from (seed, run, chunk).
         chunk_size: images per saved chunk (the resume granularity).
@@ -151,7 +154,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if baseline_model is not None:
         baseline_model.eval()
     config = _defense_config(defense, model)
-    baseline_config = _defense_config(baseline_defense, baseline_model) if baseline_model is not None else None
+    baseline_config = (_defense_config(baseline_defense, baseline_model, fallback="cifar10-standard")
+                       if baseline_model is not None else None)
     with torch.no_grad():
         num_classes = int(model(images[:1]).shape[1])
     rank, world = rank_and_world()

@@ -73,7 +73,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--eps", type=eps_255, nargs="+", default=[8.0, 16.0], help="L-inf eps in 1/255 units")
     p.add_argument("--outer-loops", type=positive_int, nargs="+", default=[1, 10], help="K values (outerloop)")
     p.add_argument("--defense-preset", default=None, help="cifar10, cifar100, ... (default: the checkpoint's delta)")
-    p.add_argument("--baseline-preset", default="cifar10-standard")
+    p.add_argument("--baseline-preset", default=None,
+                   help="the baseline's defense preset (default: its own calibration, else cifar10-standard)")
     p.add_argument("--max-iters", type=positive_int, default=None, help="defense iteration cap")
     p.add_argument("--layer", default=None)
     p.add_argument("--out", default="runs/eval", help="output folder (report, per-image tensors, state)")
@@ -136,13 +137,14 @@ def run(args) -> int:
     dataset = args.dataset or meta.get("dataset", "cifar10")
     images, labels = load_dataset(args.data, "test", dataset=dataset)
     defense = _defense_config(args.defense_preset, model)
-    baseline = None
-    baseline_defense = DefenseConfig.preset(args.baseline_preset)
+    baseline = baseline_defense = None
     if args.baseline_checkpoint:
         baseline, _ = zoo.load_classifier(args.baseline_checkpoint, device=device)
+        baseline_defense = _defense_config(args.baseline_preset, baseline, fallback="cifar10-standard")
     if args.max_iters is not None:
         defense = defense.replace(max_iters=args.max_iters)
-        baseline_defense = baseline_defense.replace(max_iters=args.max_iters)
+        if baseline_defense is not None:
+            baseline_defense = baseline_defense.replace(max_iters=args.max_iters)
     argv = getattr(args, "argv", None)
     command = "fsmooth " + shlex.join(argv) if argv is not None else shlex.join(sys.argv)
     report = evaluate(

@@ -8,8 +8,9 @@ stable, so the same run requested by two protocols executes once and a
 resumed evaluation finds its saved chunks.
 
 Protocols
+  clean        the clean passes alone (bare model, defended at each K); every protocol includes them.
   paper        AutoAttack standard, and each of its attacks alone (Table 1 columns).
-  adaptive     APGD-CE on CE + lam * max(L_F, delta), lam = +-logspace(0.1..100) (Table 3).
+  adaptive     APGD-CE on CE + lam * max(L_F, delta), lam = 0 and +-``Budget.lambdas`` (Table 3).
   rand         AutoAttack rand (APGD-CE, APGD-DLR, EOT over ``eot_draws``).
   eot          PGD with EOT through the straight-through gradient: CE and targeted DLR.
   transfer     AutoAttack standard on the undefended model, scored on the defended one.
@@ -28,8 +29,9 @@ from dataclasses import dataclass, field
 __all__ = ["Budget", "RunSpec", "Setting", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key",
            "clean_run_id"]
 
-PROTOCOLS = ("paper", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
-GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"), "all": PROTOCOLS}
+PROTOCOLS = ("clean", "paper", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
+GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"),
+          "all": PROTOCOLS[1:]}
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Budget:
     pgd_steps: int = 100
     pgd_restarts: int = 2
     pgd_targets: int = 3            # targeted DLR: most likely wrong classes
-    lambdas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)   # log-spaced; run with both signs
+    lambdas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0)   # log-spaced; run with both signs, and lam = 0
     adaptive_eot_draws: int = 1     # the paper's adaptive APGD-CE uses none; more only makes it stronger
     eps_sweep: tuple[float, ...] = (2 / 255, 4 / 255, 8 / 255, 16 / 255, 32 / 255)
     sweep_eot_draws: int = 1
@@ -202,6 +204,9 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
         clean("defended", k)
     first_k, first_eps = outer_loops[0], eps_list[0]
     for protocol in protocols:
+        if protocol == "clean" and has_baseline:
+            for k in outer_loops:
+                clean("standard-defended", k)
         for k in outer_loops:
             for eps in eps_list:
                 if protocol == "paper":
@@ -209,7 +214,8 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                     for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
                         autoattack(protocol, "defended", k, eps, attacks=[name])
                 elif protocol == "adaptive":
-                    for lam in sorted({s * abs(v) for v in budget.lambdas for s in (1, -1)}):
+                    # lam = 0 is APGD-CE through the same oracle: the control the other lambdas are read against.
+                    for lam in sorted({0.0} | {s * abs(v) for v in budget.lambdas for s in (1, -1)}):
                         attack(protocol, "defended", k, eps, f"adaptive{_lambda_tag(lam)}", "AdaptiveAPGD",
                                lam=lam, n_iter=budget.apgd_iter, eot_iter=budget.adaptive_eot_draws)
                 elif protocol == "rand":

@@ -1,0 +1,140 @@
+"""Several ``fsmooth eval`` reports of the same models as one table: the worst case over every attack run.
+
+Rows of a reproduction are often run as separate evaluations (different protocols, different n, different
+sessions). Each one scores its own worst case; :func:`summarize` joins them per model and setting (target,
+K, eps): a test image counts as robust only if it survives every attack in every report, on the first
+``n`` images that all of them evaluated (each evaluation takes the first ``n`` test images, so their
+images agree). Re-scoring is joined the same way (``strict``: also correct in every fresh defense run).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from .scoring import accuracy_summary
+
+__all__ = ["summarize", "summary_markdown"]
+
+
+def _label(info: dict) -> str:
+    source = str(info.get("checkpoint") or "model")
+    if source.startswith("pretrained:"):
+        return source.split(":", 1)[1]
+    path = Path(source)
+    # runs/<name>/checkpoints/epoch-0036 -> <name>
+    return path.parent.parent.name if path.parent.name == "checkpoints" else path.name
+
+
+def _load(folder: Path) -> tuple[dict, dict]:
+    report_path = folder / "report.json"
+    if not report_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no report.json: run `fsmooth eval --out {folder}` first")
+    return json.loads(report_path.read_text()), load_file(str(folder / "per_image.safetensors"))
+
+
+def _pct_ci(summary: dict) -> dict:
+    return {k: summary[k] for k in ("n", "correct", "accuracy", "ci95")}
+
+
+def summarize(folders, names: dict | None = None) -> dict:
+    """Join the reports in ``folders`` (``fsmooth eval --out`` folders); ``names`` maps a report's
+    checkpoint label to the name shown. Returns ``{"models", "clean", "settings", "adaptive"}``."""
+    folders = [Path(f) for f in folders]
+    if not folders:
+        raise ValueError("folders must name at least one evaluation folder")
+    names = names or {}
+    models: dict[str, dict] = {}
+    clean: list[dict] = []
+    groups: dict[tuple, dict] = {}
+    adaptive: list[dict] = []
+    for folder in folders:
+        report, tensors = _load(folder)
+        info = report["info"]
+        model = names.get(_label(info), _label(info))
+        fingerprint = info["fingerprint"]["model"]
+        known = models.setdefault(model, {"model_checksum": fingerprint, "checkpoint": info.get("checkpoint"),
+                                          "defense": info["defense"], "reports": []})
+        if known["model_checksum"] != fingerprint:
+            raise ValueError(f"two different models are both named {model!r} ({folder}); name them apart")
+        known["reports"].append(str(folder))
+        source = {"report": str(folder), "command": info.get("command"), "dataset": info.get("dataset"),
+                  "device": info["environment"]["device"]}
+        for run in report["runs"]:
+            if run["kind"] == "clean":
+                clean.append({"model": model, "target": run["target"], "outer_loops": run["outer_loops"],
+                              **_pct_ci(run), "defense_iterations": run["defense_iterations"],
+                              "wall_per_image_s": run["wall_per_image_s"], **source})
+            elif run["column"].startswith("adaptive"):
+                adaptive.append({"model": model, "outer_loops": run["outer_loops"], "eps_255": run["eps_255"],
+                                 "lam": run["settings"].get("lam"), **_pct_ci(run), **source})
+        labels = tensors["labels"]
+        for s in report["settings"]:
+            key = (model, s["target"], s["outer_loops"], round(s["eps_255"], 6))
+            setting_id = f"{s['target']}/ol{s['outer_loops']}/eps{s['eps_255']:g}"
+            robust = tensors[f"robust/{setting_id}"].bool()
+            rescore = tensors.get(f"rescore_correct/{setting_id}")
+            strict = robust & rescore.bool().all(0) if rescore is not None else None
+            g = groups.setdefault(key, {"robust": [], "strict": [], "columns": {}, "sources": [], "labels": labels})
+            if not torch.equal(g["labels"][:min(len(labels), len(g["labels"]))],
+                               labels[:min(len(labels), len(g["labels"]))]):
+                raise ValueError(f"{folder} was evaluated on other images than the reports before it")
+            g["robust"].append(robust)
+            g["strict"].append(strict)
+            g["sources"].append(source)
+            for run in report["runs"]:
+                if run["kind"] != "clean" and (run["target"], run["outer_loops"], round(run["eps_255"], 6)) == key[1:]:
+                    g["columns"][run["column"]] = {**_pct_ci(run), "report": str(folder),
+                                                   "defense_iterations": run["defense_iterations"],
+                                                   "wall_per_image_s": run["wall_per_image_s"]}
+    settings = []
+    for (model, target, k, eps_255), g in groups.items():
+        n = min(r.numel() for r in g["robust"])
+        robust = torch.stack([r[:n] for r in g["robust"]]).all(0)
+        entry = {"model": model, "target": target, "outer_loops": k, "eps_255": eps_255,
+                 "columns": g["columns"], "worst_case": accuracy_summary(robust), "reports": g["sources"]}
+        if all(s is not None for s in g["strict"]):
+            entry["strict"] = accuracy_summary(torch.stack([s[:n] for s in g["strict"]]).all(0))
+        settings.append(entry)
+    order = {"defended": 0, "standard-defended": 1, "undefended": 2}
+    settings.sort(key=lambda s: (s["model"], order.get(s["target"], 3), s["outer_loops"], s["eps_255"]))
+    clean.sort(key=lambda c: (c["model"], order.get(c["target"], 3), c["outer_loops"], -c["n"]))
+    adaptive.sort(key=lambda a: (a["model"], a["outer_loops"], a["eps_255"], a["lam"]))
+    return {"models": models, "clean": clean, "settings": settings, "adaptive": adaptive}
+
+
+def _acc(s: dict) -> str:
+    lo, hi = s["ci95"]
+    return f"{100 * s['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={s['n']})"
+
+
+def summary_markdown(summary: dict) -> str:
+    """The joined tables: clean accuracy, robust accuracy per setting and attack, the adaptive attack."""
+    lines = ["## Clean accuracy (%) [95% CI] (n)", "",
+             "| model | classifier | K | accuracy | defense iterations mean/max | s/image | report |",
+             "|---|---|---|---|---|---|---|"]
+    for c in summary["clean"]:
+        it = c["defense_iterations"]
+        iters = f"{it['mean']:.0f}/{it['max']:.0f}" if it else "-"
+        k = str(c["outer_loops"]) if c["target"] != "undefended" else "-"
+        lines.append(f"| {c['model']} | {c['target']} | {k} | {_acc(c)} | {iters} | "
+                     f"{c['wall_per_image_s']:.3g} | `{c['report']}` |")
+    lines += ["", "## Robust accuracy (%) [95% CI] (n): each attack, and the worst case over all of them", "",
+              "| model | classifier | K | eps | attack | accuracy | report |", "|---|---|---|---|---|---|---|"]
+    for s in summary["settings"]:
+        head = f"| {s['model']} | {s['target']} | {s['outer_loops']} | {s['eps_255']:g}/255"
+        for column, c in s["columns"].items():
+            lines.append(f"{head} | {column} | {_acc(c)} | `{c['report']}` |")
+        lines.append(f"{head} | **worst case** | **{_acc(s['worst_case'])}** | all above |")
+        if "strict" in s:
+            lines.append(f"{head} | worst case, also correct in every re-scoring run | {_acc(s['strict'])} | "
+                         f"all above |")
+    if summary["adaptive"]:
+        lines += ["", "## Adaptive APGD-CE on CE + lambda * max(L_F, delta) (%) [95% CI] (n)", "",
+                  "| model | K | eps | lambda | accuracy | report |", "|---|---|---|---|---|---|"]
+        for a in summary["adaptive"]:
+            lines.append(f"| {a['model']} | {a['outer_loops']} | {a['eps_255']:g}/255 | {a['lam']:g} | {_acc(a)} | "
+                         f"`{a['report']}` |")
+    return "\n".join(lines) + "\n"
