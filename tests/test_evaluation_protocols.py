@@ -318,7 +318,10 @@ def test_summarize_joins_reports_into_one_worst_case(setup, tmp_path):
                  **kwargs)
     b = evaluate(model, x[:8], y[:8], protocol="square,clean", out=tmp_path / "b",
                  meta={"checkpoint": "runs/fs/checkpoints/e1"}, **kwargs)
-    summary = summarize([tmp_path / "a", tmp_path / "b"], {"fs": "feature-smoothed"})
+    evaluate(model, x[:4], y[:4], protocol="clean", out=tmp_path / "c", meta={"checkpoint": "runs/fs/checkpoints/e1"},
+             **kwargs)
+    assert "Robust accuracy" not in (tmp_path / "c" / "report.md").read_text()   # no attack, no empty table
+    summary = summarize([tmp_path / "a", tmp_path / "b", tmp_path / "c"], {"fs": "feature-smoothed"})
     assert list(summary["models"]) == ["feature-smoothed"]
     (s,) = summary["settings"]
     assert set(s["columns"]) == {"eot-pgd-ce", "eot-pgd-dlr-targeted", "square"}
@@ -330,7 +333,7 @@ def test_summarize_joins_reports_into_one_worst_case(setup, tmp_path):
     assert s["worst_case"]["correct"] <= min(a["settings"][0]["worst_case"]["correct"],
                                              b["settings"][0]["worst_case"]["correct"])
     assert s["strict"]["correct"] <= s["worst_case"]["correct"]
-    assert {(c["target"], c["n"]) for c in summary["clean"]} >= {("defended", 12), ("defended", 8)}
+    assert {(c["target"], c["n"]) for c in summary["clean"]} >= {("defended", 12), ("defended", 8), ("defended", 4)}
     # The command writes both files; a folder without a report is named.
     assert main(["summarize", str(tmp_path / "a"), str(tmp_path / "b"), "--name", "fs=feature-smoothed",
                  "--out", str(tmp_path / "summary")]) == 0

@@ -155,7 +155,8 @@ def markdown(report: dict) -> str:
     present = [c for c in TABLE_COLUMNS + ("adaptive-min",) if any(c in s["columns"] for s in report["settings"])]
     head = ["model", "K", "eps", "clean"] + present + ["worst case [95% CI]", "re-scored mean ± std",
                                                        "correct in all runs", "defense iters clean/adv"]
-    lines += ["## Robust accuracy (%)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if report["settings"]:
+        lines += ["## Robust accuracy (%)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in report["settings"]:
         wc = s["worst_case"]
         row = [s["target"], str(s["outer_loops"]) if s["target"] != "undefended" else "-", f"{s['eps_255']:g}/255",
