@@ -8,7 +8,7 @@ import torch
 
 from fsmooth.checkpoint import (latest_checkpoint, load_meta, load_model, load_training_state, save_checkpoint,
                                 save_run_checkpoint, update_meta)
-from fsmooth.models import WideResNet
+from fsmooth.models import WideResNet, available_pretrained
 
 
 def tiny_model(seed=0, num_classes=10):
@@ -117,12 +117,16 @@ def _data_source():
     return None
 
 
-def test_embedded_model_reproduces_recorded_accuracy():
-    from fsmooth.models import available_pretrained, pretrained
+def test_the_default_model_is_embedded():
+    from fsmooth.models import available_pretrained
     from fsmooth.models.zoo import DEFAULT_PRETRAINED
-    if DEFAULT_PRETRAINED not in available_pretrained():
-        pytest.skip("the embedded model is not installed")
-    model = pretrained(DEFAULT_PRETRAINED)
+    assert DEFAULT_PRETRAINED in available_pretrained()
+
+
+@pytest.mark.parametrize("name", available_pretrained())
+def test_embedded_model_reproduces_recorded_accuracy(name):
+    from fsmooth.models import pretrained
+    model = pretrained(name)
     meta = model.pretrained_meta
     assert meta["arch"] == "wrn-16-1" and meta["device"] == "cpu" and 0 < meta["delta_test"] < 1
     assert model.defense_delta == meta["delta_test"]

@@ -24,7 +24,7 @@ __all__ = ["pretrained", "available_pretrained", "pretrained_meta", "pretrained_
            "load_classifier", "DEFAULT_PRETRAINED"]
 
 # The demo's default: the small WRN trained on CPU with the feature-smoothing loss.
-DEFAULT_PRETRAINED = "wrn-16-1-cifar10-jpeg-fs-cpu"
+DEFAULT_PRETRAINED = "wrn-16-1-cifar10-jpeg-fs36"
 
 
 def _weights_dir() -> Path:
