@@ -128,7 +128,8 @@ def test_embedded_model_reproduces_recorded_accuracy(name):
     from fsmooth.models import pretrained
     model = pretrained(name)
     meta = model.pretrained_meta
-    assert meta["arch"] == "wrn-16-1" and meta["device"] == "cpu" and 0 < meta["delta_test"] < 1
+    assert meta["arch"] == "wrn-16-1" and meta["device"] == "cpu" and meta["name"] == name
+    assert 0 < meta["delta_test"] == meta["defense"]["delta"] and meta["defense"]["beta"] > 0
     assert model.defense_delta == meta["delta_test"]
     source = _data_source()
     if source is None:
