@@ -341,3 +341,8 @@ def test_summarize_joins_reports_into_one_worst_case(setup, tmp_path):
     assert "**worst case**" in (tmp_path / "summary.md").read_text()
     with pytest.raises(FileNotFoundError, match="no report.json"):
         summarize([tmp_path / "a", tmp_path])
+    evaluate(model, x[4:8], y[4:8], protocol="clean", out=tmp_path / "other", **kwargs)
+    with pytest.raises(ValueError, match="other images"):
+        summarize([tmp_path / "a", tmp_path / "other"])
+    with pytest.raises(SystemExit):                        # --name takes LABEL=NAME
+        main(["summarize", str(tmp_path / "a"), "--name", "fs", "--out", str(tmp_path / "s2")])

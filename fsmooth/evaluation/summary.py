@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from .protocols import Setting
 from .scoring import accuracy_summary
 
 __all__ = ["summarize", "summary_markdown"]
@@ -50,9 +51,15 @@ def summarize(folders, names: dict | None = None) -> dict:
     clean: list[dict] = []
     groups: dict[tuple, dict] = {}
     adaptive: list[dict] = []
+    first_labels = None
     for folder in folders:
         report, tensors = _load(folder)
         info = report["info"]
+        labels = tensors["labels"]
+        first_labels = labels if first_labels is None else first_labels
+        n = min(len(labels), len(first_labels))
+        if not torch.equal(labels[:n], first_labels[:n]):
+            raise ValueError(f"{folder} was evaluated on other images than {folders[0]}")
         model = names.get(_label(info), _label(info))
         fingerprint = info["fingerprint"]["model"]
         known = models.setdefault(model, {"model_checksum": fingerprint, "checkpoint": info.get("checkpoint"),
@@ -62,38 +69,31 @@ def summarize(folders, names: dict | None = None) -> dict:
         known["reports"].append(str(folder))
         source = {"report": str(folder), "command": info.get("command"), "dataset": info.get("dataset"),
                   "device": info["environment"]["device"]}
+        for s in report["settings"]:
+            setting = Setting(s["target"], s["outer_loops"], s["eps"])
+            robust = tensors[f"robust/{setting.id}"].bool()
+            rescore = tensors.get(f"rescore_correct/{setting.id}")
+            g = groups.setdefault((model, setting), {"robust": [], "strict": [], "columns": {}, "sources": []})
+            g["robust"].append(robust)
+            g["strict"].append(robust & rescore.bool().all(0) if rescore is not None else None)
+            g["sources"].append(source)
         for run in report["runs"]:
+            row = {**_pct_ci(run), "report": str(folder), "defense_iterations": run["defense_iterations"],
+                   "wall_per_image_s": run["wall_per_image_s"]}
             if run["kind"] == "clean":
-                clean.append({"model": model, "target": run["target"], "outer_loops": run["outer_loops"],
-                              **_pct_ci(run), "defense_iterations": run["defense_iterations"],
-                              "wall_per_image_s": run["wall_per_image_s"], **source})
-            elif run["column"].startswith("adaptive"):
+                clean.append({"model": model, "target": run["target"], "outer_loops": run["outer_loops"], **row,
+                              **source})
+                continue
+            groups[(model, Setting(run["target"], run["outer_loops"], run["eps"]))]["columns"][run["column"]] = row
+            if run["column"].startswith("adaptive"):
                 adaptive.append({"model": model, "outer_loops": run["outer_loops"], "eps_255": run["eps_255"],
                                  "lam": run["settings"].get("lam"), **_pct_ci(run), **source})
-        labels = tensors["labels"]
-        for s in report["settings"]:
-            key = (model, s["target"], s["outer_loops"], round(s["eps_255"], 6))
-            setting_id = f"{s['target']}/ol{s['outer_loops']}/eps{s['eps_255']:g}"
-            robust = tensors[f"robust/{setting_id}"].bool()
-            rescore = tensors.get(f"rescore_correct/{setting_id}")
-            strict = robust & rescore.bool().all(0) if rescore is not None else None
-            g = groups.setdefault(key, {"robust": [], "strict": [], "columns": {}, "sources": [], "labels": labels})
-            if not torch.equal(g["labels"][:min(len(labels), len(g["labels"]))],
-                               labels[:min(len(labels), len(g["labels"]))]):
-                raise ValueError(f"{folder} was evaluated on other images than the reports before it")
-            g["robust"].append(robust)
-            g["strict"].append(strict)
-            g["sources"].append(source)
-            for run in report["runs"]:
-                if run["kind"] != "clean" and (run["target"], run["outer_loops"], round(run["eps_255"], 6)) == key[1:]:
-                    g["columns"][run["column"]] = {**_pct_ci(run), "report": str(folder),
-                                                   "defense_iterations": run["defense_iterations"],
-                                                   "wall_per_image_s": run["wall_per_image_s"]}
     settings = []
-    for (model, target, k, eps_255), g in groups.items():
+    for (model, setting), g in groups.items():
         n = min(r.numel() for r in g["robust"])
         robust = torch.stack([r[:n] for r in g["robust"]]).all(0)
-        entry = {"model": model, "target": target, "outer_loops": k, "eps_255": eps_255,
+        entry = {"model": model, "target": setting.target, "outer_loops": setting.outer_loops,
+                 "eps_255": setting.eps_255,
                  "columns": g["columns"], "worst_case": accuracy_summary(robust), "reports": g["sources"]}
         if all(s is not None for s in g["strict"]):
             entry["strict"] = accuracy_summary(torch.stack([s[:n] for s in g["strict"]]).all(0))
