@@ -17,8 +17,13 @@ and the clean ``L_F`` level differs between networks. :func:`calibrate_defense`
 therefore searches, for any classifier and layer, for the setting that lands in
 the paper's regime, measured on training-split images:
 
-1. **Start** from the paper, scaled: ``beta0 = 80 * N / 163840`` and
-   ``delta_test = 0.92 x mean clean L_F`` (:func:`scaled_beta`, :data:`DELTA_RATIO`).
+1. **Start** from the paper, scaled: ``delta_test = 0.92 x mean clean L_F`` and
+   ``beta0 = 80 * (N / 163840) * (0.0124 / delta_test)`` (:func:`scaled_beta`,
+   :data:`DELTA_RATIO`). The first factor is the layer size. The second is the
+   feature magnitude: features ``s`` times larger give an ``L_F``, a threshold and
+   an input gradient ``s`` times larger, so the same descent needs a step ``s``
+   times smaller (a plain-CE network's ``L_F`` is about 80 times a feature-smoothed
+   one's; without this factor its search starts about 100 times too large).
 2. **Search**: for each delta ratio (``delta_ratios``, the paper's 0.92 first), try
    ``beta = beta0 x factor`` for the factors in ``beta_factors`` from the largest
    down, measuring on ``n`` images with one seeded noise draw: defended clean
@@ -61,7 +66,7 @@ from ._validation import check_positive_int
 from .checkpoint import load_model, update_meta
 from .data import load_dataset
 from .defense import ActiveDefense, DefenseConfig
-from .defense.config import PAPER_BETA, PAPER_FEATURE_SIZE
+from .defense.config import DEFAULT_DELTA, PAPER_BETA, PAPER_FEATURE_SIZE
 from .functional import feature_loss
 from .models.prefix import prefix as model_prefix
 
@@ -76,7 +81,8 @@ RULE = f"delta_test = {DELTA_RATIO} x mean clean L_F (the paper's 0.0124/0.0135)
 # The search grid around the paper's scaled starting point (see the module docstring).
 BETA_FACTORS = (2.0, 1.0, 0.5, 0.25, 0.125, 0.0625)
 DELTA_RATIOS = (0.92, 0.85)
-SEARCH_RULE = ("beta0 = 80 x N / 163840, delta_test = ratio x mean clean L_F (train split); per ratio (paper's "
+SEARCH_RULE = ("beta0 = 80 x (N / 163840) x (0.0124 / (0.92 x mean clean L_F)), delta_test = ratio x mean clean "
+               "L_F (train split); per ratio (paper's "
                "0.92 first) the largest beta0 x factor meeting every target constraint; the first ratio with "
                "such a point wins")
 
@@ -200,10 +206,21 @@ def feature_size(model: nn.Module, layer: str | None, sample: torch.Tensor) -> i
     return int(features[0].numel())
 
 
-def scaled_beta(size: int) -> float:
-    """The paper's step for a layer of ``size`` features: ``80 * size / 163840`` (dL_F/dF shrinks like 1/N)."""
+def scaled_beta(size: int, delta_test: float | None = None) -> float:
+    """The paper's step carried over to a layer of ``size`` features with threshold ``delta_test``.
+
+    ``80 * (size / 163840) * (0.0124 / delta_test)``: ``dL_F/dF`` shrinks like 1/N, and features ``s``
+    times larger make ``L_F``, ``delta_test`` and the input gradient ``s`` times larger, so the same
+    descent needs a step ``s`` times smaller (``delta_test`` against the paper's 0.0124 measures ``s``).
+    Without ``delta_test`` only the size is scaled.
+    """
     check_positive_int(size, "size")
-    return PAPER_BETA * size / PAPER_FEATURE_SIZE
+    beta = PAPER_BETA * size / PAPER_FEATURE_SIZE
+    if delta_test is None:
+        return beta
+    if isinstance(delta_test, bool) or not isinstance(delta_test, (int, float)) or not 0 < delta_test < math.inf:
+        raise ValueError(f"delta_test must be a positive finite number, got {delta_test!r}")
+    return beta * DEFAULT_DELTA / delta_test
 
 
 def _stats(values: torch.Tensor) -> dict:
@@ -287,7 +304,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         sigma: the noise half-width (the paper's 0.075; not searched).
         max_iters: the cap per sample at every point; with ``n`` it bounds the runtime.
         target: the constraints (default :class:`CalibrationTarget()`).
-        beta_factors: multiples of the scaled start ``80 * N / 163840`` to try, largest first.
+        beta_factors: multiples of the scaled start :func:`scaled_beta` to try, largest first.
         delta_ratios: multiples of the mean clean ``L_F`` to try as delta_test, in order of preference.
         engine: defense engine for the measurements (``"auto"``: CUDA graphs on a GPU).
 
@@ -328,7 +345,8 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
                                       for i in range(0, x.shape[0], batch_size)])
         losses = clean_feature_losses(model, x, layer=layer, batch_size=batch_size, quiet=quiet)
         size = feature_size(model, layer, x[:1])
-        beta0 = scaled_beta(size)
+        start_delta = suggest_delta_test(losses)
+        beta0 = scaled_beta(size, start_delta)
         defense = ActiveDefense(model, layer, engine=engine)
         noise_correct = _noise_only_correct(defense, model, x, y, sigma, seed=seed, batch_size=batch_size)
         betas = [beta0 * f for f in sorted(set(beta_factors), reverse=True)]
@@ -360,7 +378,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         chosen = feasible[0]  # points are in preference order: ratio first, then the larger beta
         why = (f"the largest step meeting every constraint at the preferred delta ratio {chosen['delta_ratio']:g}: "
                f"beta {chosen['beta']:.4g} = {chosen['beta_factor']:g} x {beta0:.4g} (80 x {size} / "
-               f"{PAPER_FEATURE_SIZE}); median {chosen['iterations']['median']:g} iterations (>= "
+               f"{PAPER_FEATURE_SIZE} x {DEFAULT_DELTA} / {start_delta:.4g}); median {chosen['iterations']['median']:g} iterations (>= "
                f"{target.min_median_iterations}), accuracy {chosen['accuracy']:.3f} vs bare "
                f"{chosen['bare_accuracy']:.3f} (tolerance {target.accuracy_tolerance:g}), unconverged "
                f"{chosen['unconverged']:.3f} (<= {target.max_unconverged:g}), median L-inf "
@@ -376,7 +394,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
         "sigma": float(sigma), "beta": chosen["beta"], "delta_test": chosen["delta"], "satisfied": bool(feasible),
         "bare_accuracy": float(bare_correct.double().mean()), "noise_accuracy": float(noise_correct.double().mean()),
         "why": why, "rule": SEARCH_RULE, "chosen": chosen, "points": points,
-        "start": {"beta": beta0, "delta": suggest_delta_test(losses), "delta_ratio": DELTA_RATIO,
+        "start": {"beta": beta0, "delta": start_delta, "delta_ratio": DELTA_RATIO,
                   "feature_size": size},
         "target": dataclasses.asdict(target), "clean_feature_loss": _distribution(losses),
         "layer": layer, "n": int(x.shape[0]), "seed": seed, "max_iters": max_iters,

@@ -85,8 +85,47 @@ def test_beta_scales_with_the_layer_size_across_widths():
         sizes[width] = feature_size(model, None, torch.rand(3, 32, 32))
     assert sizes == {1: 16 * 32 * 32, 2: 32 * 32 * 32}
     assert scaled_beta(sizes[1]) == 8.0 and scaled_beta(sizes[2]) == 16.0
+    assert scaled_beta(160 * 32 * 32, 0.0124) == pytest.approx(80.0)  # the paper's own threshold
+    assert scaled_beta(sizes[1], 1.24) == pytest.approx(0.08)          # 100x larger features: 100x smaller step
     with pytest.raises(ValueError, match="size"):
         scaled_beta(0)
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True):
+        with pytest.raises(ValueError, match="delta_test"):
+            scaled_beta(16, bad)
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, s):
+        super().__init__()
+        self.s = s
+
+    def forward(self, x):
+        return x * self.s
+
+
+def test_search_start_is_invariant_to_the_feature_magnitude():
+    """Features s times larger (block1's output times s) must start the search at a step s times smaller,
+    which makes the descent the same: the same iterations and the same defended inputs."""
+    model = tiny_model()
+    scaled = copy.deepcopy(model)
+    scaled.block1 = torch.nn.Sequential(scaled.block1, _Scale(100.0))
+    x = smooth_images(4, size=8)
+    target = CalibrationTarget(accuracy_tolerance=1, max_unconverged=1, min_median_iterations=0,
+                               max_median_linf=1)
+    reports = []
+    for m in (model, scaled):
+        with torch.no_grad():
+            y = m(x).argmax(1)
+        reports.append(calibrate_defense(m, x, y, n=None, max_iters=40, target=target, beta_factors=(1,),
+                                         delta_ratios=(0.92,)))
+    plain, big = reports
+    assert big["start"]["delta"] == pytest.approx(100 * plain["start"]["delta"], rel=1e-6)
+    assert big["start"]["beta"] == pytest.approx(plain["start"]["beta"] / 100, rel=1e-6)
+    a, b = plain["chosen"], big["chosen"]
+    assert a["iterations"]["median"] >= 5  # a real descent, not a one-step exit
+    for key in ("median", "q10", "q90"):
+        assert abs(a["iterations"][key] - b["iterations"][key]) <= 1
+    assert b["linf"]["median"] == pytest.approx(a["linf"]["median"], rel=1e-3)
 
 
 def test_search_picks_the_largest_feasible_step_at_the_preferred_ratio():
@@ -95,15 +134,19 @@ def test_search_picks_the_largest_feasible_step_at_the_preferred_ratio():
     with torch.no_grad():
         y = model(x).argmax(1)
     target = CalibrationTarget(accuracy_tolerance=0.25, max_unconverged=0.15, min_median_iterations=8)
-    report = calibrate_defense(model, x, y, n=None, max_iters=60, target=target, beta_factors=(1, 0.5, 0.25, 0.125),
+    # Large factors first, so that the largest steps overshoot (too few iterations) and the search must go on.
+    report = calibrate_defense(model, x, y, n=None, max_iters=60, target=target, beta_factors=(64, 16, 4, 1, 0.25),
                                delta_ratios=(0.92, 0.85))
     chosen = report["chosen"]
     assert report["satisfied"] and chosen["feasible"] and target.violations(chosen) == {}
     assert chosen["iterations"]["median"] >= 8 and chosen["unconverged"] <= 0.15
     assert chosen["bare_accuracy"] - chosen["accuracy"] <= 0.25 and chosen["linf"]["median"] <= 32
     assert (report["beta"], report["delta_test"], report["sigma"]) == (chosen["beta"], chosen["delta"], 0.075)
-    # The starting point is the paper's rule, scaled: 80 x (16 x 10 x 10) / 163840, 0.92 x mean clean L_F.
-    assert report["start"]["beta"] == pytest.approx(80 * 16 * 10 * 10 / 163840)
+    # The starting point is the paper's rule, scaled: 0.92 x mean clean L_F, 80 x (16 x 10 x 10) / 163840 x
+    # (0.0124 / that delta_test).
+    start_delta = suggest_delta_test(clean_feature_losses(model, x))
+    assert report["start"]["delta"] == start_delta
+    assert report["start"]["beta"] == pytest.approx(80 * 16 * 10 * 10 / 163840 * 0.0124 / start_delta)
     assert chosen["delta"] == suggest_delta_test(clean_feature_losses(model, x), chosen["delta_ratio"])
     # Every larger step at the same ratio was tried and missed; the preferred ratio came first.
     same = [p for p in report["points"] if p["delta_ratio"] == chosen["delta_ratio"]]
@@ -168,7 +211,7 @@ def calibrated(tmp_path):
 def test_search_result_round_trips_through_the_metadata(calibrated):
     loaded, meta, report = calibrated
     expected = {"sigma": 0.075, "beta": report["beta"], "delta": report["delta_test"]}
-    assert report["beta"] == pytest.approx(0.5 * 80 * 16 * 12 * 12 / 163840)
+    assert report["beta"] == pytest.approx(0.5 * 80 * 16 * 12 * 12 / 163840 * 0.0124 / report["start"]["delta"])
     assert meta["defense"] == expected and meta["delta_test"] == report["delta_test"]
     assert meta["calibration"]["points"][0]["n"] == 8 and meta["calibration"]["split"] == "train"
     assert loaded.defense_defaults == expected

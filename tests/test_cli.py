@@ -85,7 +85,8 @@ def test_calibrate_then_plot(trained, tmp_path, capsys):
     search = meta["calibration"]
     assert search["split"] == "train" and search["n"] == 20 and search["satisfied"]
     assert meta["defense"] == {"sigma": 0.075, "beta": search["beta"], "delta": meta["delta_test"]}
-    assert search["start"]["beta"] == 80 * 16 * 32 * 32 / 163840  # wrn-10-1's block1: 16 x 32 x 32
+    # wrn-10-1's block1 (16 x 32 x 32), and the feature magnitude measured by delta_test against 0.0124
+    assert search["start"]["beta"] == pytest.approx(80 * 16 * 32 * 32 / 163840 * 0.0124 / search["start"]["delta"])
     assert f"beta = {search['beta']:.4g}, delta_test = {meta['delta_test']:.4g}" in out and "why:" in out
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png = tmp_path / "curves.png"

@@ -14,8 +14,8 @@ __all__ = ["add_parser", "run"]
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "calibrate", help="choose Active Defense's beta and delta_test for a checkpoint",
-        description="Search beta and delta_test around the paper's scaled starting point (80 x N / 163840, "
-                    "0.92 x mean clean L_F) on training images until the defense runs in the paper's regime (see "
+        description="Search beta and delta_test around the paper's scaled starting point (delta_test = 0.92 x "
+                    "mean clean L_F, beta = 80 x N / 163840 x 0.0124 / delta_test) on training images until the defense runs in the paper's regime (see "
                     "fsmooth.calibrate), print every measured point and the choice, draw them, and store the choice "
                     "in the checkpoint metadata unless --dry-run. --delta-only keeps the older delta_test-only rule.")
     p.add_argument("checkpoint", help="checkpoint folder, run folder or .safetensors file")
@@ -89,7 +89,8 @@ def run(args) -> int:
 
 def _print_search(report: dict) -> None:
     start = report["start"]
-    print(f"start: beta0 = 80 x {start['feature_size']} / 163840 = {start['beta']:.4g}; "
+    print(f"start: beta0 = 80 x {start['feature_size']} / 163840 x 0.0124 / {start['delta']:.4g} = "
+          f"{start['beta']:.4g}; "
           f"{report['n']} images, seed {report['seed']}, cap {report['max_iters']} iterations")
     print(f"accuracy: bare model {report['bare_accuracy']:.3f}; on the noisy starts alone (sigma "
           f"{report['sigma']:g}, no descent) {report['noise_accuracy']:.3f}")
