@@ -26,9 +26,10 @@ ev() {  # ev RUN MODEL ARGS...: one resumable evaluation
 }
 
 case "${1:-}" in
-    a)  # row 1 (feature-smoothed), then row 2's transfer attack from the bare model
+    a)  # row 1 (feature-smoothed), row 2's transfer attack from the bare model, row 7's transfer attack
         ev fs-clean "$FS" --protocol clean --n 1000 --eps 8 --outer-loops 1 10
         ev fs-transfer "$FS" --protocol transfer --n 500 --eps 8 16 --outer-loops 1
+        ev std-transfer "$STD" --protocol transfer --n 200 --eps 8 16 --outer-loops 1
         ;;
     b)  # row 1 (standard), then row 5 (Table 3: lambda in {-10, -1, 0, 1, 10})
         ev std-clean "$STD" --protocol clean --n 1000 --eps 8 --outer-loops 1 10
