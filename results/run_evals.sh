@@ -7,10 +7,13 @@
 # fresh machine with the committed state, run the same queue again. Each run appends its log to
 # results/eval/<run>.log; its report is results/eval/<run>/report.{json,md}. The order inside a queue is the
 # issue's priority order; attack budgets are the published defaults (never lowered: n is lowered instead).
+# FSMOOTH_NPROC=2 runs each evaluation on two ranks (torchrun, one core each; chunks c with c % 2 == rank),
+# reusing the chunks a one-rank run finished: fs-adaptive was finished that way once queue a was done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FSMOOTH_DATA:-../shared/datasets/cifar10-jpeg-q75.tar.gz}
 FSMOOTH=${FSMOOTH:-.venv/bin/fsmooth}
+NPROC=${FSMOOTH_NPROC:-1}
 FS=wrn-16-1-cifar10-jpeg-fs36       # feature-smoothed (delta 0.02), calibrated
 STD=wrn-16-1-cifar10-jpeg-std36     # plain CE: "Standard (using Active Defense)" with its own calibration
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -20,21 +23,26 @@ ev() {  # ev RUN MODEL ARGS...: one resumable evaluation
     shift 2
     mkdir -p results/eval
     echo "== $(date -u +%FT%TZ) start $run" >> "results/eval/$run.log"
-    "$FSMOOTH" -v eval --pretrained "$model" --data "$DATA" --out "results/eval/$run" --quiet "$@" \
+    local launch=("$FSMOOTH")
+    [ "$NPROC" -gt 1 ] && launch=(.venv/bin/torchrun --nproc-per-node "$NPROC" "$FSMOOTH")
+    "${launch[@]}" -v eval --pretrained "$model" --data "$DATA" --out "results/eval/$run" --quiet "$@" \
         >> "results/eval/$run.log" 2>&1
     echo "== $(date -u +%FT%TZ) done $run" >> "results/eval/$run.log"
 }
 
 case "${1:-}" in
     a)  # row 1 (feature-smoothed), row 2's transfer attack from the bare model, row 7's transfer attack
-        ev fs-clean "$FS" --protocol clean --n 1000 --eps 8 --outer-loops 1 10
-        ev fs-transfer "$FS" --protocol transfer --n 500 --eps 8 16 --outer-loops 1
-        ev std-transfer "$STD" --protocol transfer --n 200 --eps 8 16 --outer-loops 1
+        ev fs-clean "$FS" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
+        ev fs-transfer "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1
+        ev std-transfer "$STD" --protocol transfer --num-images 200 --eps 8 16 --outer-loops 1
         ;;
     b)  # row 1 (standard), then row 5 (Table 3: lambda in {-10, -1, 0, 1, 10})
-        ev std-clean "$STD" --protocol clean --n 1000 --eps 8 --outer-loops 1 10
-        ev fs-adaptive "$FS" --protocol adaptive --lambdas 1 10 --n 100 --eps 8 --outer-loops 1 \
+        ev std-clean "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
+        ev fs-adaptive "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
             --chunk-size 50 --batch-size 50
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b" >&2; exit 2 ;;
+    c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200
+        ev fs-paper "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 --batch-size 25
+        ;;
+    *)  echo "usage: bash results/run_evals.sh a|b|c" >&2; exit 2 ;;
 esac
