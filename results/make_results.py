@@ -71,10 +71,8 @@ def build() -> dict:
     reports = _finished_reports()
     summary = summarize(reports) if reports else {"models": {}, "clean": [], "settings": [], "adaptive": []}
     clean = {}
-    for c in summary["clean"]:  # the largest clean pass of each classifier
-        key = (c["model"], c["target"], c["outer_loops"])
-        if key not in clean or c["n"] > clean[key]["n"]:
-            clean[key] = c
+    for c in summary["clean"]:  # summarize sorts each classifier's clean passes largest n first: keep that one
+        clean.setdefault((c["model"], c["target"], c["outer_loops"]), c)
     settings = {(s["model"], s["target"], s["outer_loops"], s["eps_255"]): s for s in summary["settings"]}
 
     table1 = []
