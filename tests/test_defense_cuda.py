@@ -113,6 +113,34 @@ def test_defended_classifier_on_cuda():
     assert out.shape == (4, 10) and xg.grad is not None and clf.last_info.iterations.shape == (12,)
 
 
+def test_capture_survives_a_dead_runner_awaiting_collection():
+    """A dead graph runner (a reference cycle through its WHILE loop's closure) must not be destroyed by the
+    collector in the middle of another capture: that invalidates it (found on the first GPU run)."""
+    import gc
+
+    model, x, noise, config = _setup(n=4)
+    ref = ActiveDefense(model, config=config, engine="eager")(x, return_info=True, noise=noise)
+    for engine in ("graph", "chunked", "graph"):
+        defense = ActiveDefense(model, config=config, engine=engine, max_batch=4)
+        defense(x, return_info=True, noise=noise)
+        del defense  # left for the cyclic collector
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1)  # the collector would run at almost every allocation, captures included
+    try:
+        result = ActiveDefense(model, config=config, engine="chunked", max_batch=4)(x, return_info=True, noise=noise)
+    finally:
+        gc.set_threshold(*thresholds)
+    _assert_close_to_eager(result, ref, config, tol=1e-4)
+
+
+def test_a_generator_named_cuda_matches_inputs_on_cuda_0():
+    model, x, _, config = _setup(n=3)
+    defense = ActiveDefense(model, config=config)
+    a = defense.draw_noise(x, generator=torch.Generator(device="cuda").manual_seed(5))
+    b = defense.draw_noise(x, generator=torch.Generator(device=x.device).manual_seed(5))
+    assert x.device.index is not None and torch.equal(a, b)
+
+
 @pytest.mark.parametrize("engine", ["graph", "chunked"])
 def test_runner_cache_follows_tf32_flags(engine):
     """A graph captured with TF32 off is not replayed once TF32 is on (and back): one runner per setting."""

@@ -95,3 +95,47 @@ def test_runner_reuse_and_max_iters():
             t, iterations, loss, _, _ = runner.run(module, x, defense.config)
         assert iterations.tolist() == [3] * n
         assert bool((loss > 1e-6).all()) and (t - x).abs().max() > 1e-4
+
+
+class _Cycle:
+    """A dead reference cycle: only the cyclic collector frees it (as a runner and its WHILE loop's closure)."""
+
+    freed = 0
+
+    def __init__(self):
+        self.me = self
+
+    def __del__(self):
+        type(self).freed += 1
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_collector_paused_collects_first_then_keeps_the_collector_off(enabled):
+    import gc
+
+    from fsmooth.defense.graph import collector_paused
+
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        _Cycle.freed = 0
+        _Cycle()
+        with collector_paused():
+            assert _Cycle.freed == 1  # freed before any capture starts, not in the middle of one
+            assert not gc.isenabled()
+        assert gc.isenabled() is enabled
+        with pytest.raises(RuntimeError, match="capture failed"):
+            with collector_paused():
+                raise RuntimeError("capture failed")
+        assert gc.isenabled() is enabled
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+def test_indexed_device_fills_in_the_current_index(monkeypatch):
+    from fsmooth.defense.prefix_state import indexed_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert indexed_device("cuda") == torch.device("cuda:1")
+    assert indexed_device(torch.device("cuda:0")) == torch.device("cuda:0")
+    assert indexed_device("cpu") == torch.device("cpu")

@@ -21,7 +21,7 @@ from .capture_flags import capture_flags
 from .config import DIVERGENCE_PATIENCE, MAX_DISPLACEMENT, DefenseConfig
 from .eager import run_eager
 from .engines import check_engine, resolve_engine, unavailable_reason
-from .prefix_state import PrefixState, model_device
+from .prefix_state import PrefixState, indexed_device, model_device
 from .result import DefenseResult, EngineRun
 
 __all__ = ["ActiveDefense", "defend", "DefenseNotConvergedWarning", "DefenseDivergedWarning"]
@@ -160,8 +160,8 @@ class ActiveDefense:
         else:
             if not isinstance(generator, torch.Generator):
                 raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-            gen_device = torch.device(generator.device)
-            if gen_device.type != "cpu" and gen_device != x.device:
+            gen_device = indexed_device(generator.device)
+            if gen_device.type != "cpu" and gen_device != indexed_device(x.device):
                 raise ValueError(f"generator must be on the CPU or on x's device ({x.device}), got {gen_device}")
             u = torch.rand(x.shape, dtype=dtype, device=gen_device, generator=generator).to(x.device)
         return (2.0 * u - 1.0) * sigma

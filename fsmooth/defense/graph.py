@@ -38,6 +38,8 @@ by float rounding (convolution algorithms differ between batch sizes).
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 
 import torch
@@ -61,6 +63,26 @@ def bucket_sizes(max_batch: int) -> list[int]:
         sizes.append(b)
         b *= 2
     return sizes + [max_batch]
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Collect garbage now, then keep Python's cyclic collector off until the block ends.
+
+    A dead reference cycle that owns a CUDA graph (a runner and the closure its WHILE loop keeps) is
+    destroyed whenever the collector next runs; if that is in the middle of a capture, destroying the graph
+    is an illegal call under the capture's global mode and invalidates it ("operation failed due to a
+    previous error during capture"). torch >= 2.6 no longer collects before a capture
+    (``torch.compiler.config.force_cudagraph_gc``), so the capture loop does it here.
+    """
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class GraphRunner:
@@ -205,8 +227,9 @@ class GraphRunner:
                 self._warm_up(module, size)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-        for size in sizes:
-            self._graphs[size] = self._capture(module, size)
+        with collector_paused():
+            for size in sizes:
+                self._graphs[size] = self._capture(module, size)
         _log.debug("captured %s defense graphs for buckets %s", self.mode, sizes)
 
     # ------------------------------------------------------------------ host side

@@ -17,10 +17,21 @@ from torch import nn
 from ..models.prefix import prefix as build_prefix
 from ..models.prefix import resolve_layer
 
-__all__ = ["PrefixState", "model_device"]
+__all__ = ["PrefixState", "indexed_device", "model_device"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def indexed_device(device) -> torch.device:
+    """``device`` with its index filled in: ``torch.Generator(device="cuda")`` reports ``cuda``, its
+    tensors ``cuda:0``; both name the current device, and must compare equal."""
+    device = torch.device(device)
+    if device.index is None and device.type not in ("cpu", "meta"):
+        module = getattr(torch, device.type, None)
+        if module is not None and hasattr(module, "current_device"):
+            return torch.device(device.type, module.current_device())
+    return device
 
 
 def model_device(model: nn.Module) -> torch.device | None:
