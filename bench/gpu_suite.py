@@ -7,6 +7,7 @@ extension build included), most important first::
     bash bench/gpu_suite.sh first    # install, fsmooth._C check, GPU tests, headline throughput table
     bash bench/gpu_suite.sh second   # latency (batch 1 and 8, 300 iterations), loss kernel, compile max-autotune
     bash bench/gpu_suite.sh third    # early exit (compaction vs masking) at 512, the 10,000-input workload
+    bash bench/gpu_suite.sh fourth   # after a first run: GPU tests again, kernel profile, what was skipped
 
 ``first`` is the one command that checks the whole GPU side of fsmooth and shows the headline numbers.
 Also: ``setup`` (install, and rebuild ``fsmooth._C`` when ``csrc/`` changed or it was built for another
@@ -117,12 +118,19 @@ EARLY_EXIT_FP32 = Step(
     "early-exit-fp32", "bench", "the exit schedule with the fp32 engines and the eager loops",
     ("--sections", "early-exit", "--exit-providers", "graph-fp32-nocompact", "graph-fp32",
      "chunked-fp32-nocompact", "chunked-fp32", "fsmooth-eager", "eager", *_EXIT))
+PROFILE = Step(
+    "profile", "bench", "kernel breakdown at batch 512, 20 fixed iterations: graph-bf16, eager-bf16, torch.compile "
+    "bf16 (default mode): which kernels dominate",
+    ("--sections", "profile", "--profile-batch", "512", "--profile-iters", "20",
+     "--profile-providers", "graph-bf16", "eager-bf16", "compile-bf16", "--compile-modes", "default"), cap_s=200)
 QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
 
 CALLS: dict[str, tuple[Step, ...]] = {
     "first": (SETUP, EXTENSION, TESTS, THROUGHPUT),
     "second": (SETUP, EXTENSION, LATENCY, LOSS_KERNEL, COMPILE_512),
     "third": (SETUP, EXTENSION, EARLY_EXIT, WORKLOAD, EARLY_EXIT_FP32),
+    # After a first run: the GPU tests again (fixes since), the profile, and what the three calls skipped.
+    "fourth": (SETUP, EXTENSION, TESTS, PROFILE, EARLY_EXIT_FP32, COMPILE_512),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
     "quick": (SETUP, EXTENSION, QUICK),
@@ -392,8 +400,12 @@ class Suite:
             [dataclasses.asdict(r) for r in self.results],
             (("name", "step"), ("status", "status"), ("limit_s", "limit s"), ("wall_s", "wall s"),
              ("reason", "reason"))), ""]
-        if rows:
-            parts += ["## Rows", "", markdown_table(rows, ROW_COLUMNS), ""]
+        timed = [r for r in rows if r.get("section") != "profile"]
+        if timed:
+            parts += ["## Rows", "", markdown_table(timed, ROW_COLUMNS), ""]
+        profile = [r for r in rows if r.get("section") == "profile"]
+        if profile:
+            parts += ["## Kernel profile", "", markdown_table(profile, PROFILE_COLUMNS), ""]
         tests = next((r for r in self.results if r.name == "tests" and r.details.get("output_tail")), None)
         if tests:
             parts += ["## GPU tests (end of output)", "", "```", tests.details["output_tail"][-2500:].strip(),
@@ -409,6 +421,12 @@ ROW_COLUMNS = (("section", "section"), ("provider", "provider"), ("engine_used",
                ("median_ms", "median ms"), ("useful_iters_per_s", "img-it/s"), ("speedup_vs_eager", "x eager"),
                ("roofline_fraction", "roofline"), ("occupancy", "occup."), ("compaction_saving", "saving"),
                ("planned_s", "planned s"), ("wall_s", "wall s"), ("reason", "reason"))
+
+
+PROFILE_COLUMNS = (("provider", "provider"), ("engine_used", "engine that ran"), ("dtype", "prec"),
+                   ("batch", "batch"), ("iters", "iters"), ("status", "status"), ("category", "what"),
+                   ("device_ms", "device ms"), ("share", "share"), ("calls", "calls"), ("kernel", "kernel"),
+                   ("reason", "reason"))
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -476,8 +494,17 @@ def headlines(rows: list[dict]) -> list[str]:
     if workload:
         out.append(f"{workload[0]['batch']}-input workload: " + "; ".join(
             f"{r['provider']} {r['median_ms'] / 1e3:.3g} s, occupancy {_cell(r.get('occupancy'))}" for r in workload))
+    for provider in dict.fromkeys(r["provider"] for r in rows if r.get("section") == "profile"):
+        kinds = [r for r in rows if r.get("section") == "profile" and r.get("provider") == provider
+                 and r.get("status") == "ok" and r.get("category") != "total"
+                 and not str(r.get("category", "")).startswith("kernel")]
+        total = _find(rows, "profile", provider)
+        if total and kinds:
+            out.append(f"profile, {provider} at batch {total['batch']}, {total['iters']} iterations: "
+                       f"{total['device_ms']:.4g} ms of kernels; " + ", ".join(
+                           f"{r['category']} {r['share']:.0%}" for r in kinds[:4]))
     for r in rows:
-        if r.get("status") in ("error", "oom", "check_failed"):
+        if r.get("status") in ("error", "oom", "check_failed", "no_kernels"):
             out.append(f"{r.get('section')}/{r.get('provider')} batch {r.get('batch')}: {r['status']}: "
                        f"{_cell(r.get('reason'))}")
     return out or ["none measured in this call (see the steps and the rows)"]

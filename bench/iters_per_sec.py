@@ -55,6 +55,7 @@ import planner
 import providers as prov
 import section_exit
 import section_loss_kernel
+import section_profile
 import section_roofline
 import section_throughput
 # Kept importable from here (the tests and older callers use them as iters_per_sec.X).
@@ -64,13 +65,15 @@ from section_exit import first_exit_iterations  # noqa: F401
 
 _log = logging.getLogger("bench.iters_per_sec")
 
-SECTIONS = ("roofline", "throughput", "latency", "early-exit", "workload", "loss-kernel")
+SECTIONS = ("roofline", "throughput", "latency", "early-exit", "workload", "loss-kernel", "profile")
 # eager first: every other row's ratio refers to it. torch.compile last: its compile time is the longest.
 DEFAULT_PROVIDERS = ("eager", "eager-bf16", "fsmooth-eager", "graph-fp32", "graph-tf32", "graph-bf16",
                      "chunked-fp32", "chunked-tf32", "chunked-bf16", "compile", "compile-bf16")
 EXIT_PROVIDERS = ("eager", "fsmooth-eager", "graph-bf16-nocompact", "graph-bf16", "chunked-bf16-nocompact",
                   "chunked-bf16", "graph-fp32-nocompact", "graph-fp32", "chunked-fp32-nocompact", "chunked-fp32")
 QUICK_PROVIDERS = ("eager", "eager-bf16", "fsmooth-eager", "graph-bf16", "chunked-bf16", "compile")
+# The kernels of the captured bf16 loop, of the same ops run eagerly, and of the compiled loop.
+PROFILE_PROVIDERS = ("graph-bf16", "eager-bf16", "compile-bf16")
 
 
 
@@ -120,6 +123,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--exit-pretrained", default=None, help="name for --exit-model pretrained (default: first)")
     p.add_argument("--data", default=os.environ.get("FSMOOTH_DATA"),
                    help="CIFAR-10 source for --exit-model pretrained inputs (default: $FSMOOTH_DATA)")
+    p.add_argument("--profile-providers", nargs="+", default=list(PROFILE_PROVIDERS), choices=prov.PROVIDER_NAMES,
+                   help="providers whose kernels the profile section breaks down")
+    p.add_argument("--profile-batch", type=int, default=None, help="batch of the profile (default 512; --quick: 2)")
+    p.add_argument("--profile-iters", type=int, default=None,
+                   help="fixed iterations of the profiled call (default 20; --quick: 2)")
     p.add_argument("--workload-size", type=int, default=None)
     p.add_argument("--workload-batch", type=int, default=None, help="chunk / slot count of the workload")
     p.add_argument("--workload-precision", default="bf16", choices=("fp32", "tf32", "bf16"))
@@ -178,6 +186,8 @@ def _fill_defaults(args) -> None:
         pilot_batch=4 if quick else 64,
         workload_size=12 if quick else 10000,
         workload_batch=4 if quick else 512,
+        profile_batch=2 if quick else 512,
+        profile_iters=2 if quick else 20,
         repeats=2 if quick else 5,
         warmup=0 if quick else 1,
         matmul_size=128 if quick else 8192,
@@ -238,11 +248,12 @@ def run(args) -> tuple[list[dict], dict]:
         env["tag"] = args.tag
     if not args.compile_modes:
         args.providers = [n for n in args.providers if not n.startswith("compile")]
+        args.profile_providers = [n for n in args.profile_providers if not n.startswith("compile")]
         env["compile_skipped"] = "torch.compile skipped: --quick on CPU (inductor's C++ build takes tens of s)"
     record = Recorder(args, env)
     model = prov.make_model(args.arch, device)
     sections = set(args.sections)
-    if "roofline" in sections or {"throughput", "latency", "early-exit", "workload"} & sections:
+    if "roofline" in sections or {"throughput", "latency", "early-exit", "workload", "profile"} & sections:
         roof_rows, flops, record.ceilings = section_roofline.section_roofline(model, args.layer, args, device)
         record.flops_per_iter = flops["forward_plus_input_grad_flops"]
         record(roof_rows)
@@ -267,6 +278,8 @@ def run(args) -> tuple[list[dict], dict]:
                 section_exit.section_workload(exit_model, exit_layer, args, device, schedule, info, record, source, plan)
     if "loss-kernel" in sections:
         record(section_loss_kernel.section_loss_kernel(args, device, plan))
+    if "profile" in sections:
+        section_profile.section_profile(model, args.layer, args, device, record, plan)
     return record.rows, env
 
 
@@ -290,10 +303,14 @@ def main(argv=None) -> int:
         print(f"# {env['compile_skipped']}")
     for r in skipped:
         print(f"# {r.get('section')}/{r['provider']} batch {r.get('batch', '-')}: {r['status']}: {r['reason']}")
-    print(benchlib.format_table([r for r in rows if r.get("section") != "loss-kernel"], TABLE_COLUMNS))
+    print(benchlib.format_table([r for r in rows if r.get("section") not in ("loss-kernel", "profile")],
+                                TABLE_COLUMNS))
     kernel_rows = [r for r in rows if r.get("section") == "loss-kernel"]
     if kernel_rows:
         print(benchlib.format_table(kernel_rows, loss_kernel.TABLE_COLUMNS))
+    profile_rows = [r for r in rows if r.get("section") == "profile"]
+    if profile_rows:
+        print(benchlib.format_table(profile_rows, section_profile.TABLE_COLUMNS))
     return 0
 
 

@@ -45,11 +45,17 @@ def test_iters_per_sec_quick_writes_rows(tmp_path):
     assert len(jsonl) == len(rows) > 0
     for row in jsonl:
         assert all(row.get(k) not in (None, "") for k in REQUIRED), row
-        assert row["status"] in ("ok", "skipped", "error", "oom", "check_failed")
+        assert row["status"] in ("ok", "skipped", "error", "oom", "check_failed", "no_kernels")
         if row["status"] != "ok":
             assert row["reason"], row  # every provider that did not run says why
     sections = {r["section"] for r in jsonl}
-    assert sections == {"roofline", "throughput", "latency", "early-exit", "workload", "loss-kernel"}
+    assert sections == {"roofline", "throughput", "latency", "early-exit", "workload", "loss-kernel", "profile"}
+    profile = [r for r in jsonl if r["section"] == "profile" and r["provider"] == "eager-bf16"]
+    total = next(r for r in profile if r["category"] == "total")
+    kinds = [r for r in profile if r["category"] not in ("total",) and not r["category"].startswith("kernel")]
+    assert total["status"] == "ok" and total["device_ms"] > 0 and total["profiled_wall_ms"] > 0
+    assert abs(sum(r["device_ms"] for r in kinds) - total["device_ms"]) < 1e-6 * total["device_ms"]
+    assert any(r["category"] == "convolution" and r["share"] > 0.1 for r in kinds)
     eager = [r for r in jsonl if r["provider"] == "eager" and r["section"] == "throughput"]
     assert {r["batch"] for r in eager} == {1, 2}
     for r in eager:
@@ -268,3 +274,36 @@ def test_exit_rows_are_planned_from_the_pilots_mean_exit(bench_modules, planner_
     loop = 300 * 100 * 1e-5  # one call of 100 slots x 300 iterations
     assert full == pytest.approx(loop + cost.capture_s("bf16", 100) + 10 * loop)
     assert half == pytest.approx(0.5 * loop + cost.capture_s("bf16", 100) + 0.5 * 10 * loop)
+
+
+def test_profile_categories_of_gpu_kernel_names(bench_modules):
+    import section_profile
+
+    names = {
+        "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64": "convolution",
+        "cutlass3x_sm90_tensorop_s64x128x16gemm_bf16_bf16_f32_bf16_bf16_128x128x64_warpspecialized": "convolution",
+        "void cudnn::bn_bw_1C11_singleread_specialized<__nv_bfloat16, 512, 1, 2, 0>": "batch norm",
+        "triton_poi_fused__native_batch_norm_legit_no_training_relu_threshold_backward_0": "inductor fused (Triton)",
+        "triton_red_fused_abs_mean_sub_1": "inductor fused (Triton)",
+        "_absdev_sign_kernel": "fsmooth loss (Triton)",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>": "elementwise",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t>>":
+            "reduction",
+        "void nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, true, false, (cudnnKernelDataType_t)0>":
+            "layout / copy",
+        "some_unheard_of_kernel": "other",
+    }
+    for name, category in names.items():
+        assert section_profile.categorize(name) == category, name
+
+
+def test_profile_breakdown_rows_add_up(bench_modules):
+    import section_profile
+
+    kernels = [("sm90_xmma_fprop_implicit_gemm", 6.0, 10), ("cudnn::bn_fw_inf", 3.0, 5), ("mystery", 1.0, 2)]
+    rows = section_profile.breakdown_rows({"provider": "p"}, kernels, top=2)
+    assert [r["category"] for r in rows] == ["total", "convolution", "batch norm", "other",
+                                             "kernel: convolution", "kernel: batch norm"]
+    assert rows[0]["device_ms"] == 10.0 and rows[0]["calls"] == 17
+    assert [round(r["share"], 3) for r in rows[1:4]] == [0.6, 0.3, 0.1]
+    assert rows[4]["kernel"] == "sm90_xmma_fprop_implicit_gemm"

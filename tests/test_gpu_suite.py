@@ -70,6 +70,29 @@ def test_second_and_third_calls_cover_the_rest(suite):
     assert _values(third["workload"].bench_args, "--workload-size") == ["10000"]
 
 
+def test_fourth_call_reruns_the_tests_then_profiles(suite):
+    steps = [s.name for s in suite.CALLS["fourth"]]
+    assert steps[:4] == ["setup", "extension", "tests", "profile"]
+    args = suite.CALLS["fourth"][3].bench_args
+    assert _values(args, "--sections") == ["profile"] and _values(args, "--profile-batch") == ["512"]
+    assert _values(args, "--profile-providers")[0] == "graph-bf16"
+
+
+def test_summary_puts_the_profile_in_its_own_table_and_headline(suite):
+    rows = [{"section": "profile", "provider": "graph-bf16", "status": "ok", "batch": 512, "iters": 20,
+             "category": "total", "device_ms": 100.0, "share": 1.0},
+            {"section": "profile", "provider": "graph-bf16", "status": "ok", "batch": 512, "iters": 20,
+             "category": "convolution", "device_ms": 70.0, "share": 0.7},
+            {"section": "profile", "provider": "graph-bf16", "status": "ok", "batch": 512, "iters": 20,
+             "category": "batch norm", "device_ms": 30.0, "share": 0.3},
+            {"section": "profile", "provider": "eager-bf16", "status": "no_kernels", "batch": 512,
+             "category": "total", "reason": "the profiler recorded no kernel of this provider"}]
+    lines = suite.headlines(rows)
+    assert lines[0] == ("profile, graph-bf16 at batch 512, 20 iterations: 100 ms of kernels; convolution 70%, "
+                        "batch norm 30%")
+    assert any("eager-bf16" in line and "no_kernels" in line for line in lines)
+
+
 def test_every_bench_step_parses(suite, monkeypatch):
     """Provider names, sections and options of every step are valid iters_per_sec.py arguments."""
     import iters_per_sec
