@@ -139,3 +139,50 @@ def test_indexed_device_fills_in_the_current_index(monkeypatch):
     assert indexed_device("cuda") == torch.device("cuda:1")
     assert indexed_device(torch.device("cuda:0")) == torch.device("cuda:0")
     assert indexed_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.parametrize("mode", ["graph", "chunked"])
+def test_buckets_are_captured_with_the_collector_paused(mode, monkeypatch):
+    """GraphRunner._capture_buckets itself (CUDA stream calls stubbed): every capture runs with the cyclic
+    collector off, after a collection, and the collector is back on afterwards."""
+    import contextlib
+    import gc
+
+    class _Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    seen = []
+
+    class _Runner(GraphRunner):
+        @staticmethod
+        def _check_device(device):
+            pass
+
+        def _capture(self, module, b):
+            seen.append((b, gc.isenabled(), _Cycle.freed))
+            return _ReplayedGraph(self, module, b)
+
+    model = tiny_wrn()
+    x = varied_inputs(6)
+    noise = noise_for(x, 0.075, seed=4)
+    config = DefenseConfig(beta=BETA, delta=float(initial_losses(model, x + noise).quantile(0.3)), max_iters=5)
+    defense = ActiveDefense(model, config=config, engine="eager")
+    runner = _Runner(defense.prefix, x.device, tuple(x.shape[1:]), mode=mode, max_batch=4, chunk=2)
+    was = gc.isenabled()
+    gc.enable()
+    try:
+        _Cycle.freed = 0
+        _Cycle()
+        with torch.no_grad(), defense.prefix.session() as module:
+            runner.run(module, x + noise, config)
+        assert gc.isenabled()
+    finally:
+        (gc.enable if was else gc.disable)()
+    assert [b for b, _, _ in seen] == [4, 2, 1]
+    assert all(not enabled and freed == 1 for _, enabled, freed in seen), seen
