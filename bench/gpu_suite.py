@@ -119,10 +119,11 @@ EARLY_EXIT_FP32 = Step(
     ("--sections", "early-exit", "--exit-providers", "graph-fp32-nocompact", "graph-fp32",
      "chunked-fp32-nocompact", "chunked-fp32", "fsmooth-eager", "eager", *_EXIT))
 PROFILE = Step(
-    "profile", "bench", "kernel breakdown at batch 512, 20 fixed iterations: graph-bf16, eager-bf16, torch.compile "
-    "bf16 (default mode): which kernels dominate",
+    "profile", "bench", "kernel breakdown at batch 512, 20 fixed iterations: chunked-bf16, graph-bf16, eager-bf16, "
+    "torch.compile bf16 (default mode): which kernels dominate",
     ("--sections", "profile", "--profile-batch", "512", "--profile-iters", "20",
-     "--profile-providers", "graph-bf16", "eager-bf16", "compile-bf16", "--compile-modes", "default"), cap_s=200)
+     "--profile-providers", "chunked-bf16", "graph-bf16", "eager-bf16", "compile-bf16", "--compile-modes", "default"),
+    cap_s=200)
 QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
 
 CALLS: dict[str, tuple[Step, ...]] = {
@@ -495,14 +496,15 @@ def headlines(rows: list[dict]) -> list[str]:
         out.append(f"{workload[0]['batch']}-input workload: " + "; ".join(
             f"{r['provider']} {r['median_ms'] / 1e3:.3g} s, occupancy {_cell(r.get('occupancy'))}" for r in workload))
     for provider in dict.fromkeys(r["provider"] for r in rows if r.get("section") == "profile"):
-        kinds = [r for r in rows if r.get("section") == "profile" and r.get("provider") == provider
-                 and r.get("status") == "ok" and r.get("category") != "total"
-                 and not str(r.get("category", "")).startswith("kernel")]
-        total = _find(rows, "profile", provider)
+        mine = [r for r in rows if r.get("section") == "profile" and r.get("provider") == provider
+                and r.get("status") in ("ok", "partial")]
+        kinds = [r for r in mine if r.get("category") != "total" and not str(r.get("category", "")).startswith("kernel")]
+        total = next((r for r in mine if r.get("category") == "total"), None)
         if total and kinds:
             out.append(f"profile, {provider} at batch {total['batch']}, {total['iters']} iterations: "
                        f"{total['device_ms']:.4g} ms of kernels; " + ", ".join(
-                           f"{r['category']} {r['share']:.0%}" for r in kinds[:4]))
+                           f"{r['category']} {r['share']:.0%}" for r in kinds[:4])
+                       + (f" (partial: {total['reason']})" if total["status"] == "partial" else ""))
     for r in rows:
         if r.get("status") in ("error", "oom", "check_failed", "no_kernels"):
             out.append(f"{r.get('section')}/{r.get('provider')} batch {r.get('batch')}: {r['status']}: "

@@ -113,7 +113,7 @@ class _Cycle:
 def test_collector_paused_collects_first_then_keeps_the_collector_off(enabled):
     import gc
 
-    from fsmooth.defense.graph import collector_paused
+    from fsmooth.defense.while_loop import collector_paused
 
     was = gc.isenabled()
     (gc.enable if enabled else gc.disable)()
@@ -139,24 +139,41 @@ def test_indexed_device_fills_in_the_current_index(monkeypatch):
     assert indexed_device("cuda") == torch.device("cuda:1")
     assert indexed_device(torch.device("cuda:0")) == torch.device("cuda:0")
     assert indexed_device("cpu") == torch.device("cpu")
+    assert indexed_device("mps") == torch.device("mps:0")  # torch.mps has no current_device
 
 
-@pytest.mark.parametrize("mode", ["graph", "chunked"])
-def test_buckets_are_captured_with_the_collector_paused(mode, monkeypatch):
-    """GraphRunner._capture_buckets itself (CUDA stream calls stubbed): every capture runs with the cyclic
-    collector off, after a collection, and the collector is back on afterwards."""
+class _Stream:
+    def wait_stream(self, other):
+        pass
+
+
+@pytest.fixture
+def cuda_stream_stubs(monkeypatch):
+    """The CUDA stream calls of GraphRunner._capture_buckets, as no-ops: its real code runs on CPU."""
     import contextlib
-    import gc
-
-    class _Stream:
-        def wait_stream(self, other):
-            pass
 
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: object())
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _Stream())
     monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: _Stream())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+
+
+def _small_problem(n=6, max_iters=5):
+    model = tiny_wrn()
+    x = varied_inputs(n)
+    noise = noise_for(x, 0.075, seed=4)
+    config = DefenseConfig(beta=BETA, delta=float(initial_losses(model, x + noise).quantile(0.3)),
+                           max_iters=max_iters)
+    return ActiveDefense(model, config=config, engine="eager"), x + noise, config
+
+
+@pytest.mark.parametrize("mode", ["graph", "chunked"])
+def test_buckets_are_captured_with_the_collector_paused(mode, cuda_stream_stubs):
+    """GraphRunner._capture_buckets itself (CUDA stream calls stubbed): every capture runs with the cyclic
+    collector off, after a collection, and the collector is back on afterwards."""
+    import gc
+
     seen = []
 
     class _Runner(GraphRunner):
@@ -168,21 +185,66 @@ def test_buckets_are_captured_with_the_collector_paused(mode, monkeypatch):
             seen.append((b, gc.isenabled(), _Cycle.freed))
             return _ReplayedGraph(self, module, b)
 
-    model = tiny_wrn()
-    x = varied_inputs(6)
-    noise = noise_for(x, 0.075, seed=4)
-    config = DefenseConfig(beta=BETA, delta=float(initial_losses(model, x + noise).quantile(0.3)), max_iters=5)
-    defense = ActiveDefense(model, config=config, engine="eager")
-    runner = _Runner(defense.prefix, x.device, tuple(x.shape[1:]), mode=mode, max_batch=4, chunk=2)
+    defense, t0, config = _small_problem()
+    runner = _Runner(defense.prefix, t0.device, tuple(t0.shape[1:]), mode=mode, max_batch=4, chunk=2)
     was = gc.isenabled()
     gc.enable()
     try:
         _Cycle.freed = 0
         _Cycle()
         with torch.no_grad(), defense.prefix.session() as module:
-            runner.run(module, x + noise, config)
+            runner.run(module, t0, config)
         assert gc.isenabled()
     finally:
         (gc.enable if was else gc.disable)()
     assert [b for b, _, _ in seen] == [4, 2, 1]
     assert all(not enabled and freed == 1 for _, enabled, freed in seen), seen
+
+
+class _EmulatedWhile:
+    """capture_while_loop's stand-in: launch() runs the start phase, then the body while ``pred`` holds and
+    fewer than ``max_trips`` trips ran (the device loop's semantics), eagerly."""
+
+    def __init__(self, body_fn, initial_pred_fn, pred, pool, max_trips):
+        self.body_fn, self.initial_pred_fn, self.pred, self.max_trips = body_fn, initial_pred_fn, pred, max_trips
+
+    def launch(self):
+        self.initial_pred_fn()
+        trips = 0
+        while bool(self.pred) and trips < int(self.max_trips):
+            self.body_fn()
+            trips += 1
+
+
+def test_graph_mode_runner_matches_eager_and_its_loop_keeps_no_runner(cuda_stream_stubs, monkeypatch):
+    """The WHILE-loop runner's real _capture (its start phase included) with the loop emulated on CPU: same
+    results as eager; and the start phase, which the loop object keeps (fsmooth.defense.while_loop.WhileLoop
+    keeps it and not the body), holds buffers, not the runner: a dead runner is no reference cycle, so its
+    graphs and pool go with it rather than at the collector's next run, which may fall inside a capture."""
+    import fsmooth.defense.graph as graph_module
+
+    loops = []
+
+    def capture(*args):
+        loops.append(_EmulatedWhile(*args))
+        return loops[-1]
+
+    monkeypatch.setattr(graph_module, "capture_while_loop", capture)
+
+    class _Runner(GraphRunner):
+        @staticmethod
+        def _check_device(device):
+            pass
+
+    defense, t0, config = _small_problem(n=7, max_iters=12)
+    ref = defense(t0, return_info=True, noise=torch.zeros_like(t0))
+    assert len(set(ref.iterations.tolist())) > 2
+    runner = _Runner(defense.prefix, t0.device, tuple(t0.shape[1:]), mode="graph", max_batch=4)
+    with torch.no_grad(), defense.prefix.session() as module:
+        t, iterations, loss, grew, occupancy = runner.run(module, t0, config)
+    assert iterations.tolist() == ref.iterations.tolist()
+    assert (t - ref.inputs).abs().max() < 1e-5
+    assert len(loops) == len(runner.buckets)
+    for loop in loops:
+        held = [cell.cell_contents for cell in loop.initial_pred_fn.__closure__ or ()]
+        assert held and all(isinstance(v, torch.Tensor) for v in held), held

@@ -75,7 +75,7 @@ def test_fourth_call_reruns_the_tests_then_profiles(suite):
     assert steps[:4] == ["setup", "extension", "tests", "profile"]
     args = suite.CALLS["fourth"][3].bench_args
     assert _values(args, "--sections") == ["profile"] and _values(args, "--profile-batch") == ["512"]
-    assert _values(args, "--profile-providers")[0] == "graph-bf16"
+    assert _values(args, "--profile-providers")[:2] == ["chunked-bf16", "graph-bf16"]
 
 
 def test_summary_puts_the_profile_in_its_own_table_and_headline(suite):
@@ -87,9 +87,12 @@ def test_summary_puts_the_profile_in_its_own_table_and_headline(suite):
              "category": "batch norm", "device_ms": 30.0, "share": 0.3},
             {"section": "profile", "provider": "eager-bf16", "status": "no_kernels", "batch": 512,
              "category": "total", "reason": "the profiler recorded no kernel of this provider"}]
+    rows += [{**r, "provider": "chunked-bf16", "status": "partial", "reason": "missed some"} for r in rows[:2]]
     lines = suite.headlines(rows)
     assert lines[0] == ("profile, graph-bf16 at batch 512, 20 iterations: 100 ms of kernels; convolution 70%, "
                         "batch norm 30%")
+    assert lines[1] == ("profile, chunked-bf16 at batch 512, 20 iterations: 100 ms of kernels; convolution 70% "
+                        "(partial: missed some)")
     assert any("eager-bf16" in line and "no_kernels" in line for line in lines)
 
 

@@ -38,8 +38,6 @@ by float rounding (convolution algorithms differ between batch sizes).
 from __future__ import annotations
 
 import bisect
-import contextlib
-import gc
 import logging
 
 import torch
@@ -49,7 +47,7 @@ from ..functional import feature_loss_and_grad
 from .capture_flags import capture_flags
 from .config import DIVERGENCE_PATIENCE, DefenseConfig
 from .result import EngineRun
-from .while_loop import capture_while_loop
+from .while_loop import capture_while_loop, collector_paused
 
 __all__ = ["GraphRunner", "bucket_sizes"]
 
@@ -63,26 +61,6 @@ def bucket_sizes(max_batch: int) -> list[int]:
         sizes.append(b)
         b *= 2
     return sizes + [max_batch]
-
-
-@contextlib.contextmanager
-def collector_paused():
-    """Collect garbage now, then keep Python's cyclic collector off until the block ends.
-
-    A dead reference cycle that owns a CUDA graph (a runner and the closure its WHILE loop keeps) is
-    destroyed whenever the collector next runs; if that is in the middle of a capture, destroying the graph
-    is an illegal call under the capture's global mode and invalidates it ("operation failed due to a
-    previous error during capture"). torch >= 2.6 no longer collects before a capture
-    (``torch.compiler.config.force_cudagraph_gc``), so the capture loop does it here.
-    """
-    gc.collect()
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 class GraphRunner:
@@ -186,14 +164,19 @@ class GraphRunner:
                     self._iteration(module, b)
             return graph
 
+        # The loop object keeps its start phase: build it from the buffers, not from ``self``, so that a
+        # dead runner is no reference cycle and its graphs and pool go as soon as it does.
+        active, count, threshold, pred = self.active[:b], self.count, self.threshold, self.pred
+        max_iters, max_trips = self.max_iters, self.max_trips
+
         def start_phase():
-            self._update_predicate(b)
+            count.copy_(active.sum())
+            torch.gt(count, threshold, out=pred)
             # Every slot exits within max_iters + 1 iterations of a launch (the last one only sees its
             # exit), so this cap never cuts a correct loop short; it stops a predicate bug on the device.
-            torch.add(self.max_iters, 1, out=self.max_trips)
+            torch.add(max_iters, 1, out=max_trips)
 
-        return capture_while_loop(lambda: self._iteration(module, b), start_phase, self.pred, self.pool,
-                                  self.max_trips)
+        return capture_while_loop(lambda: self._iteration(module, b), start_phase, pred, self.pool, max_trips)
 
     def _ensure_captured(self, module, b: int) -> None:
         """Capture every bucket, largest first, once per signature (``b``, the call's bucket, is among them).

@@ -28,9 +28,8 @@ def indexed_device(device) -> torch.device:
     tensors ``cuda:0``; both name the current device, and must compare equal."""
     device = torch.device(device)
     if device.index is None and device.type not in ("cpu", "meta"):
-        module = getattr(torch, device.type, None)
-        if module is not None and hasattr(module, "current_device"):
-            return torch.device(device.type, module.current_device())
+        current = getattr(getattr(torch, device.type, None), "current_device", None)
+        return torch.device(device.type, current() if current is not None else 0)  # mps has one device: 0
     return device
 
 

@@ -22,14 +22,36 @@ body; the native path counts them in captured ops after the body.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import gc
 
 import torch
 
 from .._ext import abi_reason
 
 __all__ = ["native_while_available", "extension_while_reason", "while_loop_unavailable_reason",
-           "capture_while_loop"]
+           "capture_while_loop", "collector_paused"]
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Collect garbage now, then keep Python's cyclic collector off until the block ends.
+
+    A dead reference cycle that owns a CUDA graph is destroyed whenever the collector next runs; if that is
+    in the middle of a capture, destroying the graph is an illegal call under the capture's global mode and
+    invalidates it ("operation failed due to a previous error during capture", seen on the first GPU run).
+    torch >= 2.6 no longer collects before a capture (``torch.compiler.config.force_cudagraph_gc``), so
+    every capture of fsmooth runs inside this block. Nesting is safe.
+    """
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def native_while_available() -> bool:
@@ -85,7 +107,7 @@ class _NativeWhileGraph:
     def __init__(self, body_fn, initial_pred_fn, pred: torch.Tensor, max_trips: torch.Tensor, pool):
         self.trips = torch.zeros((), dtype=torch.int64, device=pred.device)  # outside the pool: never reused
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        with collector_paused(), torch.cuda.graph(self.graph, pool=pool):
             initial_pred_fn()
             self.trips.zero_()
             pred.logical_and_(max_trips > 0)
@@ -108,7 +130,7 @@ class _ExtensionWhileGraph:
     def __init__(self, body_fn, pred: torch.Tensor, max_trips: torch.Tensor, pool):
         # The body (and the pool holding its temporaries) must outlive the parent graph: keep it here.
         self.body = torch.cuda.CUDAGraph(keep_graph=True)
-        with torch.cuda.graph(self.body, pool=pool):
+        with collector_paused(), torch.cuda.graph(self.body, pool=pool):
             body_fn()
         self.pred = pred
         self.loop = torch.classes.fsmooth.WhileLoopGraph(int(self.body.raw_cuda_graph()), pred, max_trips)
