@@ -9,11 +9,14 @@
 # issue's priority order; attack budgets are the published defaults (never lowered: n is lowered instead).
 # FSMOOTH_NPROC=2 runs each evaluation on two ranks (torchrun, one core each; chunks c with c % 2 == rank),
 # reusing the chunks a one-rank run finished: fs-adaptive was finished that way once queue a was done.
+# The gpu-* queues are the runs for a GPU machine: results/gpu_eval.sh runs one there (FSMOOTH=fsmooth, the
+# data from .carry/) and brings its reports back.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${FSMOOTH_DATA:-../shared/datasets/cifar10-jpeg-q75.tar.gz}
 FSMOOTH=${FSMOOTH:-.venv/bin/fsmooth}
 NPROC=${FSMOOTH_NPROC:-1}
+EVAL_DIR=${FSMOOTH_EVAL_DIR:-results/eval}
 FS=wrn-16-1-cifar10-jpeg-fs36       # feature-smoothed (delta 0.02), calibrated
 STD=wrn-16-1-cifar10-jpeg-std36     # plain CE: "Standard (using Active Defense)" with its own calibration
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
@@ -21,13 +24,13 @@ export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1
 ev() {  # ev RUN MODEL ARGS...: one resumable evaluation
     local run=$1 model=$2
     shift 2
-    mkdir -p results/eval
-    echo "== $(date -u +%FT%TZ) start $run" >> "results/eval/$run.log"
+    mkdir -p "$EVAL_DIR"
+    echo "== $(date -u +%FT%TZ) start $run" >> "$EVAL_DIR/$run.log"
     local launch=("$FSMOOTH")
     [ "$NPROC" -gt 1 ] && launch=(.venv/bin/torchrun --nproc-per-node "$NPROC" "$FSMOOTH")
-    "${launch[@]}" -v eval --pretrained "$model" --data "$DATA" --out "results/eval/$run" --quiet "$@" \
-        >> "results/eval/$run.log" 2>&1
-    echo "== $(date -u +%FT%TZ) done $run" >> "results/eval/$run.log"
+    "${launch[@]}" -v eval --pretrained "$model" --data "$DATA" --out "$EVAL_DIR/$run" --quiet "$@" \
+        >> "$EVAL_DIR/$run.log" 2>&1
+    echo "== $(date -u +%FT%TZ) done $run" >> "$EVAL_DIR/$run.log"
 }
 
 case "${1:-}" in
@@ -44,5 +47,13 @@ case "${1:-}" in
     c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200
         ev fs-paper "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 --batch-size 25
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c" >&2; exit 2 ;;
+    gpu-adaptive)  # issue 10's GPU evaluation: row 5 (Table 3) at n = 1000
+        ev fs-adaptive-gpu "$FS" --protocol adaptive --lambdas 1 10 --num-images 1000 --eps 8 --outer-loops 1 \
+            --chunk-size 250 --batch-size 250
+        ;;
+    gpu-row2)  # row 2: EOT-PGD (CE and DLR) and Square, eps 8 and 16, n = 500 (the transfer part ran on CPU)
+        ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
+            --chunk-size 250 --batch-size 250
+        ;;
+    *)  echo "usage: bash results/run_evals.sh a|b|c|gpu-adaptive|gpu-row2" >&2; exit 2 ;;
 esac

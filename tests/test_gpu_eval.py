@@ -1,0 +1,70 @@
+"""results/gpu_eval.sh: a gpu-* queue of results/run_evals.sh as one device call, with `fsmooth eval` stubbed.
+
+The stub parses its arguments with fsmooth's own CLI parser (a typo in a queue fails here, not on a GPU
+machine whose time is scarce) and writes what an evaluation writes: the script must bring back the reports,
+the chunk records and the log in one archive, and leave the adversarial images behind.
+"""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+STUB = textwrap.dedent("""\
+    import json, sys
+    from pathlib import Path
+    from fsmooth.cli import build_parser
+    from fsmooth.evaluation.protocols import parse_protocols
+    argv = sys.argv[1:]
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    (out / "state" / "run").mkdir(parents=True, exist_ok=True)
+    (out / "state" / "run" / "chunk00000.json").write_text("{}")
+    (out / "state" / "run" / "chunk00000.safetensors").write_bytes(b"images")
+    (out / "report.md").write_text("# report\\n")
+    (out / "report.json").write_text(json.dumps({"argv": argv, "protocols": parse_protocols(args.protocol),
+                                                 "n": args.n, "eps": args.eps, "data": args.data}))
+    print("evaluated")
+""")
+
+
+@pytest.mark.parametrize("queue, run, protocols, n, eps", [
+    ("gpu-adaptive", "fs-adaptive-gpu", ["adaptive"], 1000, [8.0]),
+    ("gpu-row2", "fs-row2-gpu", ["eot", "square"], 500, [8.0, 16.0]),
+])
+def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, protocols, n, eps):
+    stub = tmp_path / "fsmooth-stub"
+    (tmp_path / "stub.py").write_text(STUB)
+    stub.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'stub.py'} \"$@\"\n")
+    stub.chmod(0o755)
+    (tmp_path / "carry" / "site").mkdir(parents=True)
+    env = dict(os.environ, FSMOOTH=str(stub), FSMOOTH_SKIP_SETUP="1", FSMOOTH_CARRY=str(tmp_path / "carry"),
+               OUT=str(tmp_path / "out"), FSMOOTH_EVAL_DIR=str(tmp_path / "eval"), FSMOOTH_EVAL_LIMIT_S="60")
+    env.pop("FSMOOTH_DATA", None)
+    env.pop("FSMOOTH_NPROC", None)
+    proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), queue], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with tarfile.open(tmp_path / "out" / f"eval-{queue}.tar.gz") as tar:
+        names = set(tar.getnames())
+        report = json.load(tar.extractfile(f"{run}/report.json"))
+    assert {f"{run}.log", f"{run}/report.md", f"{run}/state/run/chunk00000.json"} <= names
+    assert not any(name.endswith(".safetensors") for name in names)  # the images stay on the machine
+    assert report["protocols"] == protocols and report["n"] == n and report["eps"] == eps
+    assert report["data"] == str(tmp_path / "carry" / "cifar10-jpeg-q75.tar.gz")
+
+
+def test_gpu_eval_refuses_an_unknown_queue_and_a_missing_carry(tmp_path):
+    script = str(ROOT / "results" / "gpu_eval.sh")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), FSMOOTH_EVAL_DIR=str(tmp_path / "eval"),
+               FSMOOTH_CARRY=str(tmp_path / "nowhere"))
+    bad = subprocess.run(["bash", script, "a"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown GPU queue a" in bad.stderr
+    missing = subprocess.run(["bash", script, "gpu-adaptive"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert missing.returncode == 2 and "prep-gpu-carry.sh" in missing.stderr
