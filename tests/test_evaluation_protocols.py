@@ -35,7 +35,8 @@ def full_report(setup, tmp_path_factory):
 def test_every_protocol_runs_end_to_end(full_report):
     report, out = full_report
     runs = {r["run_id"]: r for r in report["runs"]}
-    assert {r["protocol"] for r in report["runs"]} >= set(PROTOCOLS) - {"square"}  # square dedupes into paper
+    # square and autoattack dedupe into paper
+    assert {r["protocol"] for r in report["runs"]} >= set(PROTOCOLS) - {"square", "autoattack"}
     for k in (1, 2):
         for column in ("aa-standard", "apgd-ce", "apgd-t", "fab-t", "square", "aa-rand", "eot-pgd-ce",
                        "eot-pgd-dlr-targeted", "transfer", "adaptive-0.1", "adaptive+0", "adaptive+100"):
@@ -110,6 +111,16 @@ def test_plan_covers_protocols_without_duplicates():
     assert sum(s.column == "apgd-ce-sweep" for s in specs) == len(tiny_budget().eps_sweep)
     with pytest.raises(ValueError, match="unknown protocol"):
         parse_protocols("paper,nope")
+
+
+def test_autoattack_protocol_is_papers_first_run_alone():
+    paper = plan(["paper"], (8 / 255,), (1,), tiny_budget())
+    alone = plan(["autoattack"], (8 / 255,), (1,), tiny_budget())
+    assert [s.run_id for s in alone] == ["clean/undefended/ol0", "clean/defended/ol1",
+                                         "defended/ol1/eps8/aa-standard"]
+    same = {s.run_id: s for s in paper}
+    for spec in alone:  # same run ids and options: its chunks are the paper protocol's
+        assert spec.run_id in same and spec.options == same[spec.run_id].options
 
 
 def test_clean_protocol_plans_the_clean_passes_alone():

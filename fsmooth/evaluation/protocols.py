@@ -10,6 +10,8 @@ resumed evaluation finds its saved chunks.
 Protocols
   clean        the clean passes alone (bare model, defended at each K); every protocol includes them.
   paper        AutoAttack standard, and each of its attacks alone (Table 1 columns).
+  autoattack   AutoAttack standard alone: paper's first run (same run id, so a finished one is reused),
+               for a report while the attacks alone are still running.
   adaptive     APGD-CE on CE + lam * max(L_F, delta), lam = 0 and +-``Budget.lambdas`` (Table 3).
   rand         AutoAttack rand (APGD-CE, APGD-DLR, EOT over ``eot_draws``).
   eot          PGD with EOT through the straight-through gradient: CE and targeted DLR.
@@ -29,7 +31,7 @@ from dataclasses import dataclass, field
 __all__ = ["Budget", "RunSpec", "Setting", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key",
            "clean_run_id"]
 
-PROTOCOLS = ("clean", "paper", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
+PROTOCOLS = ("clean", "paper", "autoattack", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
 GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"),
           "all": PROTOCOLS[1:]}
 
@@ -209,8 +211,9 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                 clean("standard-defended", k)
         for k in outer_loops:
             for eps in eps_list:
-                if protocol == "paper":
+                if protocol in ("paper", "autoattack"):
                     autoattack(protocol, "defended", k, eps)
+                if protocol == "paper":
                     for name in ("apgd-ce", "apgd-t", "fab-t", "square"):
                         autoattack(protocol, "defended", k, eps, attacks=[name])
                 elif protocol == "adaptive":
