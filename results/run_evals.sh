@@ -47,6 +47,16 @@ case "${1:-}" in
     c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200
         ev fs-paper "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 --batch-size 25
         ;;
+    c-autoattack)  # row 3's AutoAttack column while queue c still runs the attacks alone: queue c's finished
+        # clean and AutoAttack-standard chunks, linked (not copied) into a run of its own, re-scored, reported
+        mkdir -p "$EVAL_DIR/fs-autoattack/state"
+        for d in clean_undefended_ol0 clean_defended_ol1 defended_ol1_eps8_aa-standard; do
+            [ -e "$EVAL_DIR/fs-autoattack/state/$d" ] || ln -s "../../fs-paper/state/$d" "$EVAL_DIR/fs-autoattack/state/$d"
+        done
+        cp -n "$EVAL_DIR/fs-paper/state/fingerprint.json" "$EVAL_DIR/fs-autoattack/state/"
+        ev fs-autoattack "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
+            --batch-size 25
+        ;;
     gpu-adaptive)  # issue 10's GPU evaluation: row 5 (Table 3) at n = 1000
         ev fs-adaptive-gpu "$FS" --protocol adaptive --lambdas 1 10 --num-images 1000 --eps 8 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
@@ -55,5 +65,5 @@ case "${1:-}" in
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|gpu-adaptive|gpu-row2" >&2; exit 2 ;;
+    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|gpu-adaptive|gpu-row2" >&2; exit 2 ;;
 esac
