@@ -124,6 +124,12 @@ PROFILE = Step(
     ("--sections", "profile", "--profile-batch", "512", "--profile-iters", "20",
      "--profile-providers", "chunked-bf16", "graph-bf16", "eager-bf16", "compile-bf16", "--compile-modes", "default"),
     cap_s=200)
+COMPILED_PREFIX = Step(
+    "compiled-prefix", "bench", "graph-bf16 with its prefix torch.compile-d inside the graphs vs graph-bf16 and "
+    "torch.compile bf16 at batch 512 (the lever the first run's 0.74x points to)",
+    ("--sections", "throughput", "--batches", "512", "--iters", "50",
+     "--providers", "graph-bf16", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "default",
+     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=240)
 QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
 
 CALLS: dict[str, tuple[Step, ...]] = {
@@ -131,7 +137,7 @@ CALLS: dict[str, tuple[Step, ...]] = {
     "second": (SETUP, EXTENSION, LATENCY, LOSS_KERNEL, COMPILE_512),
     "third": (SETUP, EXTENSION, EARLY_EXIT, WORKLOAD, EARLY_EXIT_FP32),
     # After a first run: the GPU tests again (fixes since), the profile, and what the three calls skipped.
-    "fourth": (SETUP, EXTENSION, TESTS, PROFILE, EARLY_EXIT_FP32, COMPILE_512),
+    "fourth": (SETUP, EXTENSION, TESTS, PROFILE, COMPILED_PREFIX, EARLY_EXIT_FP32, COMPILE_512),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
     "quick": (SETUP, EXTENSION, QUICK),

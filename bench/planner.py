@@ -100,6 +100,8 @@ class CostModel:
             seconds += self.capture_s(provider.precision, batch, unrolled)
         if isinstance(provider, prov.LoopProvider) and provider.compile_modes:
             seconds += self.compile_s(provider.compile_modes[0])
+        if isinstance(provider, prov.EngineProvider) and provider.options.get("compile_prefix"):
+            seconds += self.compile_s("default")
         return seconds
 
     def describe(self) -> str:

@@ -15,7 +15,8 @@ every provider runs with ``sigma=0``), with the same ``beta``, ``delta`` and
   are recorded.
 * ``fsmooth-*``: :class:`fsmooth.ActiveDefense` engines (eager, chunked CUDA
   graphs, single-launch while-node graph), in fp32 (TF32 off), TF32, or bf16
-  channels_last, with or without compaction.
+  channels_last, with or without compaction; ``*-compiled``: with the prefix
+  ``torch.compile``-d inside the graphs (``compile_prefix=True``).
 """
 from __future__ import annotations
 
@@ -291,6 +292,9 @@ def build_providers(names: list[str], compile_modes: tuple[str, ...] = _DEFAULT_
             table[name] = (lambda e=engine, p=precision, n=name: EngineProvider(n, e, p))
             nc = f"{name}-nocompact"
             table[nc] = (lambda e=engine, p=precision, n=nc: EngineProvider(n, e, p, {"compact": False}))
+            # The prefix torch.compile-d (Inductor, symbolic batch) inside the captured graphs.
+            cp = f"{name}-compiled"
+            table[cp] = (lambda e=engine, p=precision, n=cp: EngineProvider(n, e, p, {"compile_prefix": True}))
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(table)}")
@@ -300,7 +304,9 @@ def build_providers(names: list[str], compile_modes: tuple[str, ...] = _DEFAULT_
 PROVIDER_NAMES = ("eager", "eager-bf16", "compile", "compile-bf16", "fsmooth-eager",
                   "graph-fp32", "graph-tf32", "graph-bf16", "chunked-fp32", "chunked-tf32", "chunked-bf16",
                   "graph-fp32-nocompact", "graph-tf32-nocompact", "graph-bf16-nocompact",
-                  "chunked-fp32-nocompact", "chunked-tf32-nocompact", "chunked-bf16-nocompact")
+                  "chunked-fp32-nocompact", "chunked-tf32-nocompact", "chunked-bf16-nocompact",
+                  "graph-fp32-compiled", "graph-tf32-compiled", "graph-bf16-compiled",
+                  "chunked-fp32-compiled", "chunked-tf32-compiled", "chunked-bf16-compiled")
 
 
 # Error of the checked state against fp32 eager, relative to the eager update (see check_schedule).

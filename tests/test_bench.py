@@ -215,6 +215,9 @@ def test_planned_seconds_per_provider(planner_module):
     assert cost.provider_s(graph, 512, 50, 4) == pytest.approx(0.5 + loop + capture)
     assert cost.provider_s(chunked, 512, 50, 4) == pytest.approx(0.5 + loop + capture + 7 * 10 * bf16.fixed_s)
     assert cost.provider_s(compiled, 512, 50, 4) == pytest.approx(0.5 + loop + 300.0)  # the first mode's allowance
+    (graph_compiled,) = providers.build_providers(["graph-bf16-compiled"])
+    assert graph_compiled.options == {"compile_prefix": True}
+    assert cost.provider_s(graph_compiled, 512, 50, 4) == pytest.approx(0.5 + loop + capture + 90.0)
 
 
 def test_budget_skips_what_would_overrun(planner_module):

@@ -248,3 +248,36 @@ def test_graph_mode_runner_matches_eager_and_its_loop_keeps_no_runner(cuda_strea
     for loop in loops:
         held = [cell.cell_contents for cell in loop.initial_pred_fn.__closure__ or ()]
         assert held and all(isinstance(v, torch.Tensor) for v in held), held
+
+
+@pytest.mark.parametrize("engine", ["eager", "graph", "chunked"])
+def test_compiled_prefix_matches_the_eager_prefix(engine):
+    """compile_prefix runs the same prefix through torch.compile (here the compiler-free aot_eager backend,
+    with a symbolic batch): same iterations and inputs as without it, through the eager engine and through the
+    graph runner's iteration (replayed eagerly on CPU), with odd buckets and batch 1."""
+    torch._dynamo.reset()
+    model = tiny_wrn()
+    x = varied_inputs(7)
+    noise = noise_for(x, 0.075, seed=8)
+    config = DefenseConfig(beta=BETA, delta=float(initial_losses(model, x + noise).quantile(0.3)), max_iters=12)
+    ref = ActiveDefense(model, config=config, engine="eager")(x, return_info=True, noise=noise)
+    compiled = ActiveDefense(model, config=config, engine="eager", compile_prefix="aot_eager")
+    if engine == "eager":
+        got = compiled(x, return_info=True, noise=noise)
+        t, iterations = got.inputs, got.iterations
+        one = compiled(x[:1], return_info=True, noise=noise[:1])
+        assert one.iterations.tolist() == ref.iterations[:1].tolist()
+    else:
+        runner = CpuRunner(compiled.prefix, x.device, tuple(x.shape[1:]), mode=engine, max_batch=3, chunk=2)
+        with torch.no_grad(), compiled.prefix.session() as module:
+            t, iterations, _, _, _ = runner.run(module, x + noise, config)
+    assert compiled.prefix._compiled is not None  # the compiled callable ran
+    assert iterations.tolist() == ref.iterations.tolist()
+    assert (t - ref.inputs).abs().max() < 1e-5
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bad", [1, None, "", 2.0])
+def test_compile_prefix_rejects_what_is_not_a_bool_or_a_backend(bad):
+    with pytest.raises(TypeError, match="compile_prefix"):
+        ActiveDefense(tiny_wrn(), compile_prefix=bad)

@@ -76,6 +76,8 @@ def test_fourth_call_reruns_the_tests_then_profiles(suite):
     args = suite.CALLS["fourth"][3].bench_args
     assert _values(args, "--sections") == ["profile"] and _values(args, "--profile-batch") == ["512"]
     assert _values(args, "--profile-providers")[:2] == ["chunked-bf16", "graph-bf16"]
+    compiled = _bench_steps(suite, "fourth")["compiled-prefix"].bench_args
+    assert _values(compiled, "--providers") == ["graph-bf16", "graph-bf16-compiled", "compile-bf16"]
 
 
 def test_summary_puts_the_profile_in_its_own_table_and_headline(suite):

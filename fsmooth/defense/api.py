@@ -89,6 +89,9 @@ class ActiveDefense:
             samples exit (``False``: ``"graph"`` runs a batch of at most ``max_batch`` in one launch).
         progress: graph engines: a tqdm bar over finished samples (off by default).
         backend: feature-loss backend (``"auto"``, ``"triton"``, ``"reference"``).
+        compile_prefix: run the prefix ``torch.compile``-d (``True``: Inductor; or a backend name), inside
+            the captured graphs too: Inductor's fused kernels with the graphs' launch-free loop. Experimental:
+            the first call compiles (tens of seconds on a GPU); off by default.
 
     Call with ``(x, generator=None, return_info=False)``.
     """
@@ -96,7 +99,7 @@ class ActiveDefense:
     def __init__(self, model: nn.Module, layer: str | None = None, config: DefenseConfig | None = None, *,
                  engine: str = "auto", dtype: torch.dtype | None = None, enforce_eager: bool = False,
                  max_batch: int = 256, chunk: int = 8, compact: bool = True, progress: bool = False,
-                 backend: str = "auto"):
+                 backend: str = "auto", compile_prefix: bool | str = False):
         if config is None:
             config = DefenseConfig.for_model(model)
         if not isinstance(config, DefenseConfig):
@@ -104,7 +107,7 @@ class ActiveDefense:
         self.engine = check_engine(engine)
         check_positive_int(max_batch, "max_batch")
         check_positive_int(chunk, "chunk")
-        self.prefix = PrefixState(model, layer, dtype)
+        self.prefix = PrefixState(model, layer, dtype, compile_prefix=compile_prefix)
         # Weak: defend()'s cache is keyed weakly by the model, so a strong reference here would leak it.
         self._model_ref = weakref.ref(model)
         self.config = config

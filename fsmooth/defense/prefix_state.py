@@ -58,9 +58,15 @@ class PrefixState:
     from the model at the start of every call (cheap next to hundreds of
     iterations, and never stale after training). The loop state ``t`` and the
     loss stay fp32 (fp64 when the prefix is fp64).
+
+    ``compile_prefix``: run the prefix (forward, and its backward through
+    AOTAutograd) ``torch.compile``-d, with a symbolic batch size so that every
+    bucket a graph engine captures shares one compilation: ``True`` (Inductor)
+    or a backend name (``"aot_eager"`` checks the plumbing without a compiler).
     """
 
-    def __init__(self, model: nn.Module, layer: str | None = None, dtype: torch.dtype | None = None):
+    def __init__(self, model: nn.Module, layer: str | None = None, dtype: torch.dtype | None = None,
+                 compile_prefix: bool | str = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if dtype is not None and dtype not in _COMPUTE_DTYPES:
@@ -72,6 +78,12 @@ class PrefixState:
         self.channels_last = self.dtype in _HALF
         self.state_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
         self._shadow = None
+        if not isinstance(compile_prefix, (bool, str)) or compile_prefix == "":
+            raise TypeError(f"compile_prefix must be a bool or a torch.compile backend name, got {compile_prefix!r}")
+        if compile_prefix is not False and not hasattr(torch, "compile"):
+            raise ValueError("compile_prefix needs torch.compile, which this torch does not have")
+        self.compile_prefix = compile_prefix
+        self._compiled: tuple[nn.Module, object] | None = None  # (module, its compiled callable)
 
     @property
     def runs_copy(self) -> bool:
@@ -120,9 +132,17 @@ class PrefixState:
             for m, flag in modes:
                 m.training = flag
 
+    def _callable(self, module: nn.Module):
+        if self.compile_prefix is False:
+            return module
+        if self._compiled is None or self._compiled[0] is not module:
+            backend = "inductor" if self.compile_prefix is True else self.compile_prefix
+            self._compiled = (module, torch.compile(module, backend=backend, dynamic=True))
+        return self._compiled[1]
+
     def features(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
         """The layer's output for loop state ``t`` (fp32/fp64), computed in the prefix dtype."""
         x = t.to(self.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return module(x)
+        return self._callable(module)(x)
