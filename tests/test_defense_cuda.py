@@ -204,3 +204,19 @@ def test_graph_engine_cap_leaves_max_iters_runs_intact():
         result = ActiveDefense(model, config=config, engine="graph", compact=False, max_batch=8)(
             x, return_info=True, noise=noise)
     assert result.iterations.tolist() == [7] * 5
+
+
+@pytest.mark.parametrize("engine", ["graph", "chunked"])
+def test_compiled_prefix_inside_the_graphs_matches_eager(engine):
+    """compile_prefix=True: Inductor's kernels for the prefix, captured into the engine's graphs (every bucket
+    after one warm-up); fp32 results as the eager engine's."""
+    torch._dynamo.reset()
+    model, x, noise, config = _setup()
+    ref = ActiveDefense(model, config=config, engine="eager")(x, return_info=True, noise=noise)
+    defense = ActiveDefense(model, config=config, engine=engine, max_batch=8, compact=True, chunk=4,
+                            compile_prefix=True)
+    for _ in range(2):
+        result = defense(x, return_info=True, noise=noise)
+        assert result.engine == engine
+        _assert_close_to_eager(result, ref, config, tol=1e-3)
+    torch._dynamo.reset()
