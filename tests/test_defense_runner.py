@@ -281,3 +281,9 @@ def test_compiled_prefix_matches_the_eager_prefix(engine):
 def test_compile_prefix_rejects_what_is_not_a_bool_or_a_backend(bad):
     with pytest.raises(TypeError, match="compile_prefix"):
         ActiveDefense(tiny_wrn(), compile_prefix=bad)
+
+
+@pytest.mark.parametrize("bad", ["no-such-backend", "cudagraphs"])
+def test_compile_prefix_rejects_an_unknown_backend_and_cudagraphs(bad):
+    with pytest.raises(ValueError, match="compile_prefix"):
+        ActiveDefense(tiny_wrn(), compile_prefix=bad)

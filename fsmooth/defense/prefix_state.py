@@ -82,6 +82,12 @@ class PrefixState:
             raise TypeError(f"compile_prefix must be a bool or a torch.compile backend name, got {compile_prefix!r}")
         if compile_prefix is not False and not hasattr(torch, "compile"):
             raise ValueError("compile_prefix needs torch.compile, which this torch does not have")
+        if isinstance(compile_prefix, str):
+            import torch._dynamo
+            known = set(torch._dynamo.list_backends(exclude_tags=())) - {"cudagraphs"}
+            if compile_prefix not in known:
+                raise ValueError(f"compile_prefix must be True or a torch.compile backend ({', '.join(sorted(known))}; "
+                                 f"not 'cudagraphs': the engines capture graphs themselves), got {compile_prefix!r}")
         self.compile_prefix = compile_prefix
         self._compiled: tuple[nn.Module, object] | None = None  # (module, its compiled callable)
 
