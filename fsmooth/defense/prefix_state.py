@@ -83,8 +83,8 @@ class PrefixState:
         if compile_prefix is not False and not hasattr(torch, "compile"):
             raise ValueError("compile_prefix needs torch.compile, which this torch does not have")
         if isinstance(compile_prefix, str):
-            import torch._dynamo
-            known = set(torch._dynamo.list_backends(exclude_tags=())) - {"cudagraphs"}
+            from torch import _dynamo
+            known = set(_dynamo.list_backends(exclude_tags=())) - {"cudagraphs"}
             if compile_prefix not in known:
                 raise ValueError(f"compile_prefix must be True or a torch.compile backend ({', '.join(sorted(known))}; "
                                  f"not 'cudagraphs': the engines capture graphs themselves), got {compile_prefix!r}")
