@@ -57,6 +57,10 @@ case "${1:-}" in
         ev fs-autoattack "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
         ;;
+    gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
+        ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
+            --chunk-size 200 --batch-size 200
+        ;;
     gpu-adaptive)  # issue 10's GPU evaluation: row 5 (Table 3) at n = 1000
         ev fs-adaptive-gpu "$FS" --protocol adaptive --lambdas 1 10 --num-images 1000 --eps 8 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
@@ -65,5 +69,5 @@ case "${1:-}" in
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|gpu-adaptive|gpu-row2" >&2; exit 2 ;;
+    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|gpu-adaptive-200|gpu-adaptive|gpu-row2" >&2; exit 2 ;;
 esac

@@ -287,3 +287,37 @@ def test_compile_prefix_rejects_what_is_not_a_bool_or_a_backend(bad):
 def test_compile_prefix_rejects_an_unknown_backend_and_cudagraphs(bad):
     with pytest.raises(ValueError, match="compile_prefix"):
         ActiveDefense(tiny_wrn(), compile_prefix=bad)
+
+
+@pytest.mark.parametrize("compile_prefix", [False, "aot_eager"])
+def test_captures_of_a_compiled_prefix_refuse_to_recompile(compile_prefix, cuda_stream_stubs):
+    """With compile_prefix, GraphRunner._capture_buckets captures under Dynamo's error_on_recompile (a compile
+    inside a capture would invalidate it obscurely); without it, Dynamo's config is left alone."""
+    from torch._dynamo import config as dynamo_config
+
+    torch._dynamo.reset()
+    flags = []
+
+    class _Runner(GraphRunner):
+        @staticmethod
+        def _check_device(device):
+            pass
+
+        def _capture(self, module, b):
+            flags.append(dynamo_config.error_on_recompile)
+            self._iteration(module, b)  # what the capture records: no recompilation after the warm-up
+            return _ReplayedGraph(self, module, b)
+
+    model = tiny_wrn()
+    x = varied_inputs(6)
+    t0 = x + noise_for(x, 0.075, seed=4)
+    config = DefenseConfig(beta=BETA, delta=float(initial_losses(model, t0).quantile(0.3)), max_iters=5)
+    defense = ActiveDefense(model, config=config, engine="eager")
+    compiled = ActiveDefense(model, config=config, engine="eager", compile_prefix=compile_prefix)
+    runner = _Runner(compiled.prefix, t0.device, tuple(t0.shape[1:]), mode="chunked", max_batch=4, chunk=2)
+    with torch.no_grad(), compiled.prefix.session() as module:
+        t, iterations, _, _, _ = runner.run(module, t0, config)
+    assert flags == [compile_prefix is not False] * 3 and not dynamo_config.error_on_recompile
+    ref = defense(t0, return_info=True, noise=torch.zeros_like(t0))
+    assert iterations.tolist() == ref.iterations.tolist()
+    torch._dynamo.reset()

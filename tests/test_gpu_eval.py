@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 STUB = textwrap.dedent("""\
-    import json, sys
+    import json, os, sys, time
     from pathlib import Path
     from fsmooth.cli import build_parser
     from fsmooth.evaluation.protocols import parse_protocols
@@ -27,6 +27,8 @@ STUB = textwrap.dedent("""\
     (out / "state" / "run").mkdir(parents=True, exist_ok=True)
     (out / "state" / "run" / "chunk00000.json").write_text("{}")
     (out / "state" / "run" / "chunk00000.safetensors").write_bytes(b"images")
+    time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+    (out / "per_image.safetensors").write_bytes(b"per-image results")
     (out / "report.md").write_text("# report\\n")
     (out / "report.json").write_text(json.dumps({"argv": argv, "protocols": parse_protocols(args.protocol),
                                                  "n": args.n, "eps": args.eps, "data": args.data}))
@@ -34,28 +36,34 @@ STUB = textwrap.dedent("""\
 """)
 
 
-@pytest.mark.parametrize("queue, run, protocols, n, eps", [
-    ("gpu-adaptive", "fs-adaptive-gpu", ["adaptive"], 1000, [8.0]),
-    ("gpu-row2", "fs-row2-gpu", ["eot", "square"], 500, [8.0, 16.0]),
-])
-def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, protocols, n, eps):
+def _stub_env(tmp_path, **extra):
     stub = tmp_path / "fsmooth-stub"
     (tmp_path / "stub.py").write_text(STUB)
     stub.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'stub.py'} \"$@\"\n")
     stub.chmod(0o755)
     (tmp_path / "carry" / "site").mkdir(parents=True)
     env = dict(os.environ, FSMOOTH=str(stub), FSMOOTH_SKIP_SETUP="1", FSMOOTH_CARRY=str(tmp_path / "carry"),
-               OUT=str(tmp_path / "out"), FSMOOTH_EVAL_DIR=str(tmp_path / "eval"), FSMOOTH_EVAL_LIMIT_S="60")
+               OUT=str(tmp_path / "out"), FSMOOTH_EVAL_DIR=str(tmp_path / "eval"), **extra)
     env.pop("FSMOOTH_DATA", None)
     env.pop("FSMOOTH_NPROC", None)
+    return env
+
+
+@pytest.mark.parametrize("queue, run, protocols, n, eps", [
+    ("gpu-adaptive-200", "fs-adaptive-gpu-200", ["adaptive"], 200, [8.0]),
+    ("gpu-adaptive", "fs-adaptive-gpu", ["adaptive"], 1000, [8.0]),
+    ("gpu-row2", "fs-row2-gpu", ["eot", "square"], 500, [8.0, 16.0]),
+])
+def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, protocols, n, eps):
+    env = _stub_env(tmp_path)
     proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), queue], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with tarfile.open(tmp_path / "out" / f"eval-{queue}.tar.gz") as tar:
         names = set(tar.getnames())
         report = json.load(tar.extractfile(f"{run}/report.json"))
-    assert {f"{run}.log", f"{run}/report.md", f"{run}/state/run/chunk00000.json"} <= names
-    assert not any(name.endswith(".safetensors") for name in names)  # the images stay on the machine
+    assert {f"{run}.log", f"{run}/report.md", f"{run}/per_image.safetensors", f"{run}/state/run/chunk00000.json"} <= names
+    assert not any("/state/" in name and name.endswith(".safetensors") for name in names)  # images stay there
     assert report["protocols"] == protocols and report["n"] == n and report["eps"] == eps
     assert report["data"] == str(tmp_path / "carry" / "cifar10-jpeg-q75.tar.gz")
 
@@ -68,3 +76,17 @@ def test_gpu_eval_refuses_an_unknown_queue_and_a_missing_carry(tmp_path):
     assert bad.returncode == 2 and "unknown GPU queue a" in bad.stderr
     missing = subprocess.run(["bash", script, "gpu-adaptive"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "prep-gpu-carry.sh" in missing.stderr
+
+
+def test_gpu_eval_cut_at_its_deadline_still_packs_what_it_has(tmp_path):
+    """The evaluation is interrupted before the deadline's packing margin: exit 3 (not 124, which the device
+    tool reads as its own timeout), and the archive with the log and the chunks finished so far comes back."""
+    env = _stub_env(tmp_path, STUB_SLEEP="120", FSMOOTH_EVAL_DEADLINE_S="72")
+    proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), "gpu-adaptive-200"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "cut at the deadline" in proc.stdout
+    with tarfile.open(tmp_path / "out" / "eval-gpu-adaptive-200.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert "fs-adaptive-gpu-200.log" in names and "fs-adaptive-gpu-200/state/run/chunk00000.json" in names
+    assert "fs-adaptive-gpu-200/report.md" not in names

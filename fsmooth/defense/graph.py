@@ -38,6 +38,7 @@ by float rounding (convolution algorithms differ between batch sizes).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 
 import torch
@@ -210,10 +211,18 @@ class GraphRunner:
                 self._warm_up(module, size)
         torch.cuda.current_stream(self.device).wait_stream(side)
         torch.cuda.synchronize(self.device)
-        with collector_paused():
+        with collector_paused(), self._no_recompile():
             for size in sizes:
                 self._graphs[size] = self._capture(module, size)
         _log.debug("captured %s defense graphs for buckets %s", self.mode, sizes)
+
+    def _no_recompile(self):
+        """With a compiled prefix, a recompilation inside a capture (the warm-up above should have made every
+        one) fails with Dynamo's reason instead of invalidating the capture obscurely."""
+        if self.prefix.compile_prefix is False:
+            return contextlib.nullcontext()
+        from torch._dynamo import config as dynamo_config
+        return dynamo_config.patch(error_on_recompile=True)
 
     # ------------------------------------------------------------------ host side
     def _bucket_for(self, n: int) -> int:

@@ -60,8 +60,8 @@ class PrefixState:
     loss stay fp32 (fp64 when the prefix is fp64).
 
     ``compile_prefix``: run the prefix (forward, and its backward through
-    AOTAutograd) ``torch.compile``-d, with a symbolic batch size so that every
-    bucket a graph engine captures shares one compilation: ``True`` (Inductor)
+    AOTAutograd) ``torch.compile``-d, with a symbolic batch size (only) so that
+    the buckets a graph engine captures share a compilation: ``True`` (Inductor)
     or a backend name (``"aot_eager"`` checks the plumbing without a compiler).
     """
 
@@ -143,7 +143,7 @@ class PrefixState:
             return module
         if self._compiled is None or self._compiled[0] is not module:
             backend = "inductor" if self.compile_prefix is True else self.compile_prefix
-            self._compiled = (module, torch.compile(module, backend=backend, dynamic=True))
+            self._compiled = (module, torch.compile(module, backend=backend))
         return self._compiled[1]
 
     def features(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -151,4 +151,9 @@ class PrefixState:
         x = t.to(self.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.compile_prefix is not False:
+            # Only the batch is symbolic (one compilation for every bucket but size 1); channels and image
+            # size stay static, which keeps Inductor's layout choices for the convolutions.
+            from torch import _dynamo
+            _dynamo.maybe_mark_dynamic(x, 0)
         return self._callable(module)(x)
