@@ -147,6 +147,14 @@ class _Stream:
         pass
 
 
+class _DeviceUncheckedRunner(GraphRunner):
+    """GraphRunner with its real capture code on CPU (with ``cuda_stream_stubs``)."""
+
+    @staticmethod
+    def _check_device(device):
+        pass
+
+
 @pytest.fixture
 def cuda_stream_stubs(monkeypatch):
     """The CUDA stream calls of GraphRunner._capture_buckets, as no-ops: its real code runs on CPU."""
@@ -176,11 +184,7 @@ def test_buckets_are_captured_with_the_collector_paused(mode, cuda_stream_stubs)
 
     seen = []
 
-    class _Runner(GraphRunner):
-        @staticmethod
-        def _check_device(device):
-            pass
-
+    class _Runner(_DeviceUncheckedRunner):
         def _capture(self, module, b):
             seen.append((b, gc.isenabled(), _Cycle.freed))
             return _ReplayedGraph(self, module, b)
@@ -231,15 +235,10 @@ def test_graph_mode_runner_matches_eager_and_its_loop_keeps_no_runner(cuda_strea
 
     monkeypatch.setattr(graph_module, "capture_while_loop", capture)
 
-    class _Runner(GraphRunner):
-        @staticmethod
-        def _check_device(device):
-            pass
-
     defense, t0, config = _small_problem(n=7, max_iters=12)
     ref = defense(t0, return_info=True, noise=torch.zeros_like(t0))
     assert len(set(ref.iterations.tolist())) > 2
-    runner = _Runner(defense.prefix, t0.device, tuple(t0.shape[1:]), mode="graph", max_batch=4)
+    runner = _DeviceUncheckedRunner(defense.prefix, t0.device, tuple(t0.shape[1:]), mode="graph", max_batch=4)
     with torch.no_grad(), defense.prefix.session() as module:
         t, iterations, loss, grew, occupancy = runner.run(module, t0, config)
     assert iterations.tolist() == ref.iterations.tolist()
@@ -298,11 +297,7 @@ def test_captures_of_a_compiled_prefix_refuse_to_recompile(compile_prefix, cuda_
     torch._dynamo.reset()
     flags = []
 
-    class _Runner(GraphRunner):
-        @staticmethod
-        def _check_device(device):
-            pass
-
+    class _Runner(_DeviceUncheckedRunner):
         def _capture(self, module, b):
             flags.append(dynamo_config.error_on_recompile)
             self._iteration(module, b)  # what the capture records: no recompilation after the warm-up
