@@ -12,7 +12,8 @@
 # only when it finishes. Cost: on one CPU core the adaptive protocol took about 23 s per image and lambda, so
 # gpu-adaptive (5 lambdas, n = 1000) fits one call only if the GPU is some 300x faster than that core; run
 # gpu-adaptive-200 first to measure. Exit status 3: cut at the deadline (not 124, the device tool's own).
-# The working tree and .carry travel together, 64 MiB at most (the tree was about 19 MB, .carry 20 MB, on 2026-11-26). Unpack with
+# The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
+# .carry 20 MB). Unpack with
 #   tar xzf <files_at>/eval-<queue>.tar.gz -C results/eval
 # and commit results/eval/<run>/ (report.{json,md}, the chunk JSON) and results/eval/<run>.log.
 set -uo pipefail
