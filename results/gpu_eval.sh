@@ -10,7 +10,7 @@
 # log and chunk records (JSON; not the adversarial images) into $OUT/eval-<queue>.tar.gz. The evaluation
 # resumes by chunks, but only on the same (warm) machine: the images stay there; and its report is written
 # only when it finishes. Cost: on one CPU core the adaptive protocol took 19-23 s per image and lambda (fs-adaptive), so
-# gpu-adaptive (5 lambdas, n = 1000) fits one call only if the GPU is some 300x faster than that core; run
+# gpu-adaptive (5 lambdas, n = 1000) fits one call only if the GPU is some 250-300x faster than that core; run
 # gpu-adaptive-200 first to measure. Exit status 3: cut at the deadline (not 124, the device tool's own).
 # The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
 # .carry 20 MB). Unpack with
