@@ -64,6 +64,12 @@ def bucket_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def _update_predicate(active, count, threshold, pred) -> None:
+    """``pred`` = more than ``threshold`` slots active (device tensors only: captured, never synchronized)."""
+    count.copy_(active.sum())
+    torch.gt(count, threshold, out=pred)
+
+
 class GraphRunner:
     """Runs the loop on one CUDA device for inputs of one per-sample shape; owns buffers and graphs."""
 
@@ -142,8 +148,7 @@ class GraphRunner:
         torch.gt(self.count, self.threshold, out=self.pred)
 
     def _update_predicate(self, b: int) -> None:
-        self.count.copy_(self.active[:b].sum())
-        torch.gt(self.count, self.threshold, out=self.pred)
+        _update_predicate(self.active[:b], self.count, self.threshold, self.pred)
 
     # ------------------------------------------------------------------ capture
     def _signature(self, module):
@@ -171,8 +176,7 @@ class GraphRunner:
         max_iters, max_trips = self.max_iters, self.max_trips
 
         def start_phase():
-            count.copy_(active.sum())
-            torch.gt(count, threshold, out=pred)
+            _update_predicate(active, count, threshold, pred)
             # Every slot exits within max_iters + 1 iterations of a launch (the last one only sees its
             # exit), so this cap never cuts a correct loop short; it stops a predicate bug on the device.
             torch.add(max_iters, 1, out=max_trips)

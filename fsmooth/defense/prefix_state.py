@@ -80,8 +80,6 @@ class PrefixState:
         self._shadow = None
         if not isinstance(compile_prefix, (bool, str)) or compile_prefix == "":
             raise TypeError(f"compile_prefix must be a bool or a torch.compile backend name, got {compile_prefix!r}")
-        if compile_prefix is not False and not hasattr(torch, "compile"):
-            raise ValueError("compile_prefix needs torch.compile, which this torch does not have")
         if isinstance(compile_prefix, str):
             from torch import _dynamo
             known = set(_dynamo.list_backends(exclude_tags=())) - {"cudagraphs"}
@@ -142,8 +140,17 @@ class PrefixState:
         if self.compile_prefix is False:
             return module
         if self._compiled is None or self._compiled[0] is not module:
+            from torch import _dynamo
             backend = "inductor" if self.compile_prefix is True else self.compile_prefix
-            self._compiled = (module, torch.compile(module, backend=backend))
+            compiled = torch.compile(module, backend=backend)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                # Only the batch is symbolic (one compilation for every bucket but size 1); channels and
+                # image size stay static, which keeps Inductor's layout choices for the convolutions.
+                _dynamo.maybe_mark_dynamic(x, 0)
+                return compiled(x)
+
+            self._compiled = (module, run)
         return self._compiled[1]
 
     def features(self, module: nn.Module, t: torch.Tensor) -> torch.Tensor:
@@ -151,9 +158,4 @@ class PrefixState:
         x = t.to(self.dtype)
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        if self.compile_prefix is not False:
-            # Only the batch is symbolic (one compilation for every bucket but size 1); channels and image
-            # size stay static, which keeps Inductor's layout choices for the convolutions.
-            from torch import _dynamo
-            _dynamo.maybe_mark_dynamic(x, 0)
         return self._callable(module)(x)
