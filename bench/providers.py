@@ -276,8 +276,8 @@ class EngineProvider:
 _DEFAULT_COMPILE_MODES = ("max-autotune", "reduce-overhead", "default")
 
 
-def build_providers(names: list[str], compile_modes: tuple[str, ...] = _DEFAULT_COMPILE_MODES) -> list:
-    """Providers by name (see :data:`PROVIDER_NAMES`)."""
+def _provider_table(compile_modes: tuple[str, ...]) -> dict:
+    """Name -> provider factory: the one list of the providers."""
     table = {
         "eager": lambda: LoopProvider("eager", "fp32"),
         "eager-bf16": lambda: LoopProvider("eager-bf16", "bf16"),
@@ -295,18 +295,19 @@ def build_providers(names: list[str], compile_modes: tuple[str, ...] = _DEFAULT_
             # The prefix torch.compile-d (Inductor, symbolic batch) inside the captured graphs.
             cp = f"{name}-compiled"
             table[cp] = (lambda e=engine, p=precision, n=cp: EngineProvider(n, e, p, {"compile_prefix": True}))
+    return table
+
+
+def build_providers(names: list[str], compile_modes: tuple[str, ...] = _DEFAULT_COMPILE_MODES) -> list:
+    """Providers by name (see :data:`PROVIDER_NAMES`)."""
+    table = _provider_table(compile_modes)
     unknown = [n for n in names if n not in table]
     if unknown:
         raise ValueError(f"unknown provider(s) {unknown}; choose from {sorted(table)}")
     return [table[n]() for n in names]
 
 
-PROVIDER_NAMES = ("eager", "eager-bf16", "compile", "compile-bf16", "fsmooth-eager",
-                  "graph-fp32", "graph-tf32", "graph-bf16", "chunked-fp32", "chunked-tf32", "chunked-bf16",
-                  "graph-fp32-nocompact", "graph-tf32-nocompact", "graph-bf16-nocompact",
-                  "chunked-fp32-nocompact", "chunked-tf32-nocompact", "chunked-bf16-nocompact",
-                  "graph-fp32-compiled", "graph-tf32-compiled", "graph-bf16-compiled",
-                  "chunked-fp32-compiled", "chunked-tf32-compiled", "chunked-bf16-compiled")
+PROVIDER_NAMES = tuple(_provider_table(()))
 
 
 # Error of the checked state against fp32 eager, relative to the eager update (see check_schedule).
