@@ -141,14 +141,14 @@ def tables(res: dict) -> str:
                    f"`{a['report']}` |")
     if not res["adaptive"]:
         out.append("| - | - | - | - | not run yet | - |")
-    out += ["", "### Defense cost (clean passes, one CPU core)", "",
-            "| model | K | defense iterations mean / max | s per image | report |", "|---|---|---|---|---|"]
+    out += ["", "### Defense cost (clean passes; CPU rows: one core per process)", "",
+            "| model | K | defense iterations mean / max | s per image | device | report |", "|---|---|---|---|---|---|"]
     for c in res["summary"]["clean"]:
         if c["target"] == "undefended":
             continue
         it = c["defense_iterations"]
         out.append(f"| `{c['model']}` | {c['outer_loops']} | {it['mean']:.0f} / {it['max']:.0f} | "
-                   f"{c['wall_per_image_s']:.3g} | `{c['report']}` |")
+                   f"{c['wall_per_image_s']:.3g} | {c['device']} | `{c['report']}` |")
     out += ["", "### Reports behind the numbers", "", "| report | log | n | command |", "|---|---|---|---|"]
     for path, r in res["reports"].items():
         out.append(f"| `{path}/report.md` | `{r['log']}` | {r['n']} | `{r['command']}` |")

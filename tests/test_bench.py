@@ -310,3 +310,16 @@ def test_profile_breakdown_rows_add_up(bench_modules):
     assert rows[0]["device_ms"] == 10.0 and rows[0]["calls"] == 17
     assert [round(r["share"], 3) for r in rows[1:4]] == [0.6, 0.3, 0.1]
     assert rows[4]["kernel"] == "sm90_xmma_fprop_implicit_gemm"
+
+
+def test_copy_sources_lists_the_copies_of_one_iteration(monkeypatch, tmp_path):
+    """CPU smoke run of bench/copy_sources.py: the input cast to bf16 is a copy it must see; the JSON is written."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    monkeypatch.setenv("OUT", str(tmp_path))
+    import copy_sources
+
+    assert copy_sources.main(["--arch", "wrn-10-1", "--batch", "2", "--backend", "reference"]) == 0
+    out = json.loads((tmp_path / "copy_sources.json").read_text())
+    assert out["device"] == "cpu" and out["batch"] == 2
+    casts = [c for c in out["copies"] if c["op"] == "aten::_to_copy" and c["shapes"].startswith("[[2, 3, 32, 32]")]
+    assert casts and all(c["calls"] >= 1 and c["device_us"] == 0.0 for c in casts)

@@ -220,3 +220,22 @@ def test_compiled_prefix_inside_the_graphs_matches_eager(engine):
         assert result.engine == engine
         _assert_close_to_eager(result, ref, config, tol=1e-3)
     torch._dynamo.reset()
+
+
+def test_half_prefix_iteration_copies_no_feature_tensor(monkeypatch):
+    """The bf16 channels_last prefix keeps its layout through the backward: no convolution's backward copies a
+    feature-sized gradient to another layout (eval BatchNorm's CUDA backward returns NCHW; the prefix copy
+    runs it as an affine map, ``EvalBatchNorm``)."""
+    from pathlib import Path
+    from fsmooth.defense.prefix_state import PrefixState
+    from fsmooth.models import WideResNet
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "bench"))
+    from copy_sources import profile_copies
+
+    model = WideResNet(16, 2).cuda().eval()
+    t = varied_inputs(5, size=(16, 16)).cuda()
+    copies = profile_copies(PrefixState(model, "block1", dtype=torch.bfloat16), t, backend="triton")
+    layout_copies = [c for c in copies if c["op"] == "aten::copy_" and c["shapes"].startswith("[[5, ")
+                     and "convolution_backward" in c["parents"]]
+    assert not layout_copies, layout_copies

@@ -17,7 +17,7 @@ from torch import nn
 from ..models.prefix import prefix as build_prefix
 from ..models.prefix import resolve_layer
 
-__all__ = ["PrefixState", "indexed_device", "model_device"]
+__all__ = ["EvalBatchNorm", "PrefixState", "indexed_device", "model_device"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -49,14 +49,62 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
+class EvalBatchNorm(nn.Module):
+    """An eval-mode BatchNorm as the per-channel affine map it is: ``x * scale + shift``.
+
+    The half-precision copy of the prefix runs its BatchNorms (those with running statistics) this way: the
+    same function, but the input gradient is one elementwise product in the gradient's own layout. On CUDA,
+    eval BatchNorm's backward (ATen's ``batch_norm_elementwise_backward_eval``) allocates its gradient as
+    ``empty(input.sizes())``, NCHW whatever the input's layout, so the convolution before it copies that
+    gradient back to channels_last in its own backward. On an H200 one iteration of the WRN-28-10 prefix to
+    block1 (bf16, batch 512) did four such copies, 1.78 ms of device time; its eight BatchNorm backwards took
+    3.3 ms more (measured with the reference loss) (``bench/copy_sources.py``; ``bench/results/gpu-copy-sources-20261126-0545/``).
+    ``scale`` and ``shift`` are buffers refreshed in place from the model's BatchNorm (:meth:`refresh`), so
+    captured graphs stay valid. In bf16 they are rounded once more than BatchNorm's fp32 internals: input
+    gradients of a WRN-10-1 prefix differ from fp64 by 4-7% either way (``tests/test_prefix_state.py``).
+    """
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype):
+        super().__init__()
+        kw = dict(dtype=dtype, device=bn.running_mean.device)
+        self.register_buffer("scale", torch.empty(bn.num_features, **kw))
+        self.register_buffer("shift", torch.empty(bn.num_features, **kw))
+        self.refresh(bn)
+
+    @torch.no_grad()
+    def refresh(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        """Recompute ``scale``/``shift`` from ``bn``'s weights and running statistics (in fp32 at least)."""
+        acc = torch.promote_types(bn.running_var.dtype, torch.float32)
+        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight.to(acc)
+        shift = -bn.running_mean.to(acc) * scale
+        if bn.bias is not None:
+            shift = shift + bn.bias.to(acc)
+        self.scale.copy_(scale)
+        self.shift.copy_(shift)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = (1, -1) + (1,) * (x.dim() - 2)
+        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
+
+
+def _eval_batchnorms(module: nn.Module) -> list[str]:
+    """Names of the BatchNorms that eval mode turns into an affine map (those with running statistics)."""
+    return [name for name, m in module.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            and m.running_var is not None]
+
+
 class PrefixState:
     """``model``'s prefix up to ``layer``, run in ``dtype``.
 
     ``dtype=None`` runs the prefix in the model's own parameter dtype with
     shared weights. Another dtype (bf16 for speed) uses a private copy of the
-    prefix in that dtype, in channels_last layout, whose weights are refreshed
-    from the model at the start of every call (cheap next to hundreds of
-    iterations, and never stale after training). The loop state ``t`` and the
+    prefix in that dtype, in channels_last layout, its eval BatchNorms run as
+    affine maps (:class:`EvalBatchNorm`), whose weights are refreshed from the
+    model at the start of every call (cheap next to hundreds of iterations, and
+    never stale after training). The loop state ``t`` and the
     loss stay fp32 (fp64 when the prefix is fp64).
 
     ``compile_prefix``: run the prefix (forward, and its backward through
@@ -101,6 +149,10 @@ class PrefixState:
                 shadow = copy.deepcopy(self.module).to(dtype=self.dtype)
                 if self.channels_last:
                     shadow = shadow.to(memory_format=torch.channels_last)
+                for name in _eval_batchnorms(shadow):
+                    parent, _, child = name.rpartition(".")
+                    setattr(shadow.get_submodule(parent), child,
+                            EvalBatchNorm(self.module.get_submodule(name), self.dtype))
             for p in shadow.parameters():
                 p.requires_grad_(False)
             self._shadow = shadow
@@ -110,8 +162,12 @@ class PrefixState:
         with torch.no_grad():
             src = dict(self.module.named_parameters())
             src.update(self.module.named_buffers())
+            affine = {name: m for name, m in shadow.named_modules() if isinstance(m, EvalBatchNorm)}
             for name, dst in list(shadow.named_parameters()) + list(shadow.named_buffers()):
-                dst.copy_(src[name])
+                if name.rpartition(".")[0] not in affine:
+                    dst.copy_(src[name])
+            for name, m in affine.items():
+                m.refresh(self.module.get_submodule(name))
 
     @contextlib.contextmanager
     def session(self):
