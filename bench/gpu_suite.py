@@ -85,20 +85,24 @@ EXTENSION = Step("extension", "extension", "import fsmooth._C built against the 
 TESTS = Step("tests", "tests", f"pytest -m cuda on {' '.join(GPU_TEST_FILES)}, {TEST_TIMEOUT_S} s per test "
              "(thread method)", cap_s=180, min_s=60)
 
+# The headline engines: the captured eager prefix, and the prefix torch.compile-d inside the graphs (1.20x
+# torch.compile at batch 512 on the H200, 2026-11-26, where the first alone ran 0.75x).
+GRAPH_BF16 = ("graph-bf16", "graph-bf16-compiled")
 _EXIT = ("--exit-batches", "512", "--exit-iters", "300", "--repeats", "3", "--warmup", "0")
 # Benchmark steps. Within each, rows run in the order given: batch 512 first, eager first at each batch
 # (the baseline of "x eager"), masking before compaction (the saving is computed on the compaction row).
 THROUGHPUT = Step(
     "throughput", "bench", "useful image-iterations/s, 50 fixed iterations, batches 512 64 1: eager fp32, "
-    "graph-bf16, chunked-bf16, graph-fp32, torch.compile (default mode, bf16)",
+    "graph-bf16, graph-bf16-compiled, chunked-bf16, graph-fp32, torch.compile (default mode, bf16)",
     ("--sections", "throughput", "--batches", "512", "64", "1", "--iters", "50",
-     "--providers", "eager", "graph-bf16", "chunked-bf16", "graph-fp32", "compile-bf16",
-     "--compile-modes", "default", "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))
+     "--providers", "eager", *GRAPH_BF16, "chunked-bf16", "graph-fp32", "compile-bf16",
+     "--compile-modes", "default", "--compile-allowance", "default=40",
+     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))
 LATENCY = Step(
     "latency", "bench", "ms per call at batch 1 and 8, 300 fixed iterations",
     ("--sections", "latency", "--latency-batches", "1", "8", "--latency-iters", "300",
-     "--providers", "eager", "graph-bf16", "chunked-bf16", "graph-fp32", "chunked-fp32", "fsmooth-eager",
-     "--repeats", "5", "--warmup", "1"), cap_s=200)
+     "--providers", "eager", *GRAPH_BF16, "chunked-bf16", "graph-fp32", "chunked-fp32", "fsmooth-eager",
+     "--compile-allowance", "default=40", "--repeats", "5", "--warmup", "1"), cap_s=200)
 LOSS_KERNEL = Step(
     "loss-kernel", "bench", "fused Triton L_F + gradient vs the eager reference, fp32 and bf16",
     ("--sections", "loss-kernel"), min_s=45)
@@ -475,25 +479,27 @@ def _find(rows, section, provider, batch=None, status="ok"):
 def headlines(rows: list[dict]) -> list[str]:
     """issue 6's targets, from this call's rows (goals of the benchmark, not assertions)."""
     out = []
-    graph = _find(rows, "throughput", "graph-bf16", 512)
     eager = _find(rows, "throughput", "eager", 512)
-    if graph:
-        line = (f"throughput, batch 512, 50 iterations: graph-bf16 ({graph.get('engine_used')}) "
-                f"{graph['useful_iters_per_s']:.4g} img-it/s")
-        if graph.get("roofline_fraction") is not None:
-            line += f", {graph['roofline_fraction']:.1%} of the measured bf16 rate (target >= 50 %)"
-        if eager:
-            line += (f"; {graph['useful_iters_per_s'] / eager['useful_iters_per_s']:.2f}x eager fp32 "
-                     f"({eager['useful_iters_per_s']:.4g} img-it/s; target >= 4x)")
-        out.append(line)
     compiled = _find(rows, "throughput", "compile-bf16", 512)
-    if graph and compiled:
-        out.append(f"graph-bf16 vs torch.compile bf16 ({compiled.get('compile_mode')}) at batch 512: "
-                   f"{graph['useful_iters_per_s'] / compiled['useful_iters_per_s']:.2f}x (target >= 1.3x)")
-    fast, slow = _find(rows, "latency", "graph-bf16", 1), _find(rows, "latency", "eager", 1)
-    if fast and slow:
-        out.append(f"latency, batch 1, {fast['iters']} iterations: graph-bf16 {fast['median_ms']:.4g} ms vs eager "
-                   f"{slow['median_ms']:.4g} ms: {slow['median_ms'] / fast['median_ms']:.1f}x lower (target >= 10x)")
+    slow = _find(rows, "latency", "eager", 1)
+    for name in GRAPH_BF16:  # the captured engine, then with its prefix compiled inside the graphs
+        graph = _find(rows, "throughput", name, 512)
+        if graph:
+            line = (f"throughput, batch 512, 50 iterations: {name} ({graph.get('engine_used')}) "
+                    f"{graph['useful_iters_per_s']:.4g} img-it/s")
+            if graph.get("roofline_fraction") is not None:
+                line += f", {graph['roofline_fraction']:.1%} of the measured bf16 rate (target >= 50 %)"
+            if eager:
+                line += (f"; {graph['useful_iters_per_s'] / eager['useful_iters_per_s']:.2f}x eager fp32 "
+                         f"({eager['useful_iters_per_s']:.4g} img-it/s; target >= 4x)")
+            out.append(line)
+            if compiled:
+                out.append(f"{name} vs torch.compile bf16 ({compiled.get('compile_mode')}) at batch 512: "
+                           f"{graph['useful_iters_per_s'] / compiled['useful_iters_per_s']:.2f}x (target >= 1.3x)")
+        fast = _find(rows, "latency", name, 1)
+        if fast and slow:
+            out.append(f"latency, batch 1, {fast['iters']} iterations: {name} {fast['median_ms']:.4g} ms vs eager "
+                       f"{slow['median_ms']:.4g} ms: {slow['median_ms'] / fast['median_ms']:.1f}x lower (target >= 10x)")
     compact, masked = _find(rows, "early-exit", "graph-bf16", 512), _find(rows, "early-exit", "graph-bf16-nocompact", 512)
     if compact and masked:
         out.append(f"early exit at batch 512: compaction saves {1 - compact['median_ms'] / masked['median_ms']:.1%} "

@@ -76,7 +76,18 @@ def select_backend(features: torch.Tensor, backend: str = "auto") -> str:
         return "triton"
     if backend == "triton":
         raise RuntimeError(f"backend='triton' is unavailable: {reason}")
+    if features.device.type == "cuda" and features.dtype in _TRITON_DTYPES:
+        _warn_cuda_fallback(reason)
     return "reference"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_cuda_fallback(reason: str) -> None:
+    """Once per reason: a CUDA tensor the kernel supports runs the slower reference (a setup problem, e.g.
+    fsmooth used from a source tree without the install that maps ``kernels/`` to ``fsmooth.kernels``)."""
+    import warnings
+    warnings.warn(f"backend='auto' runs the feature loss's PyTorch reference on CUDA, not the Triton kernel: "
+                  f"{reason}", RuntimeWarning, stacklevel=3)
 
 
 def _check_features(features) -> None:

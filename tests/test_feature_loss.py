@@ -145,6 +145,28 @@ def test_triton_backend_unavailable_raises_with_reason(monkeypatch):
         select_backend(torch.randn(2, 3), "triton")
 
 
+def test_auto_backend_warns_once_when_a_cuda_tensor_falls_back(monkeypatch):
+    """CUDA features the kernel supports fall back to the reference only when the kernels cannot be imported:
+    that is a setup problem, said once per reason (a stand-in tensor: the dispatch reads device and dtype)."""
+    import types
+    import warnings
+
+    from fsmooth import functional
+
+    reason = "ModuleNotFoundError: No module named 'fsmooth.kernels' (test)"
+    monkeypatch.setattr(functional, "_triton_kernels", lambda: (None, reason))
+    functional._warn_cuda_fallback.cache_clear()
+    cuda_bf16 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    cuda_fp64 = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="No module named 'fsmooth.kernels'"):
+        assert select_backend(cuda_bf16) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select_backend(cuda_bf16) == "reference"  # once per reason
+        assert select_backend(cuda_fp64) == "reference"  # fp64: the kernel's dtype limit, not a problem
+    functional._warn_cuda_fallback.cache_clear()
+
+
 def test_reductions_and_top_level_name():
     torch.manual_seed(7)
     x = torch.randn(3, 4, 5, dtype=torch.float64)

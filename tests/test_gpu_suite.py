@@ -267,8 +267,14 @@ def test_headlines_from_rows(suite):
         {"section": "early-exit", "provider": "graph-bf16-nocompact", "batch": 512, "status": "ok", "median_ms": 10.0},
         {"section": "early-exit", "provider": "graph-bf16", "batch": 512, "status": "ok", "median_ms": 7.0},
         {"section": "throughput", "provider": "graph-fp32", "batch": 64, "status": "error", "reason": "boom"},
+        {"section": "throughput", "provider": "graph-bf16-compiled", "batch": 512, "status": "ok",
+         "engine_used": "graph", "useful_iters_per_s": 800.0, "roofline_fraction": 0.64},
+        {"section": "latency", "provider": "graph-bf16-compiled", "batch": 1, "iters": 300, "status": "ok",
+         "median_ms": 45.0},
     ]
     text = "\n".join(suite.headlines(rows))
+    assert "graph-bf16-compiled vs torch.compile bf16 (default) at batch 512: 3.20x" in text
+    assert "graph-bf16-compiled 45 ms vs eager 900 ms: 20.0x lower" in text and "8.00x eager fp32" in text
     assert "5.00x eager fp32" in text and "40.0% of the measured bf16 rate" in text and "(graph)" in text
     assert "2.00x (target >= 1.3x)" in text
     assert "15.0x lower" in text
