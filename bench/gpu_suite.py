@@ -7,7 +7,8 @@ extension build included), most important first::
     bash bench/gpu_suite.sh first    # install, fsmooth._C check, GPU tests, headline throughput table
     bash bench/gpu_suite.sh second   # latency (batch 1 and 8, 300 iterations), loss kernel, compile max-autotune
     bash bench/gpu_suite.sh third    # early exit (compaction vs masking) at 512, the 10,000-input workload
-    bash bench/gpu_suite.sh fourth   # after a first run: GPU tests again, kernel profile, what was skipped
+    bash bench/gpu_suite.sh fourth   # after a first run: GPU tests again, BatchNorm A/B, kernel profile,
+                                     # compiled prefix, what was skipped
 
 ``first`` is the one command that checks the whole GPU side of fsmooth and shows the headline numbers.
 Also: ``setup`` (install, and rebuild ``fsmooth._C`` when ``csrc/`` changed or it was built for another
@@ -136,6 +137,12 @@ COMPILED_PREFIX = Step(
      "--providers", "graph-bf16", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "default",
      "--compile-allowance", "default=40",  # compile-bf16 compiled in 8.6 s on the H200 (2026-11-26)
      "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=240)
+BATCHNORM = Step(
+    "batchnorm", "bench", "graph-bf16 and chunked-bf16 at batch 512 with the bf16 copy's eval BatchNorms as "
+    "affine maps (EvalBatchNorm, the default since 2026-11-26) vs kept as BatchNorms (-bn)",
+    ("--sections", "throughput", "--batches", "512", "--iters", "50",
+     "--providers", "graph-bf16-bn", "graph-bf16", "chunked-bf16-bn", "chunked-bf16",
+     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=120)
 QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
 
 CALLS: dict[str, tuple[Step, ...]] = {
@@ -143,7 +150,7 @@ CALLS: dict[str, tuple[Step, ...]] = {
     "second": (SETUP, EXTENSION, LATENCY, LOSS_KERNEL, COMPILE_512),
     "third": (SETUP, EXTENSION, EARLY_EXIT, WORKLOAD, EARLY_EXIT_FP32),
     # After a first run: the GPU tests again (fixes since), the profile, and what the three calls skipped.
-    "fourth": (SETUP, EXTENSION, TESTS, PROFILE, COMPILED_PREFIX, EARLY_EXIT_FP32, COMPILE_512),
+    "fourth": (SETUP, EXTENSION, TESTS, BATCHNORM, PROFILE, COMPILED_PREFIX, EARLY_EXIT_FP32, COMPILE_512),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
     "quick": (SETUP, EXTENSION, QUICK),
@@ -500,6 +507,12 @@ def headlines(rows: list[dict]) -> list[str]:
         if fast and slow:
             out.append(f"latency, batch 1, {fast['iters']} iterations: {name} {fast['median_ms']:.4g} ms vs eager "
                        f"{slow['median_ms']:.4g} ms: {slow['median_ms'] / fast['median_ms']:.1f}x lower (target >= 10x)")
+    for name in ("graph-bf16", "chunked-bf16"):
+        affine, kept = _find(rows, "throughput", name, 512), _find(rows, "throughput", f"{name}-bn", 512)
+        if affine and kept:
+            out.append(f"{name} at batch 512, BatchNorms as affine maps vs kept: "
+                       f"{affine['useful_iters_per_s']:.4g} vs {kept['useful_iters_per_s']:.4g} img-it/s "
+                       f"({affine['useful_iters_per_s'] / kept['useful_iters_per_s']:.2f}x)")
     compact, masked = _find(rows, "early-exit", "graph-bf16", 512), _find(rows, "early-exit", "graph-bf16-nocompact", 512)
     if compact and masked:
         out.append(f"early exit at batch 512: compaction saves {1 - compact['median_ms'] / masked['median_ms']:.1%} "

@@ -5,7 +5,7 @@
 #                                    # headline throughput table (batches 512 64 1)
 #   bash bench/gpu_suite.sh second   # latency (batch 1 and 8, 300 iterations), loss kernel, compile max-autotune
 #   bash bench/gpu_suite.sh third    # early exit (compaction vs masking) at 512, the 10,000-input workload
-#   bash bench/gpu_suite.sh fourth   # after a first run: the GPU tests again, the kernel profile (graph-bf16,
+#   bash bench/gpu_suite.sh fourth   # after a first run: the GPU tests again, BatchNorm A/B, the kernel profile (graph-bf16,
 #                                    # eager-bf16, torch.compile at 512), the compiled prefix inside the graphs,
 #                                    # fp32 early exit, compile max-autotune
 #   bash bench/gpu_suite.sh setup    # install; rebuild fsmooth._C if csrc/ changed or it was built for another torch

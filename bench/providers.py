@@ -196,11 +196,13 @@ class LoopProvider:
 class EngineProvider:
     """An :class:`fsmooth.ActiveDefense` engine with the given precision and options."""
 
-    def __init__(self, name: str, engine: str, precision: str, options: dict | None = None):
+    def __init__(self, name: str, engine: str, precision: str, options: dict | None = None,
+                 prefix_attrs: dict | None = None):
         self.name = name
         self.engine = engine
         self.precision = precision
         self.options = dict(options or {})
+        self.prefix_attrs = dict(prefix_attrs or {})  # set on the defense's PrefixState before its first call
         self.options_used = dict(self.options)
         self._defense = None
         self._engine_used = None
@@ -239,6 +241,10 @@ class EngineProvider:
         with benchlib.float32_matmul(self.matmul_mode()):
             self._defense = ActiveDefense(model, layer, self._config(schedule), engine=self.engine,
                                           dtype=self.dtype, **options)
+        for attr, value in self.prefix_attrs.items():
+            if not hasattr(self._defense.prefix, attr):
+                raise RuntimeError(f"{self.name}: this fsmooth's PrefixState has no {attr!r}")
+            setattr(self._defense.prefix, attr, value)
 
     @staticmethod
     def _config(schedule: Schedule):
@@ -264,7 +270,8 @@ class EngineProvider:
         return RunOutput(result.inputs, result.iterations, getattr(result, "occupancy", None))
 
     def describe(self) -> dict:
-        return {"engine": self.engine, "engine_used": self._engine_used, "options": self.options_used}
+        return {"engine": self.engine, "engine_used": self._engine_used, "options": self.options_used,
+                **({"prefix_attrs": self.prefix_attrs} if self.prefix_attrs else {})}
 
     def close(self) -> None:
         self._defense = None
@@ -295,6 +302,9 @@ def _provider_table(compile_modes: tuple[str, ...]) -> dict:
             # The prefix torch.compile-d (Inductor, symbolic batch) inside the captured graphs.
             cp = f"{name}-compiled"
             table[cp] = (lambda e=engine, p=precision, n=cp: EngineProvider(n, e, p, {"compile_prefix": True}))
+        # bf16 with the copy's eval BatchNorms kept as BatchNorms (before EvalBatchNorm): the A/B baseline.
+        bn = f"{engine}-bf16-bn"
+        table[bn] = (lambda e=engine, n=bn: EngineProvider(n, e, "bf16", prefix_attrs={"affine_batchnorms": False}))
     return table
 
 

@@ -323,3 +323,25 @@ def test_copy_sources_lists_the_copies_of_one_iteration(monkeypatch, tmp_path):
     assert out["device"] == "cpu" and out["batch"] == 2
     casts = [c for c in out["copies"] if c["op"] == "aten::_to_copy" and c["shapes"].startswith("[[2, 3, 32, 32]")]
     assert casts and all(c["calls"] >= 1 and c["device_us"] == 0.0 for c in casts)
+
+
+def test_bn_providers_keep_the_batchnorms_of_the_bf16_copy(planner_module):
+    """``*-bf16-bn`` is the A/B baseline of EvalBatchNorm: its defense's prefix copy keeps BatchNorms."""
+    from torch import nn
+
+    from fsmooth.defense.prefix_state import EvalBatchNorm
+    from fsmooth.models import WideResNet
+
+    _, providers = planner_module
+    (graph_bn,) = providers.build_providers(["graph-bf16-bn"])
+    assert graph_bn.engine == "graph" and graph_bn.precision == "bf16"
+    # The same switch on the engine that runs here (the graph engines need CUDA).
+    provider = providers.EngineProvider("eager-bf16-bn", "eager", "bf16", prefix_attrs=graph_bn.prefix_attrs)
+    schedule = providers.Schedule(2.0, 0.01, 3)
+    t0 = torch.rand(2, 3, 8, 8)
+    for p, kept in ((provider, True), (providers.EngineProvider("eager-bf16", "eager", "bf16"), False)):
+        p.prepare(WideResNet(10, 1).eval(), "block1", schedule, t0)
+        p.run(t0, schedule)
+        kinds = [type(m) for m in p._defense.prefix._shadow.modules()]
+        assert (nn.BatchNorm2d in kinds) is kept and (EvalBatchNorm in kinds) is not kept
+        assert p.describe().get("prefix_attrs") == ({"affine_batchnorms": False} if kept else None)

@@ -72,8 +72,11 @@ def test_second_and_third_calls_cover_the_rest(suite):
 
 def test_fourth_call_reruns_the_tests_then_profiles(suite):
     steps = [s.name for s in suite.CALLS["fourth"]]
-    assert steps[:4] == ["setup", "extension", "tests", "profile"]
-    args = suite.CALLS["fourth"][3].bench_args
+    assert steps[:5] == ["setup", "extension", "tests", "batchnorm", "profile"]
+    ab = suite.CALLS["fourth"][3].bench_args
+    # Baseline first at each engine: each A/B pair is measured back to back.
+    assert _values(ab, "--providers") == ["graph-bf16-bn", "graph-bf16", "chunked-bf16-bn", "chunked-bf16"]
+    args = suite.CALLS["fourth"][4].bench_args
     assert _values(args, "--sections") == ["profile"] and _values(args, "--profile-batch") == ["512"]
     assert _values(args, "--profile-providers")[:2] == ["chunked-bf16", "graph-bf16"]
     compiled = _bench_steps(suite, "fourth")["compiled-prefix"].bench_args
@@ -271,9 +274,12 @@ def test_headlines_from_rows(suite):
          "engine_used": "graph", "useful_iters_per_s": 800.0, "roofline_fraction": 0.64},
         {"section": "latency", "provider": "graph-bf16-compiled", "batch": 1, "iters": 300, "status": "ok",
          "median_ms": 45.0},
+        {"section": "throughput", "provider": "graph-bf16-bn", "batch": 512, "status": "ok",
+         "useful_iters_per_s": 400.0},
     ]
     text = "\n".join(suite.headlines(rows))
     assert "graph-bf16-compiled vs torch.compile bf16 (default) at batch 512: 3.20x" in text
+    assert "graph-bf16 at batch 512, BatchNorms as affine maps vs kept: 500 vs 400 img-it/s (1.25x)" in text
     assert "graph-bf16-compiled 45 ms vs eager 900 ms: 20.0x lower" in text and "8.00x eager fp32" in text
     assert "5.00x eager fp32" in text and "40.0% of the measured bf16 rate" in text and "(graph)" in text
     assert "2.00x (target >= 1.3x)" in text

@@ -125,3 +125,13 @@ def test_full_precision_prefix_keeps_the_models_own_modules():
     with state.session() as module:
         assert any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
         assert not any(isinstance(m, EvalBatchNorm) for m in module.modules())
+
+
+def test_affine_batchnorms_can_be_turned_off_before_the_first_call():
+    """The A/B switch of the benchmark (providers ``*-bf16-bn``): the copy keeps its BatchNorms."""
+    model = tiny_wrn()
+    state = PrefixState(model, "block1", dtype=torch.bfloat16)
+    state.affine_batchnorms = False
+    with state.session() as module:
+        assert any(isinstance(m, nn.BatchNorm2d) for m in module.modules())
+        assert not any(isinstance(m, EvalBatchNorm) for m in module.modules())

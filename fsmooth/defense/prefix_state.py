@@ -135,6 +135,9 @@ class PrefixState:
                 raise ValueError(f"compile_prefix must be True or a torch.compile backend ({', '.join(sorted(known))}; "
                                  f"not 'cudagraphs': the engines capture graphs themselves), got {compile_prefix!r}")
         self.compile_prefix = compile_prefix
+        # The half-precision copy runs eval BatchNorms as EvalBatchNorm; False keeps them as BatchNorms (the
+        # behaviour before 2026-11-26, for A/B benchmarks: set it before the first call builds the copy).
+        self.affine_batchnorms = True
         self._compiled: tuple[nn.Module, object] | None = None  # (module, its compiled callable)
 
     @property
@@ -149,7 +152,7 @@ class PrefixState:
                 shadow = copy.deepcopy(self.module).to(dtype=self.dtype)
                 if self.channels_last:
                     shadow = shadow.to(memory_format=torch.channels_last)
-                for name in _eval_batchnorms(shadow):
+                for name in _eval_batchnorms(shadow) if self.affine_batchnorms else ():
                     parent, _, child = name.rpartition(".")
                     setattr(shadow.get_submodule(parent), child,
                             EvalBatchNorm(self.module.get_submodule(name), self.dtype))
