@@ -138,11 +138,12 @@ COMPILED_PREFIX = Step(
      "--compile-allowance", "default=40",  # compile-bf16 compiled in 8.6 s on the H200 (2026-11-26)
      "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=240)
 BATCHNORM = Step(
-    "batchnorm", "bench", "graph-bf16 and chunked-bf16 at batch 512 with the bf16 copy's eval BatchNorms as "
-    "affine maps (EvalBatchNorm, the default since 2026-11-26) vs kept as BatchNorms (-bn)",
+    "batchnorm", "bench", "graph-bf16 (uncompiled and compiled prefix) and chunked-bf16 at batch 512 with the "
+    "bf16 copy's BatchNorms run as affine maps (the default since 2026-11-26) vs kept as BatchNorms (-bn)",
     ("--sections", "throughput", "--batches", "512", "--iters", "50",
-     "--providers", "graph-bf16-bn", "graph-bf16", "chunked-bf16-bn", "chunked-bf16",
-     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=120)
+     "--providers", "graph-bf16-bn", "graph-bf16", "graph-bf16-compiled-bn", "graph-bf16-compiled",
+     "chunked-bf16-bn", "chunked-bf16", "--compile-modes", "default", "--compile-allowance", "default=40",
+     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=180)
 QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
 
 CALLS: dict[str, tuple[Step, ...]] = {
@@ -507,7 +508,7 @@ def headlines(rows: list[dict]) -> list[str]:
         if fast and slow:
             out.append(f"latency, batch 1, {fast['iters']} iterations: {name} {fast['median_ms']:.4g} ms vs eager "
                        f"{slow['median_ms']:.4g} ms: {slow['median_ms'] / fast['median_ms']:.1f}x lower (target >= 10x)")
-    for name in ("graph-bf16", "chunked-bf16"):
+    for name in ("graph-bf16", "graph-bf16-compiled", "chunked-bf16"):
         affine, kept = _find(rows, "throughput", name, 512), _find(rows, "throughput", f"{name}-bn", 512)
         if affine and kept:
             out.append(f"{name} at batch 512, BatchNorms as affine maps vs kept: "

@@ -72,8 +72,8 @@ DEFAULT_PROVIDERS = ("eager", "eager-bf16", "fsmooth-eager", "graph-fp32", "grap
 EXIT_PROVIDERS = ("eager", "fsmooth-eager", "graph-bf16-nocompact", "graph-bf16", "chunked-bf16-nocompact",
                   "chunked-bf16", "graph-fp32-nocompact", "graph-fp32", "chunked-fp32-nocompact", "chunked-fp32")
 QUICK_PROVIDERS = ("eager", "eager-bf16", "fsmooth-eager", "graph-bf16", "chunked-bf16", "compile")
-# The kernels of the captured bf16 loop (chunked first: the profiler records its graph replays in full, a
-# WHILE loop's first trip only), of the same ops run eagerly, and of the compiled loop.
+# The kernels of the captured bf16 loop (chunked first: the profiler records its graph replays in full; a
+# WHILE loop's trips may be missed), of the same ops run eagerly, and of the compiled loop.
 PROFILE_PROVIDERS = ("chunked-bf16", "graph-bf16", "eager-bf16", "compile-bf16")
 
 

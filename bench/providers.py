@@ -302,9 +302,12 @@ def _provider_table(compile_modes: tuple[str, ...]) -> dict:
             # The prefix torch.compile-d (Inductor, symbolic batch) inside the captured graphs.
             cp = f"{name}-compiled"
             table[cp] = (lambda e=engine, p=precision, n=cp: EngineProvider(n, e, p, {"compile_prefix": True}))
-        # bf16 with the copy's eval BatchNorms kept as BatchNorms (before EvalBatchNorm): the A/B baseline.
-        bn = f"{engine}-bf16-bn"
-        table[bn] = (lambda e=engine, n=bn: EngineProvider(n, e, "bf16", prefix_attrs={"affine_batchnorms": False}))
+        # bf16 with the copy's BatchNorms kept as BatchNorms, not run as affine maps (the code before
+        # 2026-11-26): the A/B baseline, uncompiled and compiled.
+        for suffix, options in (("bf16-bn", {}), ("bf16-compiled-bn", {"compile_prefix": True})):
+            bn = f"{engine}-{suffix}"
+            table[bn] = (lambda e=engine, n=bn, o=options: EngineProvider(n, e, "bf16", o,
+                                                                        {"affine_batchnorms": False}))
     return table
 
 

@@ -3,9 +3,10 @@ and per kernel, for a few providers at one batch (``torch.profiler``).
 
 Answers "which kernels dominate" where a target is missed (graph-bf16 against torch.compile and the bf16
 matrix rate): each provider runs its warm-up call, then one profiled call of ``--profile-iters`` fixed
-iterations (nobody exits). On CUDA the rows are kernel times (CUPTI also reports the kernels replayed inside
-a plain CUDA graph, but only the first trip of a WHILE loop: ``graph-*`` rows come out ``partial``, and
-``chunked-*`` shows the same kernels in full; a provider whose kernels are not seen gets ``status``
+iterations (nobody exits). On CUDA the rows are kernel times (CUPTI reports the kernels replayed inside a CUDA
+graph; a WHILE loop's trips may be missed, pytorch/kineto#1062, though on an H200 with torch 2.11 they were all
+recorded: a row whose kernels cover under ``PARTIAL_SHARE`` of its wall time is marked ``partial``, and
+``chunked-*`` shows the same kernels as ``graph-*``; a provider whose kernels are not seen gets ``status``
 ``no_kernels`` rather than a table of zeros); on CPU, the self times of the operators (a smoke test of the section, not a profile of anything).
 """
 from __future__ import annotations
@@ -32,9 +33,9 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     ("elementwise", r"elementwise|vectorized|unrolled|pointwise|relu|add|mul|div|where|clamp|sign|abs|sub"),
 )
 TOP_KERNELS = 12
-# Below this share of the profiled call's wall time, the kernels seen are marked ``partial``: the profiler
-# records only the first trip of a CUDA graph WHILE loop (pytorch/kineto#1062), so the graph engine's
-# profile shows a fraction of its kernels; the chunked engine's plain graph replays are recorded in full.
+# Below this share of the profiled call's wall time, the kernels seen are marked ``partial``: the profiler may
+# record only the first trip of a CUDA graph WHILE loop (pytorch/kineto#1062), which would leave the graph
+# engine's profile a fraction of its kernels (on an H200 with torch 2.11 it recorded them all: 2026-11-26).
 PARTIAL_SHARE = 0.3
 TABLE_COLUMNS = (("provider", "provider", ""), ("dtype", "prec", ""), ("batch", "batch", ""),
                  ("iters", "iters", ""), ("status", "status", ""), ("category", "what", ""), ("device_ms", "device ms", ".4g"),
@@ -155,6 +156,6 @@ def section_profile(model, layer, args, device, record, plan=None) -> list[dict]
         if torch.device(device).type == "cuda" and covered < PARTIAL_SHARE:
             status = "partial"
             reason = (f"the kernels seen add up to {covered:.0%} of the call's wall time: the profiler missed "
-                      "some (a CUDA graph WHILE loop is recorded for its first trip only)")
+                      "some (a CUDA graph WHILE loop's later trips, say)")
         rows += record([{**row, "status": status, "reason": reason} for row in breakdown_rows(base, kernels)])
     return rows

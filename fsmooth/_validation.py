@@ -29,6 +29,25 @@ def check_finite(value: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def as_unit_images(images, name: str = "images") -> torch.Tensor:
+    """``images`` (N, C, H, W) as float32 in [0, 1]: uint8 is divided by 255, a float tensor must already be
+    finite and in [0, 1]; anything else raises ``TypeError``/``ValueError`` naming ``name``."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if images.dim() != 4:
+        raise ValueError(f"{name} must be (N, C, H, W), got shape {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    if not images.is_floating_point():
+        raise TypeError(f"{name} must be uint8 (0-255) or float in [0, 1], got {images.dtype}")
+    images = images.float()
+    check_finite(images, name)
+    if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
+        raise ValueError(f"float {name} must lie in [0, 1], got values in [{float(images.min()):.4g}, "
+                         f"{float(images.max()):.4g}]")
+    return images
+
+
 def check_number(value, name: str, *, min_value: float | None = None, positive: bool = False,
                  integer: bool = False) -> None:
     """Raise ``TypeError``/``ValueError`` naming ``name`` for a non-number or out-of-range value."""

@@ -62,7 +62,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._validation import check_positive_int
+from ._validation import as_unit_images, check_positive_int
 from .checkpoint import load_model, update_meta
 from .data import load_dataset
 from .defense import ActiveDefense, DefenseConfig
@@ -136,13 +136,6 @@ class CalibrationTarget:
         return out
 
 
-def _as_float_images(images: torch.Tensor, name: str = "images") -> torch.Tensor:
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"{name} must be a (N, C, H, W) tensor, got "
-                         f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    return images.float() / 255 if images.dtype == torch.uint8 else images.float()
-
-
 @torch.no_grad()
 def clean_feature_losses(model: nn.Module, images: torch.Tensor, *, layer: str | None = None,
                          batch_size: int = 256, device=None, quiet: bool = True) -> torch.Tensor:
@@ -157,7 +150,7 @@ def clean_feature_losses(model: nn.Module, images: torch.Tensor, *, layer: str |
     out = []
     try:
         for start in tqdm(range(0, images.shape[0], batch_size), disable=quiet, desc="clean L_F"):
-            x = _as_float_images(images[start:start + batch_size].to(device))
+            x = as_unit_images(images[start:start + batch_size].to(device))
             out.append(feature_loss(net(x)).float().cpu())
     finally:
         model.train(was_training)
@@ -200,7 +193,10 @@ def calibrate(model: nn.Module, images: torch.Tensor, *, layer: str | None = Non
 
 def feature_size(model: nn.Module, layer: str | None, sample: torch.Tensor) -> int:
     """``C*H*W`` of ``layer``'s output for one input like ``sample`` (``(C, H, W)`` or a batch)."""
-    x = _as_float_images(sample[:1] if sample.dim() == 4 else sample.unsqueeze(0), "sample")
+    if not isinstance(sample, torch.Tensor) or sample.dim() not in (3, 4):
+        raise ValueError(f"sample must be a (C, H, W) or (N, C, H, W) tensor, got "
+                         f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+    x = as_unit_images(sample[:1] if sample.dim() == 4 else sample.unsqueeze(0), "sample")
     with torch.no_grad():
         features = model_prefix(model, layer)(x.to(next(model.parameters()).device))
     return int(features[0].numel())
@@ -319,7 +315,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     target = CalibrationTarget() if target is None else target
     if not isinstance(target, CalibrationTarget):
         raise TypeError(f"target must be a CalibrationTarget, got {type(target).__name__}")
-    x = _as_float_images(images)
+    x = as_unit_images(images)
     if not isinstance(labels, torch.Tensor) or labels.shape != x.shape[:1]:
         raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},), got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")

@@ -87,7 +87,7 @@ def _warn_cuda_fallback(reason: str) -> None:
     fsmooth used from a source tree without the install that maps ``kernels/`` to ``fsmooth.kernels``)."""
     import warnings
     warnings.warn(f"backend='auto' runs the feature loss's PyTorch reference on CUDA, not the Triton kernel: "
-                  f"{reason}", RuntimeWarning, stacklevel=3)
+                  f"{reason}", RuntimeWarning, stacklevel=4)  # the caller of feature_loss(_and_grad)
 
 
 def _check_features(features) -> None:

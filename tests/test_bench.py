@@ -326,15 +326,14 @@ def test_copy_sources_lists_the_copies_of_one_iteration(monkeypatch, tmp_path):
 
 
 def test_bn_providers_keep_the_batchnorms_of_the_bf16_copy(planner_module):
-    """``*-bf16-bn`` is the A/B baseline of EvalBatchNorm: its defense's prefix copy keeps BatchNorms."""
-    from torch import nn
-
-    from fsmooth.defense.prefix_state import EvalBatchNorm
+    """``*-bn`` is the A/B baseline of the affine BatchNorms: its defense's prefix copy keeps BatchNorms."""
+    from fsmooth.defense.prefix_state import runs_affine
     from fsmooth.models import WideResNet
 
     _, providers = planner_module
-    (graph_bn,) = providers.build_providers(["graph-bf16-bn"])
-    assert graph_bn.engine == "graph" and graph_bn.precision == "bf16"
+    graph_bn, compiled_bn = providers.build_providers(["graph-bf16-bn", "graph-bf16-compiled-bn"])
+    assert (graph_bn.engine, graph_bn.precision, graph_bn.options) == ("graph", "bf16", {})
+    assert compiled_bn.options == {"compile_prefix": True} and compiled_bn.prefix_attrs == graph_bn.prefix_attrs
     # The same switch on the engine that runs here (the graph engines need CUDA).
     provider = providers.EngineProvider("eager-bf16-bn", "eager", "bf16", prefix_attrs=graph_bn.prefix_attrs)
     schedule = providers.Schedule(2.0, 0.01, 3)
@@ -342,6 +341,5 @@ def test_bn_providers_keep_the_batchnorms_of_the_bf16_copy(planner_module):
     for p, kept in ((provider, True), (providers.EngineProvider("eager-bf16", "eager", "bf16"), False)):
         p.prepare(WideResNet(10, 1).eval(), "block1", schedule, t0)
         p.run(t0, schedule)
-        kinds = [type(m) for m in p._defense.prefix._shadow.modules()]
-        assert (nn.BatchNorm2d in kinds) is kept and (EvalBatchNorm in kinds) is not kept
+        assert any(runs_affine(m) for m in p._defense.prefix._shadow.modules()) is not kept
         assert p.describe().get("prefix_attrs") == ({"affine_batchnorms": False} if kept else None)

@@ -75,7 +75,8 @@ def test_fourth_call_reruns_the_tests_then_profiles(suite):
     assert steps[:5] == ["setup", "extension", "tests", "batchnorm", "profile"]
     ab = suite.CALLS["fourth"][3].bench_args
     # Baseline first at each engine: each A/B pair is measured back to back.
-    assert _values(ab, "--providers") == ["graph-bf16-bn", "graph-bf16", "chunked-bf16-bn", "chunked-bf16"]
+    assert _values(ab, "--providers") == ["graph-bf16-bn", "graph-bf16", "graph-bf16-compiled-bn",
+                                          "graph-bf16-compiled", "chunked-bf16-bn", "chunked-bf16"]
     args = suite.CALLS["fourth"][4].bench_args
     assert _values(args, "--sections") == ["profile"] and _values(args, "--profile-batch") == ["512"]
     assert _values(args, "--profile-providers")[:2] == ["chunked-bf16", "graph-bf16"]

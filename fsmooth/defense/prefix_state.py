@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import types
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from ..models.prefix import prefix as build_prefix
 from ..models.prefix import resolve_layer
 
-__all__ = ["EvalBatchNorm", "PrefixState", "indexed_device", "model_device"]
+__all__ = ["PrefixState", "indexed_device", "model_device", "runs_affine"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _COMPUTE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -49,51 +50,57 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-class EvalBatchNorm(nn.Module):
-    """An eval-mode BatchNorm as the per-channel affine map it is: ``x * scale + shift``.
+# The buffers an affine BatchNorm of the copy gets (refreshed in place: captured graphs keep their addresses).
+_SCALE, _SHIFT = "fsmooth_affine_scale", "fsmooth_affine_shift"
 
-    The half-precision copy of the prefix runs its BatchNorms (those with running statistics) this way: the
-    same function, but the input gradient is one elementwise product in the gradient's own layout. On CUDA,
-    eval BatchNorm's backward (ATen's ``batch_norm_elementwise_backward_eval``) allocates its gradient as
-    ``empty(input.sizes())``, NCHW whatever the input's layout, so the convolution before it copies that
-    gradient back to channels_last in its own backward. On an H200 one iteration of the WRN-28-10 prefix to
-    block1 (bf16, batch 512) did four such copies, 1.78 ms of device time; its eight BatchNorm backwards took
-    3.3 ms more (measured with the reference loss) (``bench/copy_sources.py``; ``bench/results/gpu-copy-sources-20261126-0545/``).
-    ``scale`` and ``shift`` are buffers refreshed in place from the model's BatchNorm (:meth:`refresh`), so
-    captured graphs stay valid. In bf16 they are rounded once more than BatchNorm's fp32 internals: input
-    gradients of a WRN-10-1 prefix differ from fp64 by 4-7% either way (``tests/test_prefix_state.py``).
+
+def _affine_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    return torch.addcmul(getattr(self, _SHIFT).view(shape), x, getattr(self, _SCALE).view(shape))
+
+
+def runs_affine(module: nn.Module) -> bool:
+    """Whether ``module`` is a BatchNorm of a prefix copy that runs as ``x * scale + shift``."""
+    return hasattr(module, _SCALE)
+
+
+def _affine_candidate(module: nn.Module) -> bool:
+    """A stock BatchNorm (its forward not overridden) that eval mode makes an affine map: running statistics."""
+    return (isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and type(module).forward is nn.modules.batchnorm._BatchNorm.forward
+            and module.running_mean is not None and module.running_var is not None)
+
+
+@torch.no_grad()
+def _refresh_affine(copy_bn: nn.Module, source_bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """``scale``/``shift`` of ``copy_bn`` from ``source_bn``'s weights and running statistics (fp32 at least)."""
+    acc = torch.promote_types(source_bn.running_var.dtype, torch.float32)
+    scale = torch.rsqrt(source_bn.running_var.to(acc) + source_bn.eps)
+    if source_bn.weight is not None:
+        scale = scale * source_bn.weight.to(acc)
+    shift = -source_bn.running_mean.to(acc) * scale
+    if source_bn.bias is not None:
+        shift = shift + source_bn.bias.to(acc)
+    getattr(copy_bn, _SCALE).copy_(scale)
+    getattr(copy_bn, _SHIFT).copy_(shift)
+
+
+def _make_affine(copy_bn: nn.modules.batchnorm._BatchNorm, source_bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Make the copy's BatchNorm ``copy_bn`` run as the affine map it is in eval mode, in place.
+
+    Why: the input gradient of ``x * scale + shift`` is one elementwise product that keeps the gradient's
+    layout. On CUDA, eval BatchNorm's own backward (ATen's ``batch_norm_elementwise_backward_eval``) allocates
+    its gradient as ``empty(input.sizes())``, NCHW whatever the input's layout, so the convolution before it
+    copies that gradient back to channels_last in its own backward: four full 512x160x32x32 copies (1.78 ms of
+    device time) per iteration of the WRN-28-10 prefix to block1 in bf16 on an H200
+    (``bench/results/gpu-copy-sources-20261126-0545/``; ``bench/results/gpu-runs-20261126.md``). The module
+    stays what it was (its class, attributes and hooks); only its forward is replaced, on this instance.
     """
-
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm, dtype: torch.dtype):
-        super().__init__()
-        kw = dict(dtype=dtype, device=bn.running_mean.device)
-        self.register_buffer("scale", torch.empty(bn.num_features, **kw))
-        self.register_buffer("shift", torch.empty(bn.num_features, **kw))
-        self.refresh(bn)
-
-    @torch.no_grad()
-    def refresh(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
-        """Recompute ``scale``/``shift`` from ``bn``'s weights and running statistics (in fp32 at least)."""
-        acc = torch.promote_types(bn.running_var.dtype, torch.float32)
-        scale = torch.rsqrt(bn.running_var.to(acc) + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight.to(acc)
-        shift = -bn.running_mean.to(acc) * scale
-        if bn.bias is not None:
-            shift = shift + bn.bias.to(acc)
-        self.scale.copy_(scale)
-        self.shift.copy_(shift)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return torch.addcmul(self.shift.view(shape), x, self.scale.view(shape))
-
-
-def _eval_batchnorms(module: nn.Module) -> list[str]:
-    """Names of the BatchNorms that eval mode turns into an affine map (those with running statistics)."""
-    return [name for name, m in module.named_modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
-            and m.running_var is not None]
+    kw = dict(dtype=copy_bn.running_mean.dtype, device=copy_bn.running_mean.device)
+    copy_bn.register_buffer(_SCALE, torch.empty(copy_bn.num_features, **kw))
+    copy_bn.register_buffer(_SHIFT, torch.empty(copy_bn.num_features, **kw))
+    _refresh_affine(copy_bn, source_bn)
+    copy_bn.forward = types.MethodType(_affine_forward, copy_bn)
 
 
 class PrefixState:
@@ -101,10 +108,11 @@ class PrefixState:
 
     ``dtype=None`` runs the prefix in the model's own parameter dtype with
     shared weights. Another dtype (bf16 for speed) uses a private copy of the
-    prefix in that dtype, in channels_last layout, its eval BatchNorms run as
-    affine maps (:class:`EvalBatchNorm`), whose weights are refreshed from the
-    model at the start of every call (cheap next to hundreds of iterations, and
-    never stale after training). The loop state ``t`` and the
+    prefix in that dtype, in channels_last layout, whose weights are refreshed
+    from the model at the start of every call (cheap next to hundreds of
+    iterations, and never stale after training). In bf16 the copy's stock
+    BatchNorms run as the affine maps they are in eval mode (:func:`_make_affine`;
+    ``affine_batchnorms = False`` keeps them, for A/B benchmarks). The loop state ``t`` and the
     loss stay fp32 (fp64 when the prefix is fp64).
 
     ``compile_prefix``: run the prefix (forward, and its backward through
@@ -135,10 +143,21 @@ class PrefixState:
                 raise ValueError(f"compile_prefix must be True or a torch.compile backend ({', '.join(sorted(known))}; "
                                  f"not 'cudagraphs': the engines capture graphs themselves), got {compile_prefix!r}")
         self.compile_prefix = compile_prefix
-        # The half-precision copy runs eval BatchNorms as EvalBatchNorm; False keeps them as BatchNorms (the
-        # behaviour before 2026-11-26, for A/B benchmarks: set it before the first call builds the copy).
-        self.affine_batchnorms = True
+        self._affine_batchnorms = True
         self._compiled: tuple[nn.Module, object] | None = None  # (module, its compiled callable)
+
+    @property
+    def affine_batchnorms(self) -> bool:
+        """bf16 copies run their stock BatchNorms as affine maps (default); False keeps them (the behaviour
+        before 2026-11-26). Changing it drops the copy, rebuilt at the next call."""
+        return self._affine_batchnorms
+
+    @affine_batchnorms.setter
+    def affine_batchnorms(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"affine_batchnorms must be a bool, got {type(value).__name__}")
+        if value != self._affine_batchnorms:
+            self._affine_batchnorms, self._shadow, self._compiled = value, None, None
 
     @property
     def runs_copy(self) -> bool:
@@ -152,10 +171,11 @@ class PrefixState:
                 shadow = copy.deepcopy(self.module).to(dtype=self.dtype)
                 if self.channels_last:
                     shadow = shadow.to(memory_format=torch.channels_last)
-                for name in _eval_batchnorms(shadow) if self.affine_batchnorms else ():
-                    parent, _, child = name.rpartition(".")
-                    setattr(shadow.get_submodule(parent), child,
-                            EvalBatchNorm(self.module.get_submodule(name), self.dtype))
+                # bf16 only: its range is fp32's, so shift = bias - mean * scale cannot overflow (fp16's can).
+                if self._affine_batchnorms and self.dtype == torch.bfloat16:
+                    for name, m in shadow.named_modules():  # an aliased module comes once, with its first name
+                        if _affine_candidate(m):
+                            _make_affine(m, self.module.get_submodule(name))
             for p in shadow.parameters():
                 p.requires_grad_(False)
             self._shadow = shadow
@@ -165,12 +185,12 @@ class PrefixState:
         with torch.no_grad():
             src = dict(self.module.named_parameters())
             src.update(self.module.named_buffers())
-            affine = {name: m for name, m in shadow.named_modules() if isinstance(m, EvalBatchNorm)}
             for name, dst in list(shadow.named_parameters()) + list(shadow.named_buffers()):
-                if name.rpartition(".")[0] not in affine:
+                if name.rpartition(".")[2] not in (_SCALE, _SHIFT):
                     dst.copy_(src[name])
-            for name, m in affine.items():
-                m.refresh(self.module.get_submodule(name))
+            for name, m in shadow.named_modules():
+                if runs_affine(m):
+                    _refresh_affine(m, self.module.get_submodule(name))
 
     @contextlib.contextmanager
     def session(self):

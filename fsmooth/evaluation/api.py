@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .._validation import check_positive_int
+from .._validation import as_unit_images, check_positive_int
 from ..defense import DefendedClassifier, DefenseConfig
 from ..distributed import barrier, rank_and_world
 from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, plan
@@ -44,10 +44,9 @@ def _defense_config(value, model, fallback: str | None = None):
 
 
 def _as_images(images, labels, n, device) -> tuple[torch.Tensor, torch.Tensor]:
-    if not isinstance(images, torch.Tensor) or not isinstance(labels, torch.Tensor):
-        raise TypeError("images and labels must be torch.Tensors")
-    if images.dim() != 4:
-        raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+    for value, name in ((images, "images"), (labels, "labels")):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if labels.shape != images.shape[:1] or labels.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"labels must be int64 of shape ({images.shape[0]},), got {labels.dtype} "
                          f"{tuple(labels.shape)}")
@@ -55,17 +54,7 @@ def _as_images(images, labels, n, device) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
         images, labels = images[:n], labels[:n]
-    if images.dtype == torch.uint8:
-        images = images.float() / 255.0
-    elif images.is_floating_point():
-        images = images.float()
-        if images.numel() and not bool(torch.isfinite(images).all()):
-            raise ValueError("images contains NaN or Inf")
-        if images.numel() and (float(images.min()) < 0 or float(images.max()) > 1):
-            raise ValueError("float images must lie in [0, 1]")
-    else:
-        raise TypeError(f"images must be uint8 or float, got {images.dtype}")
-    return images.to(device), labels.long().to(device)
+    return as_unit_images(images).to(device), labels.long().to(device)
 
 
 def _model_device(model) -> torch.device:
