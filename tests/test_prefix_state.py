@@ -202,3 +202,20 @@ def test_affine_batchnorms_switch_rebuilds_the_copy():
         assert not any(runs_affine(m) for m in module.modules())
     with pytest.raises(TypeError, match="affine_batchnorms"):
         state.affine_batchnorms = "no"
+
+
+def test_compiled_bf16_prefix_runs_the_affine_batchnorms_like_the_eager_one():
+    """torch.compile traces the per-instance forward of the copy's BatchNorms (aot_eager: no compiler here)."""
+    model = tiny_wrn()
+    _randomize_batchnorms(model, seed=15)
+    t = varied_inputs(3)
+    g = torch.randn((3, 16, 8, 9), generator=torch.Generator().manual_seed(16))
+    results = []
+    for compile_prefix in (False, "aot_eager"):
+        state = PrefixState(model, "block1", dtype=torch.bfloat16, compile_prefix=compile_prefix)
+        with state.session() as module:
+            assert any(runs_affine(m) for m in module.modules())
+            results.append(_features_and_input_grad(state, module, t, g))
+    (feats, grad), (compiled_feats, compiled_grad) = results
+    torch.testing.assert_close(compiled_feats, feats, rtol=0, atol=0)
+    torch.testing.assert_close(compiled_grad, grad, rtol=0, atol=0)
