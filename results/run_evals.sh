@@ -69,5 +69,11 @@ case "${1:-}" in
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|gpu-adaptive-200|gpu-adaptive|gpu-row2" >&2; exit 2 ;;
+    gpu-paper)  # row 3 on a GPU: queue c's protocol, whose FAB-T alone did not finish a chunk of 25 images in
+                # 2 h 11 min per CPU core (2026-11-26); one chunk of 200, several calls on a warm machine
+        ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
+            --batch-size 200
+        ;;
+    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-paper" >&2
+        exit 2 ;;
 esac
