@@ -91,7 +91,7 @@ def test_half_prefix_runs_its_batchnorms_as_affine_maps_and_matches_fp64():
     ref_feats, ref_grad = _fp64_reference(model, t, g)
     assert feats.is_contiguous(memory_format=torch.channels_last)
     assert _rel(feats, ref_feats) < 2e-2
-    assert _rel(grad, ref_grad) < 0.1  # bf16: medians 4.9% (affine) and 4.6% (kept), 12 models
+    assert _rel(grad, ref_grad) < 0.1  # bf16 input gradients: a few percent from fp64, with or without the affine maps
 
 
 def test_half_prefix_follows_batchnorm_changes_between_calls_in_place():
@@ -109,7 +109,7 @@ def test_half_prefix_follows_batchnorm_changes_between_calls_in_place():
     ref_feats, ref_grad = _fp64_reference(model, t, g)
     assert _rel(before, ref_feats) > 0.1  # the change matters...
     assert _rel(after, ref_feats) < 2e-2  # ...and the copy sees it
-    assert _rel(grad, ref_grad) < 0.1  # bf16: medians 4.9% (affine) and 4.6% (kept), 12 models
+    assert _rel(grad, ref_grad) < 0.1  # bf16 input gradients: a few percent from fp64, with or without the affine maps
 
 
 class _ClampedBatchNorm(nn.BatchNorm2d):
