@@ -172,6 +172,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _fill_defaults(args) -> None:
     """Full-size defaults, or the tiny --quick configuration, for every option left unset."""
     quick = args.quick
+    # The roofline's probes at GPU size take minutes on a CPU core (an 8192^3 matrix product is 1.1 TFLOP).
+    on_cpu = str(args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cpu")
     defaults = dict(
         arch="wrn-10-1" if quick else "wrn-28-10",
         sections=list(SECTIONS),
@@ -191,8 +193,8 @@ def _fill_defaults(args) -> None:
         profile_iters=2 if quick else 20,
         repeats=2 if quick else 5,
         warmup=0 if quick else 1,
-        matmul_size=128 if quick else 8192,
-        copy_bytes=(4 << 20) if quick else (1 << 30),
+        matmul_size=128 if quick else 1024 if on_cpu else 8192,
+        copy_bytes=(4 << 20) if quick else (256 << 20) if on_cpu else (1 << 30),
         plan_probe_batch=2 if quick else 128,
     )
     defaults["out_dir"] = str(benchlib.default_out_dir(quick))

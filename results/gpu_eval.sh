@@ -19,13 +19,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-queue=${1:?usage: bash results/gpu_eval.sh gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-paper}
+queue=${1:?usage: bash results/gpu_eval.sh gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-rand|gpu-paper}
 case "$queue" in
     gpu-adaptive-200) runs=(fs-adaptive-gpu-200) ;;
     gpu-adaptive) runs=(fs-adaptive-gpu) ;;
     gpu-row2) runs=(fs-row2-gpu) ;;
+    gpu-rand) runs=(fs-rand-gpu) ;;
     gpu-paper) runs=(fs-paper-gpu) ;;
-    *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2 or gpu-paper" >&2; exit 2 ;;
+    *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2, gpu-rand or gpu-paper" >&2; exit 2 ;;
 esac
 deadline=${FSMOOTH_EVAL_DEADLINE_S:-540}
 out=${OUT:-/tmp/fsmooth-gpu-eval}

@@ -57,6 +57,11 @@ case "${1:-}" in
         ev fs-autoattack "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
         ;;
+    d)  # row 4: AutoAttack rand (APGD-CE and APGD-DLR, 20 EOT draws each), n = 100, in chunks of 10 images:
+        # about 2,000 defended gradients per image, 1.5-2 h per chunk on one core, so a session finishes a
+        # chunk or two per core and the next one resumes (gpu-rand is the same row in one GPU call)
+        ev fs-rand "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
             --chunk-size 200 --batch-size 200
@@ -69,11 +74,15 @@ case "${1:-}" in
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;
+    gpu-rand)  # row 4 on a GPU: AutoAttack rand, n = 100, one chunk
+        ev fs-rand-gpu "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 100 \
+            --batch-size 100
+        ;;
     gpu-paper)  # row 3 on a GPU: queue c's protocol, whose FAB-T alone did not finish a chunk of 25 images in
                 # 2 h 11 min per CPU core (2026-11-26); one chunk of 200, several calls on a warm machine
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

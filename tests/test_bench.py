@@ -343,3 +343,14 @@ def test_bn_providers_keep_the_batchnorms_of_the_bf16_copy(planner_module):
         p.run(t0, schedule)
         assert any(runs_affine(m) for m in p._defense.prefix._shadow.modules()) is not kept
         assert p.describe().get("prefix_attrs") == ({"affine_batchnorms": False} if kept else None)
+
+
+def test_roofline_probes_are_sized_for_the_device(bench_modules):
+    """A CPU run without --quick probes a 1024^3 matrix product, not the GPU's 8192^3 (minutes on one core)."""
+    _, iters_per_sec = bench_modules
+    cpu = iters_per_sec.parse_args(["--device", "cpu", "--sections", "roofline"])
+    assert (cpu.matmul_size, cpu.copy_bytes) == (1024, 256 << 20)
+    gpu = iters_per_sec.parse_args(["--device", "cuda", "--sections", "roofline"])
+    assert (gpu.matmul_size, gpu.copy_bytes) == (8192, 1 << 30)
+    given = iters_per_sec.parse_args(["--device", "cpu", "--matmul-size", "4096"])
+    assert given.matmul_size == 4096

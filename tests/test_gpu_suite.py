@@ -290,6 +290,21 @@ def test_headlines_from_rows(suite):
     assert suite.headlines([]) == ["none measured in this call (see the steps and the rows)"]
 
 
+def test_headlines_compare_rows_of_one_step(suite):
+    """fourth times graph-bf16 in two steps; the torch.compile ratio uses the one measured beside torch.compile."""
+    def row(provider, rate, step):
+        return {"section": "throughput", "provider": provider, "batch": 512, "status": "ok",
+                "useful_iters_per_s": rate, "tag": f"fourth-x/{step}"}
+    rows = [row("graph-bf16-bn", 400.0, "batchnorm"), row("graph-bf16", 600.0, "batchnorm"),
+            row("graph-bf16", 500.0, "compiled-prefix"), row("compile-bf16", 250.0, "compiled-prefix")]
+    text = "\n".join(suite.headlines(rows))
+    assert "graph-bf16 vs torch.compile bf16 (None) at batch 512: 2.00x (target >= 1.3x)\n" in text + "\n"
+    assert "BatchNorms as affine maps vs kept: 600 vs 400 img-it/s (1.50x)" in text
+    # Only rows of different steps: compared, and said to be.
+    text = "\n".join(suite.headlines([rows[1], rows[3]]))
+    assert "2.40x (target >= 1.3x); measured in different steps (batchnorm, compiled-prefix), not back to back" in text
+
+
 @pytest.mark.slow
 def test_quick_call_writes_the_result_files(tmp_path):
     """The whole orchestration on CPU: setup check, extension check, a benchmark step with its plan."""
@@ -305,7 +320,7 @@ def test_quick_call_writes_the_result_files(tmp_path):
     assert steps[0]["status"] == "ok" and steps[2]["status"] == "ok"
     call_id = steps[0]["call_id"]
     rows = [json.loads(line) for line in (tmp_path / "iters_per_sec.jsonl").read_text().splitlines()]
-    assert rows and all(r["tag"] == call_id for r in rows)
+    assert rows and all(r["tag"] == f"{call_id}/quick" for r in rows)
     assert {r["section"] for r in rows} >= {"plan", "throughput"}  # the rate probe behind the plan
     assert any(r.get("planned_s") for r in rows)
     assert all(r.get("engine_used") for r in rows if r["status"] == "ok" and r["section"] == "throughput")
