@@ -11,7 +11,9 @@
 # resumes by chunks, but only on the same (warm) machine: the images stay there; and its report is written
 # only when it finishes. Cost: on one CPU core the adaptive protocol took 19-23 s per image and lambda (fs-adaptive), so
 # gpu-adaptive (5 lambdas, n = 1000) fits one call only if the GPU is some 250-300x faster than that core; run
-# gpu-adaptive-200 first to measure. Exit status 3: cut at the deadline (not 124, the device tool's own).
+# gpu-adaptive-200 first to measure (it took 190 s on an H200: 0.17-0.18 s per image and lambda, about
+# 1.7 ms per defended gradient and image; so gpu-rand, about 2,000 such gradients per image for n = 100,
+# should take some 6 minutes: an estimate). Exit status 3: cut at the deadline (not 124, the device tool's own).
 # The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
 # .carry 20 MB). Unpack with
 #   tar xzf <files_at>/eval-<queue>.tar.gz -C results/eval
