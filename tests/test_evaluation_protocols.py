@@ -236,6 +236,43 @@ def test_corrupt_and_foreign_chunks_are_recomputed_with_a_warning(setup, tmp_pat
     assert not [w for w in later if "recomputing chunk" in str(w.message)]
 
 
+def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tmp_path):
+    """An evaluation killed in its last attack run: --partial reports the chunks every attack run finished
+    (here 2 of 3), equal to the finished evaluation's first 8 images, and computes no attack chunk."""
+    model, x, y = setup
+    reference = evaluate(model, x, y, out=tmp_path / "straight", seed=5, **RESUME_KWARGS)
+    for limit, finished_dlr in ((100, 0), (140, 2)):  # killed before, then inside, the second run
+        out = tmp_path / f"killed-{limit}"
+        killed = Interrupting(limit=limit)
+        killed.load_state_dict(model.state_dict())
+        killed.eval()
+        with pytest.raises(SimulatedKill):
+            evaluate(killed, x, y, out=out, seed=5, **RESUME_KWARGS)
+        state = out / "state" / "defended_ol1_eps8_eot-pgd-dlr-targeted"
+        assert len(list(state.glob("chunk*.json"))) == finished_dlr
+        if not finished_dlr:
+            with pytest.raises(ValueError, match="eot-pgd-dlr-targeted.*has not finished its first chunk"):
+                evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
+    attack_chunks = sorted(p.name for p in (out / "state").glob("defended_*/chunk*.json"))
+    report = evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
+    assert sorted(p.name for p in (out / "state").glob("defended_*/chunk*.json")) == attack_chunks
+    assert report["info"]["partial"] == {"images": 8, "planned": 12, "chunks": 2} and report["info"]["n"] == 8
+    assert not (out / "report.json").exists() and (out / "partial" / "report.json").is_file()
+    assert "**Partial report:** the first 8 of the 12 planned images" in (out / "partial" / "report.md").read_text()
+    for mine, full in zip(report["runs"], reference["runs"]):
+        assert mine["run_id"] == full["run_id"] and mine["correct"] <= full["correct"]
+    part = load_file(str(out / "partial" / "per_image.safetensors"))
+    whole = load_file(str(tmp_path / "straight" / "per_image.safetensors"))
+    assert part.keys() == whole.keys()
+    for key in part:
+        if not key.startswith(("candidates/", "examples/")):
+            assert torch.equal(part[key], whole[key][..., :8]), key
+    # The evaluation then finishes as if never looked at; partial needs the state it reads.
+    assert _strip(evaluate(model, x, y, out=out, seed=5, **RESUME_KWARGS)) == _strip(reference)
+    with pytest.raises(ValueError, match="needs out and resume"):
+        evaluate(model, x, y, seed=5, partial=True, **RESUME_KWARGS)
+
+
 def test_bad_arguments_are_named(setup):
     model, x, y = setup
     with pytest.raises(ValueError, match="eps"):

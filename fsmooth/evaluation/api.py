@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import logging
+import math
 import zlib
 from pathlib import Path
 
@@ -96,7 +97,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
              layer: str | None = None, budget: Budget | None = None, seed: int = 0, chunk_size: int = 250,
              batch_size: int = 250,
              out: str | Path | None = None, resume: bool = True, quiet: bool = False,
-             defended_factory=None, meta: dict | None = None) -> dict:
+             defended_factory=None, meta: dict | None = None, partial: bool = False) -> dict:
     """Evaluate ``model`` with Active Defense under the attacks of ``protocol``; returns the report dict.
 
     Args:
@@ -121,6 +122,11 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         defended_factory: ``(model, config, outer_loops, layer) -> nn.Module``; default
             :class:`fsmooth.defense.DefendedClassifier`.
         meta: extra fields recorded in the report (command line, dataset label, ...).
+        partial: report on the images an evaluation still running (or interrupted) under ``out`` has
+            finished, attacking nothing: the first chunks that every attack run has finished, in order
+            (chunks 0 to j); their clean passes and re-scoring are computed where missing. The report
+            (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a
+            finished report. Needs ``out`` and ``resume``; raises ``ValueError`` when no chunk has finished.
 
     Under ``torchrun`` each rank runs a share of the chunks; all ranks return the
     merged report and rank 0 writes it.
@@ -154,15 +160,21 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    "budget": budget.as_dict(), "defense": repr(config), "baseline_defense": repr(baseline_config),
                    "layer": layer}
     out = Path(out) if out is not None else None
+    if partial and (out is None or not resume):
+        raise ValueError("partial=True reports on the finished chunks under out: it needs out and resume=True")
     store = ChunkStore(out / "state" if out is not None else None, fingerprint, resume, owner=rank == 0)
     barrier()  # no rank reads or writes chunks before rank 0 has checked (or, resume=False, cleared) the state
+    specs = plan(protocols, eps, outer_loops, budget, has_baseline=baseline_model is not None)
+    planned_n = int(labels.shape[0])
+    if partial:
+        done = _finished_prefix(store, specs, planned_n, chunk_size)
+        images, labels = images[:done], labels[:done]
     ctx = Context(model=model, images=images, labels=labels, defense_config=config,
                   defended_factory=defended_factory or default_defended_factory, budget=budget,
                   baseline_model=baseline_model, baseline_config=baseline_config, layer=layer, seed=seed,
                   chunk_size=chunk_size, batch_size=batch_size, store=store, rank=rank, world=world, quiet=quiet,
                   num_classes=num_classes)
     started = datetime.datetime.now(datetime.timezone.utc)
-    specs = plan(protocols, eps, outer_loops, budget, has_baseline=baseline_model is not None)
     results: dict[str, RunResult] = {}
     for spec in specs:
         _log.info("running %s", spec.run_id)
@@ -177,10 +189,30 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         "defense": _config_dict(config), "baseline_defense": _config_dict(baseline_config),
         "layer": layer, "num_classes": num_classes, "fingerprint": fingerprint, **(meta or {}),
     }
+    if partial:
+        info["partial"] = {"images": int(labels.shape[0]), "planned": planned_n,
+                           "chunks": math.ceil(int(labels.shape[0]) / chunk_size)}
     report = build_report(ctx, specs, results, rescored, info)
     if out is not None and rank == 0:
-        write_outputs(report, results, rescored, out, ctx)
+        write_outputs(report, results, rescored, out / "partial" if partial else out, ctx)
     return report
+
+
+def _finished_prefix(store: ChunkStore, specs, n: int, chunk_size: int) -> int:
+    """How many of the first images every attack run of ``specs`` has finished: chunks 0..j in order."""
+    n_chunks = math.ceil(n / chunk_size)
+    attacks = [spec for spec in specs if spec.kind != "clean"] or specs  # a clean-only protocol: its passes
+    done = n_chunks
+    for spec in attacks:
+        count = 0
+        while count < done and store.finished(spec.run_id, count):
+            count += 1
+        done = count
+    if done == 0:
+        first = next((s.run_id for s in attacks if not store.finished(s.run_id, 0)), "?")
+        raise ValueError(f"partial: no chunk has finished in every attack run yet ({first!r} has not finished "
+                         "its first chunk): nothing to report")
+    return min(done * chunk_size, n)
 
 
 def _config_dict(config) -> dict | None:

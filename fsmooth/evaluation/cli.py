@@ -84,6 +84,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="images per forward/attack call at K=1 (divided by K); lower it on out-of-memory")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse finished chunks in OUT/state (default on)")
+    p.add_argument("--partial", action="store_true",
+                   help="report on the images a running or interrupted evaluation in --out has finished, "
+                        "attacking nothing new (written to OUT/partial/)")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     _budget_args(p)
@@ -151,7 +154,7 @@ def run(args) -> int:
         model, images, labels, protocol=args.protocol, n=args.n, eps=[e / 255 for e in args.eps],
         outer_loops=args.outer_loops, defense=defense, baseline_model=baseline, baseline_defense=baseline_defense,
         layer=args.layer, budget=budget, seed=args.seed, chunk_size=args.chunk_size,
-        batch_size=args.batch_size, out=args.out, resume=args.resume, quiet=args.quiet,
+        batch_size=args.batch_size, out=args.out, resume=args.resume, quiet=args.quiet, partial=args.partial,
         meta={"command": command, "checkpoint": args.checkpoint or f"pretrained:{args.pretrained}",
               "dataset": _dataset_label(args, dataset), "baseline_checkpoint": args.baseline_checkpoint,
               "checkpoint_meta": meta})

@@ -150,6 +150,11 @@ def markdown(report: dict) -> str:
              f"pyautoattack {env['pyautoattack']}, torchattacks {env['torchattacks']}, "
              f"world size {info['world_size']}.",
              f"Defense: {info['defense']}. Budget: {_budget_text(info['budget'])}.", ""]
+    part = info.get("partial")
+    if part:
+        lines += [f"**Partial report:** the first {part['images']} of the {part['planned']} planned images (the "
+                  f"first {part['chunks']} chunks, finished by every attack run); the evaluation has not finished.",
+                  ""]
     if info.get("command"):
         lines += [f"Command: `{info['command']}`", ""]
     present = [c for c in TABLE_COLUMNS + ("adaptive-min",) if any(c in s["columns"] for s in report["settings"])]

@@ -109,6 +109,18 @@ class ChunkStore:
         path.unlink(missing_ok=True)  # a left-over state cannot be restored (see autoattack.py)
         return path
 
+    def finished(self, run_id: str, chunk: int) -> bool:
+        """Whether chunk ``chunk`` of ``run_id`` has finished for this evaluation (its JSON, stamped with this
+        evaluation's fingerprint, exists); reads the JSON only, not the tensors."""
+        if self.root is None or not self.resume:
+            return False
+        _, meta_path = self._paths(run_id, chunk)
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(meta, dict) and meta.get(FINGERPRINT_KEY) == self.digest
+
     def load(self, run_id: str, chunk: int):
         """``(tensors, meta)`` of a finished chunk of this evaluation, or ``None`` (to be computed)."""
         if self.root is None or not self.resume:
