@@ -193,9 +193,10 @@ def calibrate(model: nn.Module, images: torch.Tensor, *, layer: str | None = Non
 
 def feature_size(model: nn.Module, layer: str | None, sample: torch.Tensor) -> int:
     """``C*H*W`` of ``layer``'s output for one input like ``sample`` (``(C, H, W)`` or a batch)."""
-    if not isinstance(sample, torch.Tensor) or sample.dim() not in (3, 4):
-        raise ValueError(f"sample must be a (C, H, W) or (N, C, H, W) tensor, got "
-                         f"{tuple(sample.shape) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+    if not isinstance(sample, torch.Tensor):
+        raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+    if sample.dim() not in (3, 4):
+        raise ValueError(f"sample must be a (C, H, W) or (N, C, H, W) tensor, got shape {tuple(sample.shape)}")
     x = as_unit_images(sample[:1] if sample.dim() == 4 else sample.unsqueeze(0), "sample")
     with torch.no_grad():
         features = model_prefix(model, layer)(x.to(next(model.parameters()).device))

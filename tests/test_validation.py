@@ -34,6 +34,9 @@ def test_bad_images_are_refused_by_every_entry_point(bad, error, match):
             clean_feature_losses(model, bad)
         with pytest.raises(error, match=match.replace("images", "sample")):
             feature_size(model, "block1", bad)
+    if not isinstance(bad, torch.Tensor):  # a list is a type error here too, not a shape error
+        with pytest.raises(TypeError, match="sample must be a torch.Tensor, got list"):
+            feature_size(model, "block1", bad)
     labels = torch.zeros(len(bad), dtype=torch.int64)
     with pytest.raises(error, match=match):
         _as_images(bad, labels, None, "cpu")
