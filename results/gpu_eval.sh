@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# One gpu-* queue of results/run_evals.sh on the GPU machine, in one device call, its reports brought back.
+# gpu-* queues of results/run_evals.sh on the GPU machine, in one device call, their reports brought back.
 #
 #   bash ../shared/tools/prep-gpu-carry.sh      # here, once: .carry/ (the data, pyautoattack, torchattacks)
 #   run(command="bash results/gpu_eval.sh gpu-adaptive", carry=[".carry"], timeout_s=600)
+#   run(command="bash results/gpu_eval.sh gpu-rand gpu-paper", ...)   # several queues in turn, one deadline
 #
 # On the device: installs fsmooth and builds fsmooth._C (bench/gpu_suite.sh setup), runs the queue with the
 # carried packages and data until a deadline (FSMOOTH_EVAL_DEADLINE_S seconds after the start, default 540,
@@ -16,20 +17,25 @@
 # should take some 6 minutes: an estimate). Exit status 3: cut at the deadline (not 124, the device tool's own).
 # The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
 # .carry 20 MB). Unpack with
-#   tar xzf <files_at>/eval-<queue>.tar.gz -C results/eval
+#   tar xzf <files_at>/eval-<queue>.tar.gz -C results/eval      (eval-<q1>+<q2>.tar.gz for several queues)
 # and commit results/eval/<run>/ (report.{json,md}, the chunk JSON) and results/eval/<run>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-queue=${1:?usage: bash results/gpu_eval.sh gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-rand|gpu-paper}
-case "$queue" in
-    gpu-adaptive-200) runs=(fs-adaptive-gpu-200) ;;
-    gpu-adaptive) runs=(fs-adaptive-gpu) ;;
-    gpu-row2) runs=(fs-row2-gpu) ;;
-    gpu-rand) runs=(fs-rand-gpu) ;;
-    gpu-paper) runs=(fs-paper-gpu) ;;
-    *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2, gpu-rand or gpu-paper" >&2; exit 2 ;;
-esac
+[ $# -ge 1 ] || { echo "usage: bash results/gpu_eval.sh QUEUE [QUEUE...] (gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-rand|gpu-paper)" >&2; exit 2; }
+queues=("$@")
+runs=()
+for queue in "${queues[@]}"; do
+    case "$queue" in
+        gpu-adaptive-200) runs+=(fs-adaptive-gpu-200) ;;
+        gpu-adaptive) runs+=(fs-adaptive-gpu) ;;
+        gpu-row2) runs+=(fs-row2-gpu) ;;
+        gpu-rand) runs+=(fs-rand-gpu) ;;
+        gpu-paper) runs+=(fs-paper-gpu) ;;
+        *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2, gpu-rand or gpu-paper" >&2; exit 2 ;;
+    esac
+done
+name=$(IFS=+; echo "${queues[*]}")   # the archive: eval-<queue>.tar.gz, eval-<q1>+<q2>.tar.gz for several
 deadline=${FSMOOTH_EVAL_DEADLINE_S:-540}
 out=${OUT:-/tmp/fsmooth-gpu-eval}
 eval_dir=${FSMOOTH_EVAL_DIR:-/tmp/fsmooth-eval}   # outside the tree: the images never travel back
@@ -48,19 +54,27 @@ export FSMOOTH_EVAL_DIR=$eval_dir FSMOOTH
 if [ "${FSMOOTH_SKIP_SETUP:-0}" = 0 ]; then
     OUT="$out/setup" bash bench/gpu_suite.sh setup --budget-s 150 || { echo "setup failed: see $out/setup" >&2; exit 1; }
 fi
-limit=$(( deadline - 40 - ($(date +%s) - started) ))
-[ "$limit" -gt 30 ] || { echo "only $limit s left before the deadline after setup: not starting" >&2; exit 3; }
-queue_started=$(date +%s)
-timeout --signal=INT --kill-after=15 "$limit" bash results/run_evals.sh "$queue"
-rc=$?
-[ "$rc" = 124 ] && rc=3
-echo "== queue $queue: exit $rc after $(( $(date +%s) - queue_started )) s (limit $limit s; 3: cut at the deadline)"
+rc=0
+for queue in "${queues[@]}"; do  # in the order given, each while time is left; a failure stops the rest
+    limit=$(( deadline - 40 - ($(date +%s) - started) ))
+    if [ "$limit" -le 30 ]; then
+        echo "only $limit s left before the deadline: not starting $queue" >&2
+        rc=3
+        break
+    fi
+    queue_started=$(date +%s)
+    timeout --signal=INT --kill-after=15 "$limit" bash results/run_evals.sh "$queue"
+    rc=$?
+    [ "$rc" = 124 ] && rc=3
+    echo "== queue $queue: exit $rc after $(( $(date +%s) - queue_started )) s (limit $limit s; 3: cut at the deadline)"
+    [ "$rc" = 0 ] || break
+done
 for run in "${runs[@]}"; do
     tail -5 "$eval_dir/$run.log" 2>/dev/null
     [ -f "$eval_dir/$run/report.md" ] && sed -n 1,60p "$eval_dir/$run/report.md"
 done
 (cd "$eval_dir" && find "${runs[@]/%/.log}" "${runs[@]}" -type f \( -name '*.json' -o -name '*.md' -o -name '*.log' \
     -o -name per_image.safetensors \) \
-    2>/dev/null | tar czf "$out/eval-$queue.tar.gz" -T -)
+    2>/dev/null | tar czf "$out/eval-$name.tar.gz" -T -)
 ls -l "$out"
 exit "$rc"

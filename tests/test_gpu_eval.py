@@ -70,12 +70,29 @@ def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, pro
     assert report["data"] == str(tmp_path / "carry" / "cifar10-jpeg-q75.tar.gz")
 
 
+def test_gpu_eval_runs_several_queues_in_turn_into_one_archive(tmp_path):
+    env = _stub_env(tmp_path)
+    proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), "gpu-rand", "gpu-paper"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.index("== queue gpu-rand: exit 0") < proc.stdout.index("== queue gpu-paper: exit 0")
+    with tarfile.open(tmp_path / "out" / "eval-gpu-rand+gpu-paper.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"fs-rand-gpu/report.json", "fs-paper-gpu/report.json"} <= names
+    # A bad name anywhere is refused before anything runs.
+    bad = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), "gpu-rand", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unknown GPU queue nope" in bad.stderr
+
+
 def test_gpu_eval_refuses_an_unknown_queue_and_a_missing_carry(tmp_path):
     script = str(ROOT / "results" / "gpu_eval.sh")
     env = dict(os.environ, OUT=str(tmp_path / "out"), FSMOOTH_EVAL_DIR=str(tmp_path / "eval"),
                FSMOOTH_CARRY=str(tmp_path / "nowhere"))
     bad = subprocess.run(["bash", script, "a"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown GPU queue a" in bad.stderr
+    none = subprocess.run(["bash", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert none.returncode == 2 and "usage" in none.stderr
     missing = subprocess.run(["bash", script, "gpu-adaptive"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert missing.returncode == 2 and "prep-gpu-carry.sh" in missing.stderr
 
