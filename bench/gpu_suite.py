@@ -535,7 +535,9 @@ def headlines(rows: list[dict]) -> list[str]:
         if affine and kept:
             out.append(f"{name} at batch 512, BatchNorms as affine maps vs kept: "
                        f"{affine['useful_iters_per_s']:.4g} vs {kept['useful_iters_per_s']:.4g} img-it/s "
-                       f"({affine['useful_iters_per_s'] / kept['useful_iters_per_s']:.2f}x)")
+                       f"({affine['useful_iters_per_s'] / kept['useful_iters_per_s']:.2f}x)"
+                       + (f"; measured in different steps ({_step_of(affine) or '?'}, {_step_of(kept) or '?'}), "
+                          "not back to back" if _step_of(affine) != _step_of(kept) else ""))
     compact, masked = _find(rows, "early-exit", "graph-bf16", 512), _find(rows, "early-exit", "graph-bf16-nocompact", 512)
     if compact and masked:
         out.append(f"early exit at batch 512: compaction saves {1 - compact['median_ms'] / masked['median_ms']:.1%} "

@@ -236,9 +236,15 @@ def test_corrupt_and_foreign_chunks_are_recomputed_with_a_warning(setup, tmp_pat
     assert not [w for w in later if "recomputing chunk" in str(w.message)]
 
 
-def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tmp_path):
-    """An evaluation killed in its last attack run: --partial reports the chunks every attack run finished
-    (here 2 of 3), equal to the finished evaluation's first 8 images, and computes no attack chunk."""
+def _digests(folder):
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tmp_path, monkeypatch):
+    """An evaluation killed in its last attack run: partial=True reports the chunks every attack run finished
+    (here 2 of 3), equal to the finished evaluation's first 8 images, and writes nothing into its state."""
     model, x, y = setup
     reference = evaluate(model, x, y, out=tmp_path / "straight", seed=5, **RESUME_KWARGS)
     for limit, finished_dlr in ((100, 0), (140, 2)):  # killed before, then inside, the second run
@@ -253,9 +259,10 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
         if not finished_dlr:
             with pytest.raises(ValueError, match="eot-pgd-dlr-targeted.*has not finished its first chunk"):
                 evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
-    attack_chunks = sorted(p.name for p in (out / "state").glob("defended_*/chunk*.json"))
+    before = _digests(out / "state")
     report = evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
-    assert sorted(p.name for p in (out / "state").glob("defended_*/chunk*.json")) == attack_chunks
+    assert _digests(out / "state") == before  # no chunk computed, rewritten or added
+    assert any((out / "partial" / "state").glob("rescore_*/chunk*.json"))  # its re-scoring lives apart
     assert report["info"]["partial"] == {"images": 8, "planned": 12, "chunks": 2} and report["info"]["n"] == 8
     assert not (out / "report.json").exists() and (out / "partial" / "report.json").is_file()
     assert "**Partial report:** the first 8 of the 12 planned images" in (out / "partial" / "report.md").read_text()
@@ -267,10 +274,31 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
     for key in part:
         if not key.startswith(("candidates/", "examples/")):
             assert torch.equal(part[key], whole[key][..., :8]), key
-    # The evaluation then finishes as if never looked at; partial needs the state it reads.
-    assert _strip(evaluate(model, x, y, out=out, seed=5, **RESUME_KWARGS)) == _strip(reference)
+    from fsmooth.evaluation.summary import summarize
+    with pytest.warns(RuntimeWarning, match="partial report"):  # summarize says what it was given
+        summarize([out / "partial"])
+    # A finished chunk that cannot be read is an error here, never attacked again.
+    torn = out / "state" / "defended_ol1_eps8_eot-pgd-ce" / "chunk00001.safetensors"
+    saved = torn.read_bytes()
+    torn.write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match="recomputing chunk 1"), pytest.raises(RuntimeError, match="attacks nothing"):
+        evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
+    torn.write_bytes(saved)
+    # The evaluation then finishes exactly as if never looked at.
+    final = evaluate(model, x, y, out=out, seed=5, **RESUME_KWARGS)
+    assert _strip(final) == _strip(reference) and _same_outputs(tmp_path / "straight", out)
     with pytest.raises(ValueError, match="needs out and resume"):
         evaluate(model, x, y, seed=5, partial=True, **RESUME_KWARGS)
+    with pytest.raises(ValueError, match="needs out and resume"):
+        evaluate(model, x, y, out=out, seed=5, partial=True, resume=False, **RESUME_KWARGS)
+    assert (out / "report.json").is_file()  # resume=False was refused before it deleted anything
+    with pytest.raises(ValueError, match="holds no evaluation state"):
+        evaluate(model, x, y, out=tmp_path / "typo", seed=5, partial=True, **RESUME_KWARGS)
+    assert not (tmp_path / "typo").exists()
+    import fsmooth.evaluation.api as api
+    monkeypatch.setattr(api, "rank_and_world", lambda: (0, 2))
+    with pytest.raises(ValueError, match="one process"):
+        evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
 
 
 def test_bad_arguments_are_named(setup):

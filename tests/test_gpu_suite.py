@@ -303,6 +303,8 @@ def test_headlines_compare_rows_of_one_step(suite):
     # Only rows of different steps: compared, and said to be.
     text = "\n".join(suite.headlines([rows[1], rows[3]]))
     assert "2.40x (target >= 1.3x); measured in different steps (batchnorm, compiled-prefix), not back to back" in text
+    text = "\n".join(suite.headlines([rows[0], rows[2]]))
+    assert "500 vs 400 img-it/s (1.25x); measured in different steps (compiled-prefix, batchnorm)" in text
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, 
 from .report import build_report, write_outputs
 from .runner import Context, RunResult, execute, rescore
 from .scoring import choose_candidates, worst_case
-from .store import ChunkStore
+from .store import ChunkStore, OverlayStore
 
 __all__ = ["evaluate", "default_defended_factory"]
 
@@ -122,11 +122,14 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         defended_factory: ``(model, config, outer_loops, layer) -> nn.Module``; default
             :class:`fsmooth.defense.DefendedClassifier`.
         meta: extra fields recorded in the report (command line, dataset label, ...).
-        partial: report on the images an evaluation still running (or interrupted) under ``out`` has
+        partial: report on the images an evaluation still running (or stopped) under ``out`` has
             finished, attacking nothing: the first chunks that every attack run has finished, in order
-            (chunks 0 to j); their clean passes and re-scoring are computed where missing. The report
-            (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a
-            finished report. Needs ``out`` and ``resume``; raises ``ValueError`` when no chunk has finished.
+            (chunks 0 to j). Their re-scoring (``budget.rescore_runs`` defended forwards per image) and any
+            missing clean pass are computed and kept in ``out/partial/state``, apart from the evaluation's
+            state; the report (``info["partial"]``: images reported and planned) goes to ``out/partial/``,
+            never over a finished report. One process only; needs ``out`` holding state and ``resume``.
+            Raises ``ValueError`` when no chunk has finished, ``RuntimeError`` when a finished attack chunk
+            cannot be read (it is never recomputed).
 
     Under ``torchrun`` each rank runs a share of the chunks; all ranks return the
     merged report and rank 0 writes it.
@@ -160,8 +163,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    "budget": budget.as_dict(), "defense": repr(config), "baseline_defense": repr(baseline_config),
                    "layer": layer}
     out = Path(out) if out is not None else None
-    if partial and (out is None or not resume):
-        raise ValueError("partial=True reports on the finished chunks under out: it needs out and resume=True")
+    if partial:
+        _check_partial(out, resume, world)
     store = ChunkStore(out / "state" if out is not None else None, fingerprint, resume, owner=rank == 0)
     barrier()  # no rank reads or writes chunks before rank 0 has checked (or, resume=False, cleared) the state
     specs = plan(protocols, eps, outer_loops, budget, has_baseline=baseline_model is not None)
@@ -169,11 +172,12 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if partial:
         done = _finished_prefix(store, specs, planned_n, chunk_size)
         images, labels = images[:done], labels[:done]
+        store = OverlayStore(store, ChunkStore(out / "partial" / "state", fingerprint, resume))
     ctx = Context(model=model, images=images, labels=labels, defense_config=config,
                   defended_factory=defended_factory or default_defended_factory, budget=budget,
                   baseline_model=baseline_model, baseline_config=baseline_config, layer=layer, seed=seed,
                   chunk_size=chunk_size, batch_size=batch_size, store=store, rank=rank, world=world, quiet=quiet,
-                  num_classes=num_classes)
+                  num_classes=num_classes, attacks_frozen=partial)
     started = datetime.datetime.now(datetime.timezone.utc)
     results: dict[str, RunResult] = {}
     for spec in specs:
@@ -196,6 +200,16 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     if out is not None and rank == 0:
         write_outputs(report, results, rescored, out / "partial" if partial else out, ctx)
     return report
+
+
+def _check_partial(out: Path | None, resume: bool, world: int) -> None:
+    if out is None or not resume:
+        raise ValueError("partial=True reports on the finished chunks under out: it needs out and resume=True")
+    if world > 1:
+        raise ValueError("partial=True runs as one process (its ranks could read different chunks of a running "
+                         "evaluation): run it without torchrun")
+    if not (out / "state" / "fingerprint.json").is_file():
+        raise ValueError(f"partial=True: {str(out / 'state')!r} holds no evaluation state to report on")
 
 
 def _finished_prefix(store: ChunkStore, specs, n: int, chunk_size: int) -> int:

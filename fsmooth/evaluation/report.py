@@ -153,8 +153,8 @@ def markdown(report: dict) -> str:
     part = info.get("partial")
     if part:
         lines += [f"**Partial report:** the first {part['images']} of the {part['planned']} planned images (the "
-                  f"first {part['chunks']} chunks, finished by every attack run); the evaluation has not finished.",
-                  ""]
+                  f"first {part['chunks']} chunks, finished by every attack run), re-scored here; the evaluation's "
+                  "own report comes when it ends.", ""]
     if info.get("command"):
         lines += [f"Command: `{info['command']}`", ""]
     present = [c for c in TABLE_COLUMNS + ("adaptive-min",) if any(c in s["columns"] for s in report["settings"])]

@@ -49,6 +49,7 @@ class Context:
     world: int = 1
     quiet: bool = False
     num_classes: int = 10
+    attacks_frozen: bool = False  # a partial report: attack chunks are read, never computed
     _classifiers: dict = field(default_factory=dict)
 
     @property
@@ -193,6 +194,9 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
     bar = tqdm(mine, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
     for c in bar:
         got = ctx.store.load(spec.run_id, c)
+        if got is None and ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
+            raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
+                               "above); a partial report attacks nothing, so it stops here")
         if got is None:
             lo, hi = c * ctx.chunk_size, min((c + 1) * ctx.chunk_size, ctx.n)
             seed = chunk_seed(ctx.seed, spec.run_id, c)

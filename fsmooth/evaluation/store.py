@@ -17,7 +17,7 @@ from ..io import write_json_atomic, write_safetensors_atomic, write_text_atomic
 
 atomic_write_text = write_text_atomic  # the old name, kept for callers
 
-__all__ = ["ChunkStore", "atomic_write_text", "write_json"]
+__all__ = ["ChunkStore", "OverlayStore", "atomic_write_text", "write_json"]
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
@@ -151,3 +151,26 @@ class ChunkStore:
         tensor_path, meta_path = self._paths(run_id, chunk)
         write_safetensors_atomic(tensor_path, tensors)
         write_json(meta_path, {**meta, FINGERPRINT_KEY: self.digest})  # written last: marks the chunk complete
+
+
+class OverlayStore:
+    """Reads the chunks of ``overlay``, then of ``base``; writes only to ``overlay``; ``finished`` asks ``base``.
+
+    A partial report reads the state of an evaluation that may still be running: its own chunks (re-scoring,
+    a missing clean pass) go to the overlay, so nothing it computes enters the evaluation it reads.
+    """
+
+    def __init__(self, base: ChunkStore, overlay: ChunkStore):
+        self.base, self.overlay = base, overlay
+
+    def finished(self, run_id: str, chunk: int) -> bool:
+        return self.base.finished(run_id, chunk)
+
+    def load(self, run_id: str, chunk: int):
+        return self.overlay.load(run_id, chunk) or self.base.load(run_id, chunk)
+
+    def save(self, run_id: str, chunk: int, tensors: dict, meta: dict) -> None:
+        self.overlay.save(run_id, chunk, tensors, meta)
+
+    def aa_state_path(self, run_id: str, chunk: int) -> Path | None:
+        return self.overlay.aa_state_path(run_id, chunk)

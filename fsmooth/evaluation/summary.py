@@ -9,6 +9,7 @@ images agree). Re-scoring is joined the same way (``strict``: also correct in ev
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import torch
@@ -33,7 +34,12 @@ def _load(folder: Path) -> tuple[dict, dict]:
     report_path = folder / "report.json"
     if not report_path.is_file():
         raise FileNotFoundError(f"{folder} holds no report.json: run `fsmooth eval --out {folder}` first")
-    return json.loads(report_path.read_text()), load_file(str(folder / "per_image.safetensors"))
+    report = json.loads(report_path.read_text())
+    part = report.get("info", {}).get("partial")
+    if part:
+        warnings.warn(f"{folder} is a partial report ({part['images']} of {part['planned']} planned images): "
+                      "its evaluation had not finished", RuntimeWarning, stacklevel=3)
+    return report, load_file(str(folder / "per_image.safetensors"))
 
 
 def _pct_ci(summary: dict) -> dict:
