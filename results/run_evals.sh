@@ -70,9 +70,10 @@ case "${1:-}" in
         ev fs-adaptive-gpu "$FS" --protocol adaptive --lambdas 1 10 --num-images 1000 --eps 8 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;
-    gpu-row2)  # row 2: EOT-PGD (CE and DLR) and Square, eps 8 and 16, n = 500 (the transfer part ran on CPU)
+    gpu-row2)  # row 2: EOT-PGD (CE and DLR) and Square, eps 8 and 16, n = 500 (the transfer part ran on CPU);
+               # chunks of 50 so that each fits a device call (EOT-PGD: about 2,000 defended gradients per image)
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
-            --chunk-size 250 --batch-size 250
+            --chunk-size 50 --batch-size 50
         ;;
     gpu-rand)  # row 4 on a GPU: AutoAttack rand, n = 100, two chunks (a call cut at its deadline keeps the first
                # on the warm machine; one chunk of 100 might never fit a call)
@@ -80,9 +81,10 @@ case "${1:-}" in
             --batch-size 50
         ;;
     gpu-paper)  # row 3 on a GPU: queue c's protocol, whose FAB-T alone did not finish a chunk of 25 images in
-                # 2 h 11 min per CPU core (2026-11-26); one chunk of 200, several calls on a warm machine
-        ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
-            --batch-size 200
+                # 2 h 11 min per CPU core (2026-11-26); chunks of 50, so that each fits a device call and the
+                # run resumes across calls and sessions (gpu_eval.sh brings an unfinished run's state back)
+        ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 50 \
+            --batch-size 50
         ;;
     *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-rand|gpu-paper" >&2
         exit 2 ;;
