@@ -188,30 +188,18 @@ def load_run_checkpoint(run_dir: str | os.PathLike) -> tuple[Path, dict, dict, d
 
 
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    """The checkpoint folder ``<run>/checkpoints/latest`` points at, or ``None`` if there is none.
-
-    When the pointer is unreadable or names a folder without weights, the newest ``epoch-NNNN`` folder that
-    holds weights stands in, with a :class:`RuntimeWarning` naming both (``None`` if there is none): a
-    damaged pointer never hides the checkpoints beside it. (Folders are renamed into place complete.)
-    """
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
+    """The checkpoint folder ``<run>/checkpoints/latest`` points at, or ``None`` if there is none."""
+    pointer = Path(run_dir) / "checkpoints" / "latest"
     if not pointer.is_file():
         return None
     try:
         name = json.loads(pointer.read_text(encoding="utf-8"))["checkpoint"]
-        path = root / str(name)
     except (ValueError, KeyError, TypeError) as exc:
-        problem = f"is unreadable ({exc})"
-    else:
-        if (path / WEIGHTS).is_file():
-            return path
-        problem = f"names {name!r}, which has no {WEIGHTS}"
-    fallback = next((p for p in _epoch_folders(root) if (p / WEIGHTS).is_file()), None)
-    warnings.warn(f"checkpoint pointer {str(pointer)!r} {problem}; using "
-                  + (f"the newest checkpoint with weights, {fallback.name!r}" if fallback else "none: the run "
-                     "has no checkpoint with weights"), RuntimeWarning, stacklevel=2)
-    return fallback
+        raise ValueError(f"corrupt checkpoint pointer {str(pointer)!r}: {exc}") from exc
+    path = pointer.parent / name
+    if not (path / WEIGHTS).is_file():
+        raise ValueError(f"checkpoint pointer {str(pointer)!r} names {name!r}, which has no {WEIGHTS}")
+    return path
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> tuple[Path, Path]:

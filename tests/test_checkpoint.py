@@ -67,21 +67,6 @@ def test_run_checkpoints_pointer_pruning_and_state(tmp_path):
     assert torch.equal(opt.state[key]["momentum_buffer"], opt2.state[key2]["momentum_buffer"])
 
 
-@pytest.mark.parametrize("pointer", ['{"checkpoint": ', '{"checkpoint": "epoch-0009"}', '[1]'])
-def test_a_damaged_pointer_falls_back_to_the_newest_checkpoint(tmp_path, pointer):
-    for epoch in (1, 2):
-        save_run_checkpoint(tmp_path, epoch, tiny_model(), {"epoch": epoch, "arch": "wrn-10-1"})
-    (tmp_path / "checkpoints" / "latest").write_text(pointer)
-    with pytest.warns(RuntimeWarning, match="using the newest checkpoint with weights, 'epoch-0002'"):
-        assert latest_checkpoint(tmp_path).name == "epoch-0002"
-    with pytest.warns(RuntimeWarning, match="checkpoint pointer"):
-        assert load_meta(tmp_path)["epoch"] == 2  # a run folder given to the loaders still resolves
-    for folder in (tmp_path / "checkpoints").glob("epoch-*"):
-        (folder / "model.safetensors").unlink()
-    with pytest.warns(RuntimeWarning, match="using none"):
-        assert latest_checkpoint(tmp_path) is None
-
-
 def test_untrusted_state_is_not_unpickled(tmp_path):
     save_run_checkpoint(tmp_path, 1, tiny_model(), {"epoch": 1}, extra_state={"epoch": 1})
 
