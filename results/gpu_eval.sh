@@ -8,20 +8,22 @@
 # On the device: installs fsmooth and builds fsmooth._C (bench/gpu_suite.sh setup), runs the queue with the
 # carried packages and data until a deadline (FSMOOTH_EVAL_DEADLINE_S seconds after the start, default 540,
 # less 40 s for packing: the device command may run 600), then packs each run's report, per-image results,
-# log and chunk records (JSON) into $OUT/eval-<queue>.tar.gz. A finished run leaves its adversarial images
-# behind; an unfinished one brings them back too (its chunks' safetensors, up to 12 MiB in all), and once
-# unpacked and committed under results/eval/<run>/state, the next call (on a warm or a fresh machine) copies
-# that state in and resumes by chunks; its report is written only when it finishes. Cost: on one CPU core the adaptive protocol took 19-23 s per image and lambda (fs-adaptive), so
-# gpu-adaptive (5 lambdas, n = 1000) fits one call only if the GPU is some 250-300x faster than that core; run
-# gpu-adaptive-200 first to measure (it took 190 s on an H200: 0.17-0.18 s per image and lambda, about
-# 1.7 ms per defended gradient and image; so gpu-rand, about 2,000 such gradients per image for n = 100,
-# should take some 6 minutes: an estimate). Exit status 3: cut at the deadline (not 124, the device tool's own).
+# log and chunk records (JSON; not the adversarial images) into $OUT/eval-<queue>.tar.gz. The evaluation
+# resumes by chunks, but only on the same (warm) machine: the images stay there; and its report is written
+# only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
+# (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200). A
+# chunk's time is set by the attack's steps in sequence, not by its images: each defended step took about
+# 0.33 s there whatever the batch, the slowest image running the defense's 1000 iterations (34-36 s per
+# 100-step APGD run in fs-adaptive-gpu-200/report.json). So an attack of S sequential steps needs about
+# 0.33 x S seconds per chunk (estimates): APGD-CE 100 steps, under a minute; AutoAttack rand's APGD with 20
+# EOT draws about 2,000 steps, some 11 minutes per attack; Square alone up to 5,000, some 27 minutes; EOT-PGD
+# 2,020 per restart. A chunk that needs more than one call never finishes: gpu-rand, gpu-paper and gpu-row2
+# need a run that outlives a device call (not built yet). Exit status 3: cut at the deadline (not 124, the
+# device tool's own).
 # The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
 # .carry 20 MB). Unpack with
 #   tar xzf <files_at>/eval-<queue>.tar.gz -C results/eval      (eval-<q1>+<q2>.tar.gz for several queues)
-# and commit results/eval/<run>/ (report.{json,md}, the chunk JSON, an unfinished run's state images) and
-# results/eval/<run>.log. Once a run has finished, remove its state images from the tree
-# (git rm results/eval/<run>/state/*/*.safetensors): the tree and .carry travel together.
+# and commit results/eval/<run>/ (report.{json,md}, the chunk JSON) and results/eval/<run>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
@@ -41,7 +43,7 @@ done
 name=$(IFS=+; echo "${queues[*]}")   # the archive: eval-<queue>.tar.gz, eval-<q1>+<q2>.tar.gz for several
 deadline=${FSMOOTH_EVAL_DEADLINE_S:-540}
 out=${OUT:-/tmp/fsmooth-gpu-eval}
-eval_dir=${FSMOOTH_EVAL_DIR:-/tmp/fsmooth-eval}   # outside the tree: only what is packed below travels back
+eval_dir=${FSMOOTH_EVAL_DIR:-/tmp/fsmooth-eval}   # outside the tree: the images never travel back
 carry=${FSMOOTH_CARRY:-$PWD/.carry}
 mkdir -p "$out" "$eval_dir"
 [ -d "$carry/site" ] || { echo "no $carry/site: run ../shared/tools/prep-gpu-carry.sh and carry .carry" >&2; exit 2; }
@@ -53,18 +55,6 @@ if [ -z "${FSMOOTH:-}" ]; then  # the CLI through the interpreter: a console scr
     FSMOOTH=$eval_dir/fsmooth-cli
 fi
 export FSMOOTH_EVAL_DIR=$eval_dir FSMOOTH
-
-# The committed state of an unfinished run (brought back by an earlier session) is where it resumes; on a warm
-# machine its own newer chunks are kept (cp -n).
-seed_dir=${FSMOOTH_EVAL_SEED_DIR:-$PWD/results/eval}
-for run in "${runs[@]}"; do
-    if [ -d "$seed_dir/$run/state" ] && [ ! -f "$seed_dir/$run/report.json" ]; then
-        mkdir -p "$eval_dir/$run"
-        cp -rn "$seed_dir/$run/state" "$eval_dir/$run/"
-        [ -f "$seed_dir/$run.log" ] && [ ! -f "$eval_dir/$run.log" ] && cp "$seed_dir/$run.log" "$eval_dir/$run.log"
-        echo "== $run: resuming from the committed state ($(find "$eval_dir/$run/state" -name 'chunk*.json' | wc -l) chunk records)"
-    fi
-done
 
 if [ "${FSMOOTH_SKIP_SETUP:-0}" = 0 ]; then
     OUT="$out/setup" bash bench/gpu_suite.sh setup --budget-s 150 || { echo "setup failed: see $out/setup" >&2; exit 1; }
@@ -88,25 +78,8 @@ for run in "${runs[@]}"; do
     tail -5 "$eval_dir/$run.log" 2>/dev/null
     [ -f "$eval_dir/$run/report.md" ] && sed -n 1,60p "$eval_dir/$run/report.md"
 done
-list=$(mktemp)
 (cd "$eval_dir" && find "${runs[@]/%/.log}" "${runs[@]}" -type f \( -name '*.json' -o -name '*.md' -o -name '*.log' \
-    -o -name per_image.safetensors \) 2>/dev/null) > "$list"
-# An unfinished run also brings back its chunks' images (the adversarial points), up to a size the device tool
-# returns, so that a later session resumes it from the committed state instead of starting over.
-state_list=$(mktemp)
-for run in "${runs[@]}"; do
-    [ -f "$eval_dir/$run/report.json" ] || (cd "$eval_dir" && find "$run/state" -type f -name '*.safetensors' 2>/dev/null)
-done > "$state_list"
-if [ -s "$state_list" ]; then
-    bytes=$(cd "$eval_dir" && tr '\n' '\0' < "$state_list" | du -cb --files0-from=- | tail -1 | cut -f1)
-    if [ "$bytes" -le "${FSMOOTH_EVAL_STATE_MAX_BYTES:-12582912}" ]; then
-        cat "$state_list" >> "$list"
-        echo "== unfinished runs: packing their $(wc -l < "$state_list") state files ($bytes bytes) to resume later"
-    else
-        echo "== unfinished runs: their state files ($bytes bytes) are too big to bring back: they resume only on this warm machine"
-    fi
-fi
-(cd "$eval_dir" && tar czf "$out/eval-$name.tar.gz" -T "$list")
-rm -f "$list" "$state_list"
+    -o -name per_image.safetensors \) \
+    2>/dev/null | tar czf "$out/eval-$name.tar.gz" -T -)
 ls -l "$out"
 exit "$rc"

@@ -58,8 +58,8 @@ case "${1:-}" in
             --batch-size 25
         ;;
     d)  # row 4: AutoAttack rand (APGD-CE and APGD-DLR, 20 EOT draws each), n = 100, in chunks of 10 images:
-        # about 2,000 defended gradients per image, 1.5-2 h per chunk on one core, so a session finishes a
-        # chunk or two per core and the next one resumes (gpu-rand is the same row in one GPU call)
+        # about 2,000 defended gradients per image; APGD-CE alone took 1.2-3.5 h per chunk on one core (2026-11-26,
+        # results/PLAN.md), so a session finishes at most one chunk per core (gpu-rand is the same row on a GPU)
         ev fs-rand "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
@@ -71,20 +71,22 @@ case "${1:-}" in
             --chunk-size 250 --batch-size 250
         ;;
     gpu-row2)  # row 2: EOT-PGD (CE and DLR) and Square, eps 8 and 16, n = 500 (the transfer part ran on CPU);
-               # chunks of 50 so that each fits a device call (EOT-PGD: about 2,000 defended gradients per image)
+               # each EOT-PGD restart is 2,020 defended steps in sequence: some 11 minutes per chunk (estimate)
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
-            --chunk-size 50 --batch-size 50
+            --chunk-size 250 --batch-size 250
         ;;
-    gpu-rand)  # row 4 on a GPU: AutoAttack rand, n = 100, two chunks (a call cut at its deadline keeps the first
-               # on the warm machine; one chunk of 100 might never fit a call)
-        ev fs-rand-gpu "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 50 \
-            --batch-size 50
+    gpu-rand)  # row 4 on a GPU: AutoAttack rand, n = 100, one chunk. A defended step costs about 0.33 s on the
+               # H200 whatever the batch (the slowest image's 1000 defense iterations; fs-adaptive-gpu-200), and
+               # APGD with 20 EOT draws takes some 2,000 steps in sequence: about 11 minutes per attack (estimate),
+               # more than one device call, so smaller chunks would only multiply the time
+        ev fs-rand-gpu "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 100 \
+            --batch-size 100
         ;;
     gpu-paper)  # row 3 on a GPU: queue c's protocol, whose FAB-T alone did not finish a chunk of 25 images in
-                # 2 h 11 min per CPU core (2026-11-26); chunks of 50, so that each fits a device call and the
-                # run resumes across calls and sessions (gpu_eval.sh brings an unfinished run's state back)
-        ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 50 \
-            --batch-size 50
+                # 2 h 11 min per CPU core (2026-11-26); one chunk of 200 (Square alone needs some 27 minutes
+                # of GPU time at 0.33 s per step, an estimate: see gpu_eval.sh, more than one device call)
+        ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
+            --batch-size 200
         ;;
     *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-rand|gpu-paper" >&2
         exit 2 ;;

@@ -109,31 +109,3 @@ def test_gpu_eval_cut_at_its_deadline_still_packs_what_it_has(tmp_path):
         names = set(tar.getnames())
     assert "fs-adaptive-gpu-200.log" in names and "fs-adaptive-gpu-200/state/run/chunk00000.json" in names
     assert "fs-adaptive-gpu-200/report.md" not in names
-    # Unfinished: its chunks' images come back too, so that a later session resumes instead of starting over.
-    assert "fs-adaptive-gpu-200/state/run/chunk00000.safetensors" in names
-    assert "packing their 1 state files" in proc.stdout
-
-
-def test_gpu_eval_resumes_an_unfinished_run_from_the_committed_state(tmp_path):
-    """A run brought back unfinished and committed under results/eval/<run>/state is copied in and resumed;
-    a finished one is not, and a warm machine's own chunks are never overwritten."""
-    seed = tmp_path / "committed"
-    (seed / "fs-rand-gpu" / "state" / "run").mkdir(parents=True)
-    (seed / "fs-rand-gpu" / "state" / "run" / "chunk00001.json").write_text('{"from": "an earlier session"}')
-    (seed / "fs-rand-gpu" / "state" / "run" / "chunk00001.safetensors").write_bytes(b"earlier images")
-    (seed / "fs-rand-gpu.log").write_text("== earlier call\n")
-    (seed / "fs-paper-gpu" / "state" / "run").mkdir(parents=True)
-    (seed / "fs-paper-gpu" / "state" / "run" / "chunk00007.json").write_text("{}")
-    (seed / "fs-paper-gpu" / "report.json").write_text("{}")  # finished: nothing to resume
-    warm = tmp_path / "eval" / "fs-rand-gpu" / "state" / "run"
-    warm.mkdir(parents=True)
-    (warm / "chunk00001.json").write_text('{"from": "this warm machine"}')
-    env = _stub_env(tmp_path, FSMOOTH_EVAL_SEED_DIR=str(seed))
-    proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), "gpu-rand", "gpu-paper"], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "fs-rand-gpu: resuming from the committed state" in proc.stdout and "fs-paper-gpu: resuming" not in proc.stdout
-    assert json.loads((warm / "chunk00001.json").read_text()) == {"from": "this warm machine"}
-    assert (warm / "chunk00001.safetensors").read_bytes() == b"earlier images"
-    assert (tmp_path / "eval" / "fs-rand-gpu.log").read_text().startswith("== earlier call")
-    assert not (tmp_path / "eval" / "fs-paper-gpu" / "state" / "run" / "chunk00007.json").exists()
