@@ -17,9 +17,13 @@
 # 100-step APGD run in fs-adaptive-gpu-200/report.json). So an attack of S sequential steps needs about
 # 0.33 x S seconds per chunk (estimates): APGD-CE 100 steps, under a minute; AutoAttack rand's APGD with 20
 # EOT draws about 2,000 steps, some 11 minutes per attack; Square alone up to 5,000, some 27 minutes; EOT-PGD
-# 2,020 per restart. A chunk that needs more than one call never finishes: gpu-rand, gpu-paper and gpu-row2
-# need a run that outlives a device call (not built yet). Exit status 3: cut at the deadline (not 124, the
-# device tool's own).
+# 2,020 per restart. With FSMOOTH_EVAL_DETACH=1 the queues run detached, in a process session of their own
+# that outlives the call on the warm machine: each call waits until its deadline and packs what is there;
+#   run(command="FSMOOTH_EVAL_DETACH=1 bash results/gpu_eval.sh gpu-rand", carry=[".carry"], timeout_s=600)
+# then the same command again at once (a machine idle for 30 s goes back, and the run with it). A chunk
+# must still finish within one session's device time (15 minutes): gpu-rand's APGD-CE (about 11 minutes)
+# may, if no image survives it for APGD-DLR; Square alone and EOT-PGD cannot. Exit status 3: cut at the
+# deadline, or still running detached (not 124, the device tool's own).
 # The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
 # .carry 20 MB). Unpack with
 #   tar xzf <files_at>/eval-<queue>.tar.gz -C results/eval      (eval-<q1>+<q2>.tar.gz for several queues)
@@ -56,24 +60,63 @@ if [ -z "${FSMOOTH:-}" ]; then  # the CLI through the interpreter: a console scr
 fi
 export FSMOOTH_EVAL_DIR=$eval_dir FSMOOTH
 
-if [ "${FSMOOTH_SKIP_SETUP:-0}" = 0 ]; then
+setup() {
+    [ "${FSMOOTH_SKIP_SETUP:-0}" = 0 ] || return 0
     OUT="$out/setup" bash bench/gpu_suite.sh setup --budget-s 150 || { echo "setup failed: see $out/setup" >&2; exit 1; }
-fi
+}
 rc=0
-for queue in "${queues[@]}"; do  # in the order given, each while time is left; a failure stops the rest
-    limit=$(( deadline - 40 - ($(date +%s) - started) ))
-    if [ "$limit" -le 30 ]; then
-        echo "only $limit s left before the deadline: not starting $queue" >&2
-        rc=3
-        break
+if [ "${FSMOOTH_EVAL_DETACH:-0}" = 1 ]; then
+    # Detached: the queues run in a process session of their own (setsid), which the device tool leaves running
+    # when the call returns, on the warm machine; each call waits for it until its deadline, then packs what
+    # is there. Call again at once with the same queues (a machine left idle goes back, and the run with it).
+    pidfile=$eval_dir/detached-$name.pid
+    rcfile=$eval_dir/detached-$name.rc
+    alive() { [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+    if alive; then
+        echo "== $name: the detached run (pid $(cat "$pidfile")) is still going: waiting for it"
+    elif [ -f "$pidfile" ]; then
+        echo "== $name: the detached run has ended"
+    else
+        setup
+        # A copy of the queue script: the device tool copies the working tree anew on each call, and bash reads
+        # a script as it runs.
+        cp results/run_evals.sh "$eval_dir/run_evals-$name.sh"
+        rm -f "$rcfile"
+        FSMOOTH_ROOT=$PWD setsid nohup bash -c 'rc=0; for q in "${@:2}"; do bash "$0" "$q" || { rc=$?; break; }; done
+            echo "$rc" > "$1"' "$eval_dir/run_evals-$name.sh" "$rcfile" "${queues[@]}" \
+            > "$eval_dir/detached-$name.log" 2>&1 < /dev/null &
+        echo $! > "$pidfile"
+        echo "== $name: started detached (pid $!)"
     fi
-    queue_started=$(date +%s)
-    timeout --signal=INT --kill-after=15 "$limit" bash results/run_evals.sh "$queue"
-    rc=$?
-    [ "$rc" = 124 ] && rc=3
-    echo "== queue $queue: exit $rc after $(( $(date +%s) - queue_started )) s (limit $limit s; 3: cut at the deadline)"
-    [ "$rc" = 0 ] || break
-done
+    while alive && [ $(( $(date +%s) - started )) -lt $(( deadline - 40 )) ]; do
+        sleep 2
+    done
+    if alive; then
+        rc=3
+        echo "== $name: still running detached (pid $(cat "$pidfile")) at the deadline: run the same command again"
+    else
+        rc=$(cat "$rcfile" 2>/dev/null || echo 1)
+        rm -f "$pidfile"
+        echo "== $name: the detached run ended with exit $rc"
+    fi
+    tail -5 "$eval_dir/detached-$name.log" 2>/dev/null
+else
+    setup
+    for queue in "${queues[@]}"; do  # in the order given, each while time is left; a failure stops the rest
+        limit=$(( deadline - 40 - ($(date +%s) - started) ))
+        if [ "$limit" -le 30 ]; then
+            echo "only $limit s left before the deadline: not starting $queue" >&2
+            rc=3
+            break
+        fi
+        queue_started=$(date +%s)
+        timeout --signal=INT --kill-after=15 "$limit" bash results/run_evals.sh "$queue"
+        rc=$?
+        [ "$rc" = 124 ] && rc=3
+        echo "== queue $queue: exit $rc after $(( $(date +%s) - queue_started )) s (limit $limit s; 3: cut at the deadline)"
+        [ "$rc" = 0 ] || break
+    done
+fi
 for run in "${runs[@]}"; do
     tail -5 "$eval_dir/$run.log" 2>/dev/null
     [ -f "$eval_dir/$run/report.md" ] && sed -n 1,60p "$eval_dir/$run/report.md"

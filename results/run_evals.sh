@@ -12,7 +12,7 @@
 # The gpu-* queues are the runs for a GPU machine: results/gpu_eval.sh runs one there (FSMOOTH=fsmooth, the
 # data from .carry/) and brings its reports back.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "${FSMOOTH_ROOT:-$(dirname "$0")/..}"   # FSMOOTH_ROOT: the repository, for a copy of this script run elsewhere
 DATA=${FSMOOTH_DATA:-../shared/datasets/cifar10-jpeg-q75.tar.gz}
 FSMOOTH=${FSMOOTH:-.venv/bin/fsmooth}
 NPROC=${FSMOOTH_NPROC:-1}

@@ -85,6 +85,43 @@ def test_gpu_eval_runs_several_queues_in_turn_into_one_archive(tmp_path):
     assert bad.returncode == 2 and "unknown GPU queue nope" in bad.stderr
 
 
+def test_gpu_eval_detached_run_outlives_the_call_and_is_packed_by_the_next(tmp_path):
+    """FSMOOTH_EVAL_DETACH=1: the queue runs in its own process session; a call cut at its deadline leaves it
+    running (exit 3), the next call with the same queue waits for it, not starting another, and packs it."""
+    import time
+    script = str(ROOT / "results" / "gpu_eval.sh")
+    env = _stub_env(tmp_path, STUB_SLEEP="6", FSMOOTH_EVAL_DETACH="1", FSMOOTH_EVAL_DEADLINE_S="41")
+    call = subprocess.Popen(["bash", script, "gpu-rand"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout, stderr = call.communicate(timeout=60)
+    assert call.returncode == 3, stdout + stderr
+    assert "started detached" in stdout and "still running detached" in stdout
+    try:  # as the device tool does when a command returns: whatever is left of the call's processes is killed
+        os.killpg(call.pid, 9)
+    except ProcessLookupError:
+        pass
+    pid = int((tmp_path / "eval" / "detached-gpu-rand.pid").read_text())
+    os.kill(pid, 0)  # the detached run is alive after its call returned
+    env["FSMOOTH_EVAL_DEADLINE_S"] = "100"
+    second = subprocess.run(["bash", script, "gpu-rand"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "is still going: waiting for it" in second.stdout and "started detached" not in second.stdout
+    assert "the detached run ended with exit 0" in second.stdout
+    with tarfile.open(tmp_path / "out" / "eval-gpu-rand.tar.gz") as tar:
+        report = json.load(tar.extractfile("fs-rand-gpu/report.json"))
+    assert report["n"] == 100 and report["protocols"] == ["rand"]
+    deadline = time.time() + 10
+    while time.time() < deadline:  # the session's leader is gone once it has written its exit status
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the detached run is still alive")
+
+
 def test_gpu_eval_refuses_an_unknown_queue_and_a_missing_carry(tmp_path):
     script = str(ROOT / "results" / "gpu_eval.sh")
     env = dict(os.environ, OUT=str(tmp_path / "out"), FSMOOTH_EVAL_DIR=str(tmp_path / "eval"),
