@@ -367,6 +367,13 @@ def test_cli_eval_and_figures_on_a_real_checkpoint_and_image_folder(tmp_path, mo
     assert clean["correct"] == int((pred == torch.arange(4)).sum())
     tensors = load_file(str(out / "per_image.safetensors"))
     assert torch.equal(tensors["labels"], torch.arange(4)) and torch.equal(tensors["pred/clean/undefended/ol0"], pred)
+    # --partial on the finished evaluation: every image, reported apart, nothing attacked again.
+    assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--protocol", "paper,eps-sweep",
+                 "--n", "4", "--eps", "8", "--outer-loops", "1", "--out", str(out), "--budget", "tiny",
+                 "--max-iters", "2", "--sweep-eps", "4", "32", "--partial", "--quiet"]) == 0
+    partial = json.loads((out / "partial" / "report.json").read_text())
+    assert partial["info"]["partial"] == {"images": 4, "planned": 4, "chunks": 1}
+    assert [r["correct"] for r in partial["runs"]] == [r["correct"] for r in report["runs"]]
     with pytest.raises(SystemExit):                       # a model source is required, and only one
         main(["eval", "--checkpoint", "a", "--pretrained", "b"])
     log = tmp_path / "log.jsonl"
