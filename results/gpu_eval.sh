@@ -17,12 +17,14 @@
 # 100-step APGD run in fs-adaptive-gpu-200/report.json). So an attack of S sequential steps needs about
 # 0.33 x S seconds per chunk (estimates): APGD-CE 100 steps, under a minute; AutoAttack rand's APGD with 20
 # EOT draws about 2,000 steps, some 11 minutes per attack; Square alone up to 5,000, some 27 minutes; EOT-PGD
-# 2,020 per restart. With FSMOOTH_EVAL_DETACH=1 the queues run detached, in a process session of their own
-# that outlives the call on the warm machine: each call waits until its deadline and packs what is there;
+# 101 per restart, each a pass of 20 copies per image (its EOT draws in one batch).
+# With FSMOOTH_EVAL_DETACH=1 the queues run detached, in a process session of their own that outlives the
+# call on the warm machine: each call waits until its deadline and packs what is there;
 #   run(command="FSMOOTH_EVAL_DETACH=1 bash results/gpu_eval.sh gpu-rand", carry=[".carry"], timeout_s=600)
 # then the same command again at once (a machine idle for 30 s goes back, and the run with it). A chunk
 # must still finish within one session's device time (15 minutes): gpu-rand's APGD-CE (about 11 minutes)
-# may, if no image survives it for APGD-DLR; Square alone and EOT-PGD cannot. Exit status 3: cut at the
+# may, if no image survives it for APGD-DLR; Square alone cannot; EOT-PGD's
+# restarts (101 passes of 20 x 250 images each, time not measured) may. Exit status 3: cut at the
 # deadline, or still running detached (not 124, the device tool's own).
 # The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
 # .carry 20 MB). Unpack with

@@ -71,7 +71,7 @@ case "${1:-}" in
             --chunk-size 250 --batch-size 250
         ;;
     gpu-row2)  # row 2: EOT-PGD (CE and DLR) and Square, eps 8 and 16, n = 500 (the transfer part ran on CPU);
-               # each EOT-PGD restart is 2,020 defended steps in sequence: some 11 minutes per chunk (estimate)
+               # each EOT-PGD restart is 101 defended passes of 20 copies (its EOT draws) of the chunk's images
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;

@@ -107,6 +107,44 @@ def test_attack_repr_shows_hyperparameters(trained):
         APGD(model, eps=2.0)
 
 
+class _NoisyCounter(torch.nn.Module):
+    """``net`` plus fresh logit noise per row (like the defense's per-sample noise); records batch sizes."""
+
+    def __init__(self, net, scale):
+        super().__init__()
+        self.net, self.scale, self.batches = net, scale, []
+
+    def forward(self, x):
+        self.batches.append(x.shape[0])
+        logits = self.net(x)
+        return logits + self.scale * torch.randn_like(logits)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr-targeted"])
+def test_eot_draws_batched_as_copies_give_the_sequential_estimate(trained, loss):
+    """The EOT draws run as copies of each image in one pass: with a deterministic model the attack is the
+    sequential one exactly; with per-row noise each pass holds eot_batch independent draws of every image."""
+    model, x, y = trained
+    x, y = x[:7], y[:7]  # an odd batch
+    kwargs = dict(eps=EPS, steps=5, eot_iter=2, n_restarts=1, loss=loss, n_target_classes=2)
+    sequential = EOTPGD(model, eot_batch=1, **kwargs)(x, y)
+    batched = EOTPGD(model, **kwargs)(x, y)
+    assert torch.equal(sequential, batched)
+    noisy = _NoisyCounter(model, scale=0.5)
+    EOTPGD(noisy, eps=EPS, steps=2, eot_iter=5, n_restarts=1, eot_batch=2)(x, y)
+    assert set(noisy.batches[-3:]) == {14, 7} and noisy.batches[-3:] == [14, 14, 7]  # 2 + 2 + 1 draws
+    grad, probs = EOTPGD(noisy, eot_iter=4)._eot(x, y, None)
+    single = [EOTPGD(noisy, eot_iter=1)._eot(x, y, None)[1] for _ in range(2)]
+    assert not torch.equal(single[0], single[1]) and grad.shape == x.shape and probs.shape == (7, 10)
+    # Four copies are four draws: their mean softmax is no single draw's, and is closer to the noiseless one.
+    clean = model(x).softmax(1)
+    many = torch.stack([EOTPGD(noisy, eot_iter=64)._eot(x, y, None)[1] for _ in range(3)])
+    assert (many - clean).abs().mean() < torch.stack(single).sub(clean).abs().mean()
+    with pytest.raises(ValueError, match="eot_batch"):
+        EOTPGD(model, eot_batch=0)
+    assert "eot_batch=20" in repr(EOTPGD(model)) and EOTPGD(model, eot_batch=50).eot_batch == 20
+
+
 def test_targeted_dlr_prefers_the_target():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.5, 0.0]], requires_grad=True)
     loss = dlr_loss_targeted(logits, torch.tensor([0]), torch.tensor([2]))

@@ -247,7 +247,7 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
     (here 2 of 3), equal to the finished evaluation's first 8 images, and writes nothing into its state."""
     model, x, y = setup
     reference = evaluate(model, x, y, out=tmp_path / "straight", seed=5, **RESUME_KWARGS)
-    for limit, finished_dlr in ((100, 0), (140, 2)):  # killed before, then inside, the second run
+    for limit, finished_dlr in ((55, 0), (85, 2)):  # killed before, then inside, the second run
         out = tmp_path / f"killed-{limit}"
         killed = Interrupting(limit=limit)
         killed.load_state_dict(model.state_dict())

@@ -200,8 +200,11 @@ def dlr_loss_targeted(logits: torch.Tensor, y: torch.Tensor, target: torch.Tenso
 class EOTPGD(Attack):
     """L-inf PGD with Expectation over Transformation (Athalye et al. 2018) through the straight-through gradient.
 
-    Each step averages the gradient of ``eot_iter`` independent forward passes
-    (independent defense noise). ``loss``: ``"ce"``, ``"dlr"`` or
+    Each step averages the gradient over ``eot_iter`` independent draws of the defense noise. The draws run
+    ``eot_batch`` at a time as copies of each image in one batch (the defense draws each row's noise on its
+    own, so the copies are independent draws and the estimate is the sequential one's); ``None`` (default)
+    runs all of them in one pass. On a GPU a defended pass costs about the same for many images as for few
+    (its slowest image sets it), so this divides the attack's time by up to ``eot_iter``. ``loss``: ``"ce"``, ``"dlr"`` or
     ``"dlr-targeted"`` (each of the ``n_target_classes`` most likely wrong
     classes in turn, each with ``n_restarts`` random starts; after the first run only points whose
     EOT-averaged prediction is still correct are attacked again, as AutoAttack does). Step size
@@ -211,17 +214,20 @@ class EOTPGD(Attack):
     restarts and targets.
     """
 
-    _params = ("steps", "alpha", "eot_iter", "n_restarts", "loss", "n_target_classes")
+    _params = ("steps", "alpha", "eot_iter", "eot_batch", "n_restarts", "loss", "n_target_classes")
 
     def __init__(self, model, eps: float = 8 / 255, steps: int = 100, eot_iter: int = 20, n_restarts: int = 2,
-                 alpha: float | None = None, loss: str = "ce", n_target_classes: int = 3, seed: int = 0):
+                 alpha: float | None = None, loss: str = "ce", n_target_classes: int = 3, seed: int = 0,
+                 eot_batch: int | None = None):
         super().__init__(model, eps, seed)
         if loss not in ("ce", "dlr", "dlr-targeted"):
             raise ValueError(f"loss must be 'ce', 'dlr' or 'dlr-targeted', got {loss!r}")
         for name, value in (("steps", steps), ("eot_iter", eot_iter), ("n_restarts", n_restarts),
                             ("n_target_classes", n_target_classes)):
             check_positive_int(value, name)
+        check_positive_int(eot_batch, "eot_batch", allow_none=True)
         self.steps, self.eot_iter, self.n_restarts, self.loss = steps, eot_iter, n_restarts, loss
+        self.eot_batch = eot_iter if eot_batch is None else min(eot_batch, eot_iter)
         self.n_target_classes = n_target_classes
         self.alpha = float(alpha) if alpha is not None else 2.5 * self.eps / steps
 
@@ -233,16 +239,20 @@ class EOTPGD(Attack):
         return dlr_loss_targeted(logits, y, target)
 
     def _eot(self, x_adv, y, target):
-        """Mean gradient and mean softmax over ``eot_iter`` forward passes."""
+        """Mean gradient and mean softmax over ``eot_iter`` draws, ``eot_batch`` copies per forward pass."""
+        n = x_adv.shape[0]
         grad = torch.zeros_like(x_adv)
         probs = 0.0
-        for _ in range(self.eot_iter):
-            xa = x_adv.detach().requires_grad_(True)
+        for start in range(0, self.eot_iter, self.eot_batch):
+            k = min(self.eot_batch, self.eot_iter - start)
+            xa = x_adv.detach().repeat(k, *([1] * (x_adv.dim() - 1))).requires_grad_(True)  # draw-major copies
+            ys = y.repeat(k)
+            ts = None if target is None else target.repeat(k)
             with torch.enable_grad():
                 logits = self.model(xa)
-                g, = torch.autograd.grad(self._loss(logits, y, target).sum(), xa)
-            grad += g
-            probs = probs + logits.detach().float().softmax(1)
+                g, = torch.autograd.grad(self._loss(logits, ys, ts).sum(), xa)
+            grad += g.view(k, *x_adv.shape).sum(0)
+            probs = probs + logits.detach().float().softmax(1).view(k, n, -1).sum(0)
         return grad / self.eot_iter, probs / self.eot_iter
 
     @staticmethod
