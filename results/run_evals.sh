@@ -75,6 +75,12 @@ case "${1:-}" in
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;
+    gpu-eot-100)  # row 2's EOT-PGD (CE and targeted DLR) at eps 8 on n = 100: the slice of row 2 that may fit
+                  # what a GPU session has left after issue 10's calls (one chunk; 101 passes of 20 x 100 images
+                  # per restart)
+        ev fs-eot-gpu-100 "$FS" --protocol eot --num-images 100 --eps 8 --outer-loops 1 --chunk-size 100 \
+            --batch-size 100
+        ;;
     gpu-rand)  # row 4 on a GPU: AutoAttack rand, n = 100, one chunk. A defended step costs about 0.33 s on the
                # H200 whatever the batch (the slowest image's 1000 defense iterations; fs-adaptive-gpu-200), and
                # APGD with 20 EOT draws takes some 2,000 steps in sequence: about 11 minutes per attack (estimate),
@@ -88,6 +94,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

@@ -55,6 +55,7 @@ def _stub_env(tmp_path, **extra):
     ("gpu-row2", "fs-row2-gpu", ["eot", "square"], 500, [8.0, 16.0]),
     ("gpu-paper", "fs-paper-gpu", ["paper"], 200, [8.0]),
     ("gpu-rand", "fs-rand-gpu", ["rand"], 100, [8.0]),
+    ("gpu-eot-100", "fs-eot-gpu-100", ["eot"], 100, [8.0]),
 ])
 def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, protocols, n, eps):
     env = _stub_env(tmp_path)
