@@ -13,7 +13,7 @@
 # only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
 # (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200). A
 # chunk's time is set by the attack's steps in sequence, not by its images: each defended step took about
-# 0.33 s there whatever the batch, the slowest image running the defense's 1000 iterations (34-36 s per
+# 0.33 s there at batch 200 (and, we infer, at any batch up to the engine's 256 slots), the slowest image running the defense's 1000 iterations (34-36 s per
 # 100-step APGD run in fs-adaptive-gpu-200/report.json). So an attack of S sequential steps needs about
 # 0.33 x S seconds per chunk (estimates): APGD-CE 100 steps, under a minute; AutoAttack rand's APGD with 20
 # EOT draws about 2,000 steps, some 11 minutes per attack; Square alone up to 5,000, some 27 minutes; EOT-PGD

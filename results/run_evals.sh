@@ -82,7 +82,7 @@ case "${1:-}" in
             --batch-size 100
         ;;
     gpu-rand)  # row 4 on a GPU: AutoAttack rand, n = 100, one chunk. A defended step costs about 0.33 s on the
-               # H200 whatever the batch (the slowest image's 1000 defense iterations; fs-adaptive-gpu-200), and
+               # H200 at batch 200 (the slowest image's 1000 defense iterations; fs-adaptive-gpu-200), and
                # APGD with 20 EOT draws takes some 2,000 steps in sequence: about 11 minutes per attack (estimate),
                # more than one device call, so smaller chunks would only multiply the time
         ev fs-rand-gpu "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 100 \

@@ -203,8 +203,9 @@ class EOTPGD(Attack):
     Each step averages the gradient over ``eot_iter`` independent draws of the defense noise. The draws run
     ``eot_batch`` at a time as copies of each image in one batch (the defense draws each row's noise on its
     own, so the copies are independent draws and the estimate is the sequential one's); ``None`` (default)
-    runs all of them in one pass. On a GPU a defended pass costs about the same for many images as for few
-    (its slowest image sets it), so this divides the attack's time by up to ``eot_iter``. ``loss``: ``"ce"``, ``"dlr"`` or
+    runs all of them in one pass. On a GPU a pass's time is set mostly by its slowest image and the engine's
+    slots (``max_batch``), so one pass of many copies costs far less than as many passes in turn (not yet
+    measured there). A pass holds ``eot_batch`` times the attack's batch: lower it for a large network. ``loss``: ``"ce"``, ``"dlr"`` or
     ``"dlr-targeted"`` (each of the ``n_target_classes`` most likely wrong
     classes in turn, each with ``n_restarts`` random starts; after the first run only points whose
     EOT-averaged prediction is still correct are attacked again, as AutoAttack does). Step size
