@@ -81,13 +81,17 @@ if [ "${FSMOOTH_EVAL_DETACH:-0}" = 1 ]; then
         echo "== $name: the detached run has ended"
     else
         setup
-        # A copy of the queue script: the device tool copies the working tree anew on each call, and bash reads
-        # a script as it runs.
-        cp results/run_evals.sh "$eval_dir/run_evals-$name.sh"
+        # A snapshot of what the run reads (the package, the carried packages and data, the queue script): the
+        # device tool copies the working tree and .carry anew on each call while the run goes on, and bash
+        # reads a script as it runs.
+        snap=$eval_dir/snapshot-$name
+        rm -rf "$snap" && mkdir -p "$snap/results"
+        cp -r fsmooth "$snap/" && cp results/run_evals.sh "$snap/results/" && cp -r "$carry/site" "$snap/site"
+        [ -f "$FSMOOTH_DATA" ] && cp "$FSMOOTH_DATA" "$snap/" && FSMOOTH_DATA=$snap/$(basename "$FSMOOTH_DATA")
         rm -f "$rcfile"
-        FSMOOTH_ROOT=$PWD setsid nohup bash -c 'rc=0; for q in "${@:2}"; do bash "$0" "$q" || { rc=$?; break; }; done
-            echo "$rc" > "$1"' "$eval_dir/run_evals-$name.sh" "$rcfile" "${queues[@]}" \
-            > "$eval_dir/detached-$name.log" 2>&1 < /dev/null &
+        FSMOOTH_ROOT=$snap PYTHONPATH=$snap/site:$snap FSMOOTH_DATA=$FSMOOTH_DATA setsid nohup bash -c '
+            rc=0; for q in "${@:2}"; do bash "$0" "$q" || { rc=$?; break; }; done; echo "$rc" > "$1"' \
+            "$snap/results/run_evals.sh" "$rcfile" "${queues[@]}" > "$eval_dir/detached-$name.log" 2>&1 < /dev/null &
         echo $! > "$pidfile"
         echo "== $name: started detached (pid $!)"
     fi
@@ -98,9 +102,14 @@ if [ "${FSMOOTH_EVAL_DETACH:-0}" = 1 ]; then
         rc=3
         echo "== $name: still running detached (pid $(cat "$pidfile")) at the deadline: run the same command again"
     else
-        rc=$(cat "$rcfile" 2>/dev/null || echo 1)
+        if [ -f "$rcfile" ]; then
+            rc=$(cat "$rcfile")
+            echo "== $name: the detached run ended with exit $rc"
+        else
+            rc=1
+            echo "== $name: the detached run ended without an exit status (killed?): see detached-$name.log"
+        fi
         rm -f "$pidfile"
-        echo "== $name: the detached run ended with exit $rc"
     fi
     tail -5 "$eval_dir/detached-$name.log" 2>/dev/null
 else

@@ -25,12 +25,20 @@ ev() {  # ev RUN MODEL ARGS...: one resumable evaluation
     local run=$1 model=$2
     shift 2
     mkdir -p "$EVAL_DIR"
+    if command -v flock > /dev/null; then  # one process per run: two would write the same chunks
+        exec 9> "$EVAL_DIR/.$run.lock"
+        if ! flock -n 9; then
+            echo "$run is already running in another process (lock $EVAL_DIR/.$run.lock): not starting it twice" >&2
+            return 75
+        fi
+    fi
     echo "== $(date -u +%FT%TZ) start $run" >> "$EVAL_DIR/$run.log"
     local launch=("$FSMOOTH")
     [ "$NPROC" -gt 1 ] && launch=(.venv/bin/torchrun --nproc-per-node "$NPROC" "$FSMOOTH")
     "${launch[@]}" -v eval --pretrained "$model" --data "$DATA" --out "$EVAL_DIR/$run" --quiet "$@" \
         >> "$EVAL_DIR/$run.log" 2>&1
     echo "== $(date -u +%FT%TZ) done $run" >> "$EVAL_DIR/$run.log"
+    exec 9>&-
 }
 
 case "${1:-}" in

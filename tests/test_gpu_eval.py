@@ -23,6 +23,8 @@ STUB = textwrap.dedent("""\
     from fsmooth.evaluation.protocols import parse_protocols
     argv = sys.argv[1:]
     args = build_parser().parse_args(argv)
+    if os.environ.get("STUB_EXIT"):
+        sys.exit(int(os.environ["STUB_EXIT"]))
     out = Path(args.out)
     (out / "state" / "run").mkdir(parents=True, exist_ok=True)
     (out / "state" / "run" / "chunk00000.json").write_text("{}")
@@ -121,6 +123,32 @@ def test_gpu_eval_detached_run_outlives_the_call_and_is_packed_by_the_next(tmp_p
         time.sleep(0.2)
     else:
         pytest.fail("the detached run is still alive")
+
+
+def test_gpu_eval_detached_run_that_fails_reports_its_status(tmp_path):
+    env = _stub_env(tmp_path, STUB_EXIT="5", FSMOOTH_EVAL_DETACH="1", FSMOOTH_EVAL_DEADLINE_S="100")
+    proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), "gpu-eot-100"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 5, proc.stdout + proc.stderr
+    assert "the detached run ended with exit 5" in proc.stdout
+    assert (tmp_path / "eval" / "snapshot-gpu-eot-100" / "fsmooth" / "__init__.py").is_file()  # what it ran
+
+
+def test_a_run_is_never_started_twice(tmp_path):
+    """run_evals.sh locks each run: a second process for the same run (a detached call beside a plain one, say)
+    refuses instead of writing the same chunks."""
+    import fcntl
+    env = _stub_env(tmp_path)
+    (tmp_path / "eval").mkdir(exist_ok=True)
+    with open(tmp_path / "eval" / ".fs-rand-gpu.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = subprocess.run(["bash", str(ROOT / "results" / "run_evals.sh"), "gpu-rand"], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 75 and "already running in another process" in proc.stderr
+    assert not (tmp_path / "eval" / "fs-rand-gpu").exists()
+    again = subprocess.run(["bash", str(ROOT / "results" / "run_evals.sh"), "gpu-rand"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and (tmp_path / "eval" / "fs-rand-gpu" / "report.json").is_file()
 
 
 def test_gpu_eval_refuses_an_unknown_queue_and_a_missing_carry(tmp_path):
