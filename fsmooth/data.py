@@ -36,7 +36,7 @@ from safetensors.torch import load_file
 
 from .io import write_safetensors_atomic
 
-__all__ = ["load_dataset", "synthetic_dataset", "DeviceLoader", "augment", "resolve_source", "cache_dir",
+__all__ = ["load_dataset", "evaluation_order", "synthetic_dataset", "DeviceLoader", "augment", "resolve_source", "cache_dir",
            "DATASETS", "CIFAR10_CLASSES", "DataError"]
 
 _log = logging.getLogger(__name__)
@@ -321,6 +321,25 @@ def _read_folder(path: Path, split: str, dataset: str):
     if empty:
         raise DataError(f"class folder {str(root / empty[0])!r} holds no images")
     return _assemble(entries, split, dataset, str(root) if entries else str(path))
+
+
+EVALUATION_ORDER_SEED = 0  # fixed: every evaluation of a class-sorted set takes its images in the same order
+
+
+def evaluation_order(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """``(images, labels, how)`` in the order evaluations take their first ``n`` from.
+
+    A source in class order (an ImageFolder tree or archive: all airplanes, then all automobiles, ...) would
+    make the first ``n`` images one class; it is put in one fixed pseudo-random order (seed
+    :data:`EVALUATION_ORDER_SEED`, the same for every evaluation, so a smaller ``n`` is a prefix of a larger
+    one). Any other order (the torchvision batches' own) is kept, as published evaluations take the first
+    ``n`` of it. ``how`` says which, for reports.
+    """
+    if labels.numel() > 1 and bool((labels[1:] >= labels[:-1]).all()) and int(labels.unique().numel()) > 1:
+        order = torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(EVALUATION_ORDER_SEED))
+        return images[order], labels[order], (f"a fixed permutation (seed {EVALUATION_ORDER_SEED}) of the "
+                                              "class-sorted source")
+    return images, labels, "the source's order"
 
 
 # --------------------------------------------------------------------------- synthetic data

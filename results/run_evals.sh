@@ -9,6 +9,11 @@
 # issue's priority order; attack budgets are the published defaults (never lowered: n is lowered instead).
 # FSMOOTH_NPROC=2 runs each evaluation on two ranks (torchrun, one core each; chunks c with c % 2 == rank),
 # reusing the chunks a one-rank run finished: fs-adaptive was finished that way once queue a was done.
+# Image order: the reports without "-mixed" in their name (results/eval/fs-clean, fs-adaptive, ...) took the
+# first n test images of the JPEG copy, which is sorted by class: all of them airplanes (class 0). Since
+# 2026-11-26 `fsmooth eval` takes a class-sorted set in one fixed pseudo-random order
+# (fsmooth.data.evaluation_order), so the same commands now evaluate every class; the queues write to new
+# "-mixed" runs, whose state cannot mix with the old ones (the image checksum differs).
 # The gpu-* queues are the runs for a GPU machine: results/gpu_eval.sh runs one there (FSMOOTH=fsmooth, the
 # data from .carry/) and brings its reports back.
 set -euo pipefail
@@ -43,32 +48,32 @@ ev() {  # ev RUN MODEL ARGS...: one resumable evaluation
 
 case "${1:-}" in
     a)  # row 1 (feature-smoothed), row 2's transfer attack from the bare model, row 7's transfer attack
-        ev fs-clean "$FS" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
-        ev fs-transfer "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1
-        ev std-transfer "$STD" --protocol transfer --num-images 200 --eps 8 16 --outer-loops 1
+        ev fs-clean-mixed "$FS" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
+        ev fs-transfer-mixed "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1
+        ev std-transfer-mixed "$STD" --protocol transfer --num-images 200 --eps 8 16 --outer-loops 1
         ;;
     b)  # row 1 (standard), then row 5 (Table 3: lambda in {-10, -1, 0, 1, 10})
-        ev std-clean "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
-        ev fs-adaptive "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
+        ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
+        ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
             --chunk-size 50 --batch-size 50
         ;;
     c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200
-        ev fs-paper "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 --batch-size 25
+        ev fs-paper-mixed "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 --batch-size 25
         ;;
     c-autoattack)  # row 3's AutoAttack column while queue c still runs the attacks alone: queue c's finished
         # clean and AutoAttack-standard chunks, linked (not copied) into a run of its own, re-scored, reported
-        mkdir -p "$EVAL_DIR/fs-autoattack/state"
+        mkdir -p "$EVAL_DIR/fs-autoattack-mixed/state"
         for d in clean_undefended_ol0 clean_defended_ol1 defended_ol1_eps8_aa-standard; do
-            [ -e "$EVAL_DIR/fs-autoattack/state/$d" ] || ln -s "../../fs-paper/state/$d" "$EVAL_DIR/fs-autoattack/state/$d"
+            [ -e "$EVAL_DIR/fs-autoattack-mixed/state/$d" ] || ln -s "../../fs-paper-mixed/state/$d" "$EVAL_DIR/fs-autoattack-mixed/state/$d"
         done
-        cp -n "$EVAL_DIR/fs-paper/state/fingerprint.json" "$EVAL_DIR/fs-autoattack/state/"
-        ev fs-autoattack "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
+        cp -n "$EVAL_DIR/fs-paper-mixed/state/fingerprint.json" "$EVAL_DIR/fs-autoattack-mixed/state/"
+        ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
         ;;
     d)  # row 4: AutoAttack rand (APGD-CE and APGD-DLR, 20 EOT draws each), n = 100, in chunks of 10 images:
         # about 2,000 defended gradients per image; APGD-CE alone took 1.2-3.5 h per chunk on one core (2026-11-26,
         # results/PLAN.md), so a session finishes at most one chunk per core (gpu-rand is the same row on a GPU)
-        ev fs-rand "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        ev fs-rand-mixed "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \

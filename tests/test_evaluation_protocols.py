@@ -358,15 +358,21 @@ def test_cli_eval_and_figures_on_a_real_checkpoint_and_image_folder(tmp_path, mo
     assert info["budget"]["eps_sweep"] == [4 / 255, 32 / 255]
     assert info["checkpoint"] == str(ckpt) and info["checkpoint_meta"]["arch"] == "wrn-10-1"
     assert "Robust accuracy" in capsys.readouterr().out
-    # The undefended clean row is the checkpoint's own prediction on the first 4 test images (class order).
+    # The undefended clean row is the checkpoint's own prediction on the first 4 test images of the evaluation
+    # order: the folder is sorted by class (one image each), so a fixed permutation of it, never class 0 alone.
+    from fsmooth.data import evaluation_order
+    _, order, how = evaluation_order(torch.arange(10), torch.arange(10))
+    assert "fixed permutation" in how and info["image_order"] == how
+    assert len(set(order[:4].tolist())) == 4 and not torch.equal(order[:4], torch.arange(4))
     model, _ = load_model(ckpt)
-    pixels = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in test_files[:4]])
+    pixels = np.stack([np.asarray(Image.open(test_files[i]).convert("RGB")) for i in order[:4].tolist()])
     with torch.no_grad():
         pred = model(torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255).argmax(1)
     clean = next(r for r in report["runs"] if r["run_id"] == "clean/undefended/ol0")
-    assert clean["correct"] == int((pred == torch.arange(4)).sum())
+    assert clean["correct"] == int((pred == order[:4]).sum())
     tensors = load_file(str(out / "per_image.safetensors"))
-    assert torch.equal(tensors["labels"], torch.arange(4)) and torch.equal(tensors["pred/clean/undefended/ol0"], pred)
+    assert torch.equal(tensors["labels"], order[:4]) and torch.equal(tensors["pred/clean/undefended/ol0"], pred)
+    assert f"Images: the first n = 4 of {how}." in (out / "report.md").read_text()
     # --partial on the finished evaluation: every image, reported apart, nothing attacked again.
     assert main(["eval", "--checkpoint", str(ckpt), "--data", str(data), "--protocol", "paper,eps-sweep",
                  "--n", "4", "--eps", "8", "--outer-loops", "1", "--out", str(out), "--budget", "tiny",
@@ -429,3 +435,16 @@ def test_summarize_joins_reports_into_one_worst_case(setup, tmp_path):
         summarize([tmp_path / "a", tmp_path / "other"])
     with pytest.raises(SystemExit):                        # --name takes LABEL=NAME
         main(["summarize", str(tmp_path / "a"), "--name", "fs", "--out", str(tmp_path / "s2")])
+
+
+def test_summarize_refuses_reports_taken_in_another_image_order(setup, tmp_path):
+    """Reports of one data set taken in two orders hold other images under the same index: never joined."""
+    from fsmooth.evaluation.summary import summarize
+    model, x, y = setup
+    kwargs = dict(protocol="clean", eps=EPS, outer_loops=(1,), defense=TINY_DEFENSE, budget=tiny_budget(),
+                  chunk_size=6, quiet=True, defended_factory=tiny_factory)
+    evaluate(model, x, y, out=tmp_path / "a", meta={"image_order": "the source's order"}, **kwargs)
+    evaluate(model, x, y, out=tmp_path / "b", meta={"image_order": "a fixed permutation"}, **kwargs)
+    assert summarize([tmp_path / "a", tmp_path / "a"])["clean"]
+    with pytest.raises(ValueError, match="other images.*image order"):
+        summarize([tmp_path / "a", tmp_path / "b"])

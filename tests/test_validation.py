@@ -40,3 +40,31 @@ def test_bad_images_are_refused_by_every_entry_point(bad, error, match):
     labels = torch.zeros(len(bad), dtype=torch.int64)
     with pytest.raises(error, match=match):
         _as_images(bad, labels, None, "cpu")
+
+
+def test_evaluation_order_mixes_a_class_sorted_set_and_keeps_any_other():
+    from fsmooth.data import evaluation_order
+    labels = torch.arange(10).repeat_interleave(7)             # an ImageFolder tree: 7 per class, class order
+    images = torch.arange(70).view(70, 1, 1, 1).expand(70, 3, 2, 2)
+    x, y, how = evaluation_order(images, labels)
+    assert "fixed permutation" in how and len(set(y[:20].tolist())) >= 6  # the first 20 span the classes
+    assert torch.equal(labels[x[:, 0, 0, 0]], y)                # images and labels move together
+    x2, y2, _ = evaluation_order(images, labels)
+    assert torch.equal(y2, y) and torch.equal(x2, x)            # one fixed order: a smaller n is a prefix
+    mixed = labels[torch.randperm(70, generator=torch.Generator().manual_seed(5))]
+    assert evaluation_order(images, mixed)[1] is mixed and evaluation_order(images, mixed)[2] == "the source's order"
+    one_class = torch.zeros(70, dtype=torch.int64)
+    assert evaluation_order(images, one_class)[2] == "the source's order"
+
+
+def test_evaluate_warns_when_the_first_n_images_are_one_class():
+    from fsmooth.evaluation.api import _as_images
+    labels = torch.arange(3).repeat_interleave(4)
+    images = torch.rand(12, 3, 4, 4)
+    with pytest.warns(RuntimeWarning, match="first n=4 images are all of class 0"):
+        _as_images(images, labels, 4, "cpu")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _as_images(images, labels, 5, "cpu")   # two classes: no warning
+        _as_images(images, labels, None, "cpu")

@@ -5,6 +5,7 @@ import datetime
 import hashlib
 import logging
 import math
+import warnings
 import zlib
 from pathlib import Path
 
@@ -54,6 +55,10 @@ def _as_images(images, labels, n, device) -> tuple[torch.Tensor, torch.Tensor]:
     if n is not None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0:
             raise ValueError(f"n must be a non-negative int, got {n!r}")
+        if 1 < n < labels.shape[0] and int(labels[:n].unique().numel()) == 1 < int(labels.unique().numel()):
+            warnings.warn(f"the first n={n} images are all of class {int(labels[0])}: the set looks sorted by "
+                          "class; pass it shuffled (fsmooth.data.evaluation_order) to evaluate every class",
+                          RuntimeWarning, stacklevel=3)
         images, labels = images[:n], labels[:n]
     return as_unit_images(images).to(device), labels.long().to(device)
 

@@ -20,7 +20,7 @@ import torch
 from .._validation import check_device, check_out_dir
 from ..commands.argtypes import count, eps_255, positive, positive_int
 from ..commands.figures import run as run_figures  # its old home; kept for callers
-from ..data import load_dataset
+from ..data import evaluation_order, load_dataset
 from ..defense.config import DefenseConfig
 from ..distributed import init_from_env, is_main_process, local_device
 from ..models import zoo
@@ -139,6 +139,7 @@ def run(args) -> int:
     model, meta = _load(args, device)
     dataset = args.dataset or meta.get("dataset", "cifar10")
     images, labels = load_dataset(args.data, "test", dataset=dataset)
+    images, labels, image_order = evaluation_order(images, labels)
     defense = _defense_config(args.defense_preset, model)
     baseline = baseline_defense = None
     if args.baseline_checkpoint:
@@ -156,7 +157,8 @@ def run(args) -> int:
         layer=args.layer, budget=budget, seed=args.seed, chunk_size=args.chunk_size,
         batch_size=args.batch_size, out=args.out, resume=args.resume, quiet=args.quiet, partial=args.partial,
         meta={"command": command, "checkpoint": args.checkpoint or f"pretrained:{args.pretrained}",
-              "dataset": _dataset_label(args, dataset), "baseline_checkpoint": args.baseline_checkpoint,
+              "dataset": _dataset_label(args, dataset), "image_order": image_order,
+              "baseline_checkpoint": args.baseline_checkpoint,
               "checkpoint_meta": meta})
     if is_main_process() and not args.quiet:
         print(markdown(report))

@@ -150,6 +150,8 @@ def markdown(report: dict) -> str:
              f"pyautoattack {env['pyautoattack']}, torchattacks {env['torchattacks']}, "
              f"world size {info['world_size']}.",
              f"Defense: {info['defense']}. Budget: {_budget_text(info['budget'])}.", ""]
+    if info.get("image_order"):
+        lines += [f"Images: the first n = {info['n']} of {info['image_order']}.", ""]
     part = info.get("partial")
     if part:
         lines += [f"**Partial report:** the first {part['images']} of the {part['planned']} planned images (the "

@@ -57,15 +57,18 @@ def summarize(folders, names: dict | None = None) -> dict:
     clean: list[dict] = []
     groups: dict[tuple, dict] = {}
     adaptive: list[dict] = []
-    first_labels = None
+    first_labels = first_order = None
     for folder in folders:
         report, tensors = _load(folder)
         info = report["info"]
         labels = tensors["labels"]
         first_labels = labels if first_labels is None else first_labels
         n = min(len(labels), len(first_labels))
-        if not torch.equal(labels[:n], first_labels[:n]):
-            raise ValueError(f"{folder} was evaluated on other images than {folders[0]}")
+        first_order = first_order if folder != folders[0] else info.get("image_order")
+        if not torch.equal(labels[:n], first_labels[:n]) or info.get("image_order") != first_order:
+            raise ValueError(f"{folder} was evaluated on other images than {folders[0]} (image order "
+                             f"{info.get('image_order') or 'first n of the source'!r} vs "
+                             f"{first_order or 'first n of the source'!r})")
         model = names.get(_label(info), _label(info))
         fingerprint = info["fingerprint"]["model"]
         known = models.setdefault(model, {"model_checksum": fingerprint, "checkpoint": info.get("checkpoint"),
