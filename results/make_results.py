@@ -77,7 +77,8 @@ def build() -> dict:
     reports = _finished_reports()
     summary = summarize(reports) if reports else {"models": {}, "clean": [], "settings": [], "adaptive": []}
     mixed = _finished_reports(ten_classes=True)
-    ten_classes = summarize(mixed)["clean"] if mixed else []
+    ten = summarize(mixed) if mixed else {"clean": [], "settings": []}
+    ten_classes = ten["clean"]
     clean = {}
     for c in summary["clean"]:  # summarize sorts each classifier's clean passes largest n first: keep that one
         clean.setdefault((c["model"], c["target"], c["outer_loops"]), c)
@@ -106,7 +107,8 @@ def build() -> dict:
                       "table1": [{"column": c, "outer_loops": k, "eps_255": e, "accuracy_pct": v}
                                  for (c, k, e), v in PAPER["table1"].items()]},
             "models": _model_rows(), "bare": bare, "table1": table1, "adaptive": summary["adaptive"],
-            "ten_class_clean": ten_classes, "ten_class_reports": [str(r) for r in mixed],
+            "ten_class_clean": ten_classes, "ten_class_settings": ten["settings"],
+            "ten_class_reports": [str(r) for r in mixed],
             "reports": {str(r): {"log": f"{r}.log",
                                  **{k: v for k, v in json.loads((ROOT / r / "report.json").read_text())["info"].items()
                                     if k in ("command", "started", "finished", "n")}}
@@ -126,6 +128,13 @@ def tables(res: dict) -> str:
         out.append(f"| `{c['model']}` | {c['target']} | {c['outer_loops']} | {_pct(c)} | {iters} | `{c['report']}` |")
     if not res["ten_class_clean"]:
         out.append("| - | - | - | none finished yet | - | - |")
+    if res["ten_class_settings"]:
+        out += ["", "Under attack (ten classes): each attack alone and the worst case over all of them at the setting.",
+                "", "| model | target | K | eps | attacks | worst case |", "|---|---|---|---|---|---|"]
+        for t in res["ten_class_settings"]:
+            attacks = "; ".join(f"{c}: {_pct(v)}" for c, v in t["columns"].items())
+            out.append(f"| `{t['model']}` | {t['target']} | {t['outer_loops']} | {t['eps_255']:g}/255 | {attacks} | "
+                       f"{_pct(t['worst_case'])} |")
     out.append("")
     out += ["### Models", "",
             "| model | L_F in training | test accuracy (n) | train / test L_F, last epoch | defense beta, delta_test |",
