@@ -36,8 +36,8 @@ from safetensors.torch import load_file
 
 from .io import write_safetensors_atomic
 
-__all__ = ["load_dataset", "evaluation_order", "synthetic_dataset", "DeviceLoader", "augment", "resolve_source", "cache_dir",
-           "DATASETS", "CIFAR10_CLASSES", "DataError"]
+__all__ = ["load_dataset", "evaluation_order", "synthetic_dataset", "DeviceLoader", "augment", "resolve_source",
+           "cache_dir", "DATASETS", "CIFAR10_CLASSES", "DataError"]
 
 _log = logging.getLogger(__name__)
 
