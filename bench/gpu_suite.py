@@ -493,6 +493,13 @@ def _step_of(row: dict) -> str:
     return tag.split("/", 1)[1] if "/" in tag else ""
 
 
+def _apart(a: dict, b: dict) -> str:
+    """What a headline comparing rows ``a`` and ``b`` adds when two steps measured them."""
+    if _step_of(a) == _step_of(b):
+        return ""
+    return f"; measured in different steps ({_step_of(a) or '?'}, {_step_of(b) or '?'}), not back to back"
+
+
 def _pair(firsts: list[dict], seconds: list[dict]) -> tuple[dict | None, dict | None]:
     """A row of each list from the same step (measured back to back) when there is one, else the first of each."""
     for a in firsts:
@@ -521,11 +528,9 @@ def headlines(rows: list[dict]) -> list[str]:
                          f"({eager['useful_iters_per_s']:.4g} img-it/s; target >= 4x)")
             out.append(line)
             if compiled:
-                apart = _step_of(graph) != _step_of(compiled)
                 out.append(f"{name} vs torch.compile bf16 ({compiled.get('compile_mode')}) at batch 512: "
                            f"{graph['useful_iters_per_s'] / compiled['useful_iters_per_s']:.2f}x (target >= 1.3x)"
-                           + (f"; measured in different steps ({_step_of(graph) or '?'}, "
-                              f"{_step_of(compiled) or '?'}), not back to back" if apart else ""))
+                           + _apart(graph, compiled))
         fast = _find(rows, "latency", name, 1)
         if fast and slow:
             out.append(f"latency, batch 1, {fast['iters']} iterations: {name} {fast['median_ms']:.4g} ms vs eager "
@@ -535,9 +540,7 @@ def headlines(rows: list[dict]) -> list[str]:
         if affine and kept:
             out.append(f"{name} at batch 512, BatchNorms as affine maps vs kept: "
                        f"{affine['useful_iters_per_s']:.4g} vs {kept['useful_iters_per_s']:.4g} img-it/s "
-                       f"({affine['useful_iters_per_s'] / kept['useful_iters_per_s']:.2f}x)"
-                       + (f"; measured in different steps ({_step_of(affine) or '?'}, {_step_of(kept) or '?'}), "
-                          "not back to back" if _step_of(affine) != _step_of(kept) else ""))
+                       f"({affine['useful_iters_per_s'] / kept['useful_iters_per_s']:.2f}x)" + _apart(affine, kept))
     compact, masked = _find(rows, "early-exit", "graph-bf16", 512), _find(rows, "early-exit", "graph-bf16-nocompact", 512)
     if compact and masked:
         out.append(f"early exit at batch 512: compaction saves {1 - compact['median_ms'] / masked['median_ms']:.1%} "
