@@ -134,7 +134,7 @@ for run in "${runs[@]}"; do
     [ -f "$eval_dir/$run/report.md" ] && sed -n 1,60p "$eval_dir/$run/report.md"
 done
 (cd "$eval_dir" && find "${runs[@]/%/.log}" "${runs[@]}" -type f \( -name '*.json' -o -name '*.md' -o -name '*.log' \
-    -o -name per_image.safetensors \) \
+    -o -name per_image.safetensors \) ! -name '.*.tmp.*' \
     2>/dev/null | tar czf "$out/eval-$name.tar.gz" -T -)
 ls -l "$out"
 exit "$rc"

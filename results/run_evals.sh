@@ -47,13 +47,18 @@ ev() {  # ev RUN MODEL ARGS...: one resumable evaluation
 }
 
 case "${1:-}" in
-    a)  # row 1 (feature-smoothed), row 2's transfer attack from the bare model, row 7's transfer attack
+    a)  # row 1 (feature-smoothed), row 2's transfer attack from the bare model (and row 6: the same points at
+        # K = 10, re-using the bare model's attacks), row 7's transfer attack
         ev fs-clean-mixed "$FS" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
-        ev fs-transfer-mixed "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1
+        ev fs-transfer-mixed "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1 10
         ev std-transfer-mixed "$STD" --protocol transfer --num-images 200 --eps 8 16 --outer-loops 1
         ;;
-    b)  # row 1 (standard), then row 5 (Table 3: lambda in {-10, -1, 0, 1, 10})
+    b)  # row 1 (standard), row 3's AutoAttack standard column (about 1.7 core-hours on airplanes, fs-autoattack:
+        # 31.4 s per image; its chunks of 25 are the ones queue c's fs-paper-mixed would write), then row 5
+        # (Table 3: lambda in {-10, -1, 0, 1, 10})
         ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
+        ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
+            --batch-size 25
         ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
             --chunk-size 50 --batch-size 50
         ;;

@@ -29,6 +29,7 @@ STUB = textwrap.dedent("""\
     (out / "state" / "run").mkdir(parents=True, exist_ok=True)
     (out / "state" / "run" / "chunk00000.json").write_text("{}")
     (out / "state" / "run" / "chunk00000.safetensors").write_bytes(b"images")
+    (out / "state" / "run" / ".chunk00001.k2j4.tmp.json").write_text("{")  # an atomic write cut by a kill
     time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
     (out / "per_image.safetensors").write_bytes(b"per-image results")
     (out / "report.md").write_text("# report\\n")
@@ -69,6 +70,7 @@ def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, pro
         report = json.load(tar.extractfile(f"{run}/report.json"))
     assert {f"{run}.log", f"{run}/report.md", f"{run}/per_image.safetensors", f"{run}/state/run/chunk00000.json"} <= names
     assert not any("/state/" in name and name.endswith(".safetensors") for name in names)  # images stay there
+    assert not any(".tmp." in name for name in names)  # nor the leftovers of cut atomic writes
     assert report["protocols"] == protocols and report["n"] == n and report["eps"] == eps
     assert report["data"] == str(tmp_path / "carry" / "cifar10-jpeg-q75.tar.gz")
 
