@@ -8,7 +8,9 @@ embedded models' training and calibration metadata and the paper's numbers that 
 
 - results/summary.md: `fsmooth summarize`'s own table (every attack run, each worst case);
 - results/results.json: everything the tables show, `fsmooth summarize`'s JSON under "summary", and the
-  report (command, log) behind each number;
+  report (command, log) behind each number, in two parts: "ten_classes" (the reports of
+  `fsmooth.data.evaluation_order`) and "airplanes_only" (the earlier reports, of the first n images of the
+  class-sorted copy), never joined;
 - the generated tables in results/README.md, between the `<!-- tables:begin -->` / `<!-- tables:end -->`
   markers (the prose around them is written by hand).
 
@@ -73,17 +75,23 @@ def _model_rows() -> list[dict]:
     return rows
 
 
-def build() -> dict:
-    reports = _finished_reports()
+def _reports_info(reports: list[Path]) -> dict:
+    info = {}
+    for r in reports:
+        meta = json.loads((ROOT / r / "report.json").read_text())["info"]
+        info[str(r)] = {"log": f"{r}.log", **{k: v for k, v in meta.items()
+                                              if k in ("command", "started", "finished", "n", "image_order")}}
+    return info
+
+
+def _section(reports: list[Path]) -> dict:
+    """The Table 1 and Table 3 layouts, bare accuracy and defense cost, from one set of reports (one image
+    order: `fsmooth summarize` never joins two)."""
     summary = summarize(reports) if reports else {"models": {}, "clean": [], "settings": [], "adaptive": []}
-    mixed = _finished_reports(ten_classes=True)
-    ten = summarize(mixed) if mixed else {"clean": [], "settings": []}
-    ten_classes = ten["clean"]
     clean = {}
     for c in summary["clean"]:  # summarize sorts each classifier's clean passes largest n first: keep that one
         clean.setdefault((c["model"], c["target"], c["outer_loops"]), c)
     settings = {(s["model"], s["target"], s["outer_loops"], s["eps_255"]): s for s in summary["settings"]}
-
     table1 = []
     for key, name in MODELS.items():
         for k in (1, 10):
@@ -100,42 +108,66 @@ def build() -> dict:
                        "paper_aa": PAPER["table1"].get(("aa-standard", k, eps)) if key == "fs" else None}
                 if s or (row["clean"] and eps == 8.0):
                     table1.append(row)
-    bare = [c for key, c in clean.items() if key[1] == "undefended"]
+    return {"bare": [c for key, c in clean.items() if key[1] == "undefended"], "table1": table1,
+            "adaptive": summary["adaptive"],
+            "cost": [c for c in summary["clean"] if c["target"] != "undefended"],
+            "reports": _reports_info(reports), "summary": summary}
+
+
+def build() -> dict:
     return {"generated_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%MZ"),
             "command": "python results/make_results.py", "dataset": DATASET,
             "paper": {"model": PAPER["model"], "table3": PAPER["table3"],
                       "table1": [{"column": c, "outer_loops": k, "eps_255": e, "accuracy_pct": v}
                                  for (c, k, e), v in PAPER["table1"].items()]},
-            "models": _model_rows(), "bare": bare, "table1": table1, "adaptive": summary["adaptive"],
-            "ten_class_clean": ten_classes, "ten_class_settings": ten["settings"],
-            "ten_class_reports": [str(r) for r in mixed],
-            "reports": {str(r): {"log": f"{r}.log",
-                                 **{k: v for k, v in json.loads((ROOT / r / "report.json").read_text())["info"].items()
-                                    if k in ("command", "started", "finished", "n")}}
-                        for r in reports},
-            "summary": summary}
+            "models": _model_rows(),
+            "ten_classes": _section(_finished_reports(ten_classes=True)),
+            "airplanes_only": _section(_finished_reports())}
+
+
+def _section_tables(sec: dict, level: str) -> list[str]:
+    out = [f"{level} Clean accuracy without the defense", "", "| model | accuracy | report |", "|---|---|---|"]
+    for b in sec["bare"]:
+        out.append(f"| `{b['model']}` | {_pct(b)} | `{b['report']}` |")
+    out += ["", f"{level} Table 1 layout: Active Defense under attack", "",
+            "Each attack column is that attack alone, scored by the defense run it was attacked through. `worst "
+            "case`: correct in the clean defended pass and under every attack run at that setting, in any report "
+            "(joined on the first n images all of them ran); `strict`: also correct in each of 5 fresh defense runs "
+            "on one adversarial point per image (the one that fooled it, else the first attack's). `other attacks`: "
+            "each further attack alone (lambda: the adaptive APGD-CE of Table 3; transfer: AutoAttack standard on "
+            "the bare model, its points scored through the defense). The paper's column is its WRN-28-10 under "
+            "AutoAttack standard; it has no number for the standard model here.", "",
+            "| model | K | eps | clean (defended) | APGD-CE | APGD-T | FAB-T | Square | AutoAttack | worst case | "
+            "strict | other attacks | paper AutoAttack |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sec["table1"]:
+        paper = f"{r['paper_aa']:.2f}" if r["paper_aa"] is not None else "-"
+        attacks = "; ".join(f"{c}: {_pct(v)}" for c, v in r["other_attacks"].items()) or "-"
+        out.append(f"| `{r['model']}` | {r['outer_loops']} | {r['eps_255']:g}/255 | {_pct(r['clean'])} | "
+                   + " | ".join(_pct(r[c]) for c in TABLE1_COLUMNS)
+                   + f" | {_pct(r['worst_case'])} | {_pct(r['strict'])} | {attacks} | {paper} |")
+    out += ["", f"{level} Table 3 layout: adaptive APGD-CE on CE + lambda * max(L_F, delta)", "",
+            f"Paper: {PAPER['table3']} (the issue quotes no number). lambda = 0 is APGD-CE through the same "
+            "oracle, the control.", "", "| model | K | eps | lambda | accuracy | report |", "|---|---|---|---|---|---|"]
+    for a in sec["adaptive"]:
+        out.append(f"| `{a['model']}` | {a['outer_loops']} | {a['eps_255']:g}/255 | {a['lam']:g} | {_pct(a)} | "
+                   f"`{a['report']}` |")
+    if not sec["adaptive"]:
+        out.append("| - | - | - | - | not run yet | - |")
+    out += ["", f"{level} Defense cost (clean passes; CPU rows: one core per process)", "",
+            "| model | K | defense iterations mean / max | s per image | device | report |", "|---|---|---|---|---|---|"]
+    for c in sec["cost"]:
+        it = c["defense_iterations"]
+        out.append(f"| `{c['model']}` | {c['outer_loops']} | {it['mean']:.0f} / {it['max']:.0f} | "
+                   f"{c['wall_per_image_s']:.3g} | {c['device']} | `{c['report']}` |")
+    out += ["", f"{level} Reports behind the numbers", "", "| report | log | n | command |", "|---|---|---|---|"]
+    for path, r in sec["reports"].items():
+        out.append(f"| `{path}/report.md` | `{r['log']}` | {r['n']} | `{r['command']}` |")
+    return out
 
 
 def tables(res: dict) -> str:
-    out = [f"_Generated by `{res['command']}` on {res['generated_utc']} from the reports listed at the end; "
-           f"all numbers are on {res['dataset']}, in %, with 95% Wilson intervals and n. **The tables after the first two (ten classes; models) "
-           "are of airplanes only** (the first n images of the class-sorted copy)._", ""]
-    out += ["### Ten classes (`fsmooth eval`'s evaluation order since 2026-11-26)", "",
-            "| model | target | K | accuracy | defense iterations mean / max | report |", "|---|---|---|---|---|---|"]
-    for c in res["ten_class_clean"]:
-        it = c.get("defense_iterations") or {}
-        iters = f"{it['mean']:.0f} / {it['max']:.0f}" if it else "-"
-        out.append(f"| `{c['model']}` | {c['target']} | {c['outer_loops']} | {_pct(c)} | {iters} | `{c['report']}` |")
-    if not res["ten_class_clean"]:
-        out.append("| - | - | - | none finished yet | - | - |")
-    if res["ten_class_settings"]:
-        out += ["", "Under attack (ten classes): each attack alone and the worst case over all of them at the setting.",
-                "", "| model | target | K | eps | attacks | worst case |", "|---|---|---|---|---|---|"]
-        for t in res["ten_class_settings"]:
-            attacks = "; ".join(f"{c}: {_pct(v)}" for c, v in t["columns"].items())
-            out.append(f"| `{t['model']}` | {t['target']} | {t['outer_loops']} | {t['eps_255']:g}/255 | {attacks} | "
-                       f"{_pct(t['worst_case'])} |")
-    out.append("")
+    out = [f"_Generated by `{res['command']}` on {res['generated_utc']} from the reports listed in each part; "
+           f"all numbers are on {res['dataset']}, in %, with 95% Wilson intervals and n._", ""]
     out += ["### Models", "",
             "| model | L_F in training | test accuracy (n) | train / test L_F, last epoch | defense beta, delta_test |",
             "|---|---|---|---|---|"]
@@ -143,50 +175,21 @@ def tables(res: dict) -> str:
         lf = f"yes (delta {m['delta']})" if m["feature_loss_in_training"] else "no (the paper's Standard)"
         out.append(f"| `{m['name']}` | {lf} | {100 * m['test_accuracy']:.2f} ({m['test_n']}) | "
                    f"{m['train_feature_loss']:.4f} / {m['test_feature_loss']:.4f} | {m['beta']:g}, {m['delta_test']:g} |")
-    out += ["", "### Clean accuracy without the defense", "", "| model | accuracy | report |", "|---|---|---|"]
-    for b in res["bare"]:
-        out.append(f"| `{b['model']}` | {_pct(b)} | `{b['report']}` |")
-    out += ["", "### Table 1 layout: Active Defense under attack", "",
-            "Each attack column is that attack alone, scored by the defense run it was attacked through. `worst "
-            "case`: correct in the clean defended pass and under every attack run at that setting, in any report "
-            "(joined on the first n images all of them ran); `strict`: also correct in each of 5 fresh defense runs "
-            "on one adversarial point per image (the one that fooled it, else the first attack's). `other attacks`: "
-            "each further attack alone (lambda: the adaptive APGD-CE of Table 3). The paper's column is its WRN-28-10 under AutoAttack standard; it has no number for "
-            "the standard model here.", "",
-            "| model | K | eps | clean (defended) | APGD-CE | APGD-T | FAB-T | Square | AutoAttack | worst case | "
-            "strict | other attacks | paper AutoAttack |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in res["table1"]:
-        paper = f"{r['paper_aa']:.2f}" if r["paper_aa"] is not None else "-"
-        attacks = "; ".join(f"{c}: {_pct(v)}" for c, v in r["other_attacks"].items()) or "-"
-        out.append(f"| `{r['model']}` | {r['outer_loops']} | {r['eps_255']:g}/255 | {_pct(r['clean'])} | "
-                   + " | ".join(_pct(r[c]) for c in TABLE1_COLUMNS)
-                   + f" | {_pct(r['worst_case'])} | {_pct(r['strict'])} | {attacks} | {paper} |")
-    out += ["", "### Table 3 layout: adaptive APGD-CE on CE + lambda * max(L_F, delta)", "",
-            f"Paper: {res['paper']['table3']} (the issue quotes no number). lambda = 0 is APGD-CE through the same "
-            "oracle, the control.", "", "| model | K | eps | lambda | accuracy | report |", "|---|---|---|---|---|---|"]
-    for a in res["adaptive"]:
-        out.append(f"| `{a['model']}` | {a['outer_loops']} | {a['eps_255']:g}/255 | {a['lam']:g} | {_pct(a)} | "
-                   f"`{a['report']}` |")
-    if not res["adaptive"]:
-        out.append("| - | - | - | - | not run yet | - |")
-    out += ["", "### Defense cost (clean passes; CPU rows: one core per process)", "",
-            "| model | K | defense iterations mean / max | s per image | device | report |", "|---|---|---|---|---|---|"]
-    for c in res["summary"]["clean"]:
-        if c["target"] == "undefended":
-            continue
-        it = c["defense_iterations"]
-        out.append(f"| `{c['model']}` | {c['outer_loops']} | {it['mean']:.0f} / {it['max']:.0f} | "
-                   f"{c['wall_per_image_s']:.3g} | {c['device']} | `{c['report']}` |")
-    out += ["", "### Reports behind the numbers", "", "| report | log | n | command |", "|---|---|---|---|"]
-    for path, r in res["reports"].items():
-        out.append(f"| `{path}/report.md` | `{r['log']}` | {r['n']} | `{r['command']}` |")
+    out += ["", "### All ten classes (`fsmooth eval`'s evaluation order since 2026-11-26)", ""]
+    out += _section_tables(res["ten_classes"], "####")
+    out += ["", "### Airplanes only (superseded: the first n images of the class-sorted copy, all of class 0)", "",
+            "The reports before 2026-11-26. Kept because they are what earlier notes quote; they measure one "
+            "class, and are never joined with the ten-class ones.", ""]
+    out += _section_tables(res["airplanes_only"], "####")
     return "\n".join(out) + "\n"
 
 
 def main() -> int:
     os.chdir(ROOT)
     res = build()
-    write_text_atomic(RESULTS / "summary.md", summary_markdown(res["summary"]))
+    write_text_atomic(RESULTS / "summary.md",
+                      "# All ten classes\n\n" + summary_markdown(res["ten_classes"]["summary"])
+                      + "\n# Airplanes only (superseded)\n\n" + summary_markdown(res["airplanes_only"]["summary"]))
     write_json(RESULTS / "results.json", res)
     readme = RESULTS / "README.md"
     text = readme.read_text() if readme.exists() else f"# CPU reproduction\n\n{BEGIN}\n{END}\n"
