@@ -10,12 +10,13 @@ the full merged results and rank 0 writes the report.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["env_ranks", "rank_and_world", "is_main_process", "init_from_env", "all_gather_object", "barrier",
-           "local_device"]
+__all__ = ["env_ranks", "rank_and_world", "is_main_process", "init_from_env", "collective_timeout",
+           "all_gather_object", "barrier", "local_device"]
 
 
 def env_ranks() -> tuple[int, int, int]:
@@ -44,16 +45,36 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_from_env() -> bool:
-    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); ``True`` when distributed."""
+def collective_timeout(default_s: float | None = None) -> timedelta | None:
+    """How long a collective waits for the slowest rank: ``FSMOOTH_DIST_TIMEOUT_S`` (seconds) when set, else
+    ``default_s``; ``None`` leaves torch's default (30 minutes for gloo)."""
+    raw = os.environ.get("FSMOOTH_DIST_TIMEOUT_S")
+    if raw is not None:
+        try:
+            seconds = float(raw)
+        except ValueError:
+            raise ValueError(f"FSMOOTH_DIST_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+        if not seconds > 0:
+            raise ValueError(f"FSMOOTH_DIST_TIMEOUT_S must be positive, got {raw!r}")
+        return timedelta(seconds=seconds)
+    return None if default_s is None else timedelta(seconds=default_s)
+
+
+def init_from_env(timeout_s: float | None = None) -> bool:
+    """Join the process group ``torchrun`` describes (``WORLD_SIZE`` > 1); ``True`` when distributed.
+
+    ``timeout_s``: how long a collective may wait for the slowest rank (see :func:`collective_timeout`).
+    """
     if not dist.is_available() or env_ranks()[1] <= 1:
         return False
     if not dist.is_initialized():
+        timeout = collective_timeout(timeout_s)
+        kwargs = {} if timeout is None else {"timeout": timeout}
         if torch.cuda.is_available():
             torch.cuda.set_device(local_device())
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", **kwargs)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", **kwargs)
     return True
 
 

@@ -54,8 +54,11 @@ def _finished_reports(ten_classes: bool = False) -> list[Path]:
     ``image_order`` took the first n images of the class-sorted copy (airplanes only); the others took
     ``fsmooth.data.evaluation_order``'s (every class). The two are never joined."""
     found = []
-    for path in sorted((RESULTS / "eval").glob("*/report.json")):
-        if bool(json.loads(path.read_text())["info"].get("image_order")) == ten_classes:
+    for run in sorted(p for p in (RESULTS / "eval").iterdir() if p.is_dir()):
+        # A run still going (or stopped) counts by its `fsmooth eval --partial` report: the chunks it finished,
+        # re-scored; the report's path (".../partial") and n say so in every table.
+        path = next((r for r in (run / "report.json", run / "partial" / "report.json") if r.is_file()), None)
+        if path and bool(json.loads(path.read_text())["info"].get("image_order")) == ten_classes:
             found.append(path.parent.relative_to(ROOT))
     return found
 
@@ -79,8 +82,9 @@ def _reports_info(reports: list[Path]) -> dict:
     info = {}
     for r in reports:
         meta = json.loads((ROOT / r / "report.json").read_text())["info"]
-        info[str(r)] = {"log": f"{r}.log", **{k: v for k, v in meta.items()
-                                              if k in ("command", "started", "finished", "n", "image_order")}}
+        run = r.parent if r.name == "partial" else r
+        info[str(r)] = {"log": f"{run}.log", "partial": run != r,
+                        **{k: v for k, v in meta.items() if k in ("command", "started", "finished", "n", "image_order")}}
     return info
 
 
@@ -159,7 +163,12 @@ def _section_tables(sec: dict, level: str) -> list[str]:
         it = c["defense_iterations"]
         out.append(f"| `{c['model']}` | {c['outer_loops']} | {it['mean']:.0f} / {it['max']:.0f} | "
                    f"{c['wall_per_image_s']:.3g} | {c['device']} | `{c['report']}` |")
-    out += ["", f"{level} Reports behind the numbers", "", "| report | log | n | command |", "|---|---|---|---|"]
+    partial = [p for p, r in sec["reports"].items() if r["partial"]]
+    out += ["", f"{level} Reports behind the numbers", ""]
+    if partial:
+        out += ["Not finished yet, and read through `fsmooth eval --partial` (the chunks each had finished, re-scored): "
+                + ", ".join(f"`{p}`" for p in partial) + ".", ""]
+    out += ["| report | log | n | command |", "|---|---|---|---|"]
     for path, r in sec["reports"].items():
         out.append(f"| `{path}/report.md` | `{r['log']}` | {r['n']} | `{r['command']}` |")
     return out

@@ -52,3 +52,71 @@ def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
     # Each rank ran its own chunks: 3 chunks of 4 images -> rank 0 has chunks 0 and 2, rank 1 chunk 1.
     chunks = sorted(p.name for p in (tmp_path / "sharded" / "state").glob("defended_ol1_eps8_eot-pgd-ce/chunk*.json"))
     assert chunks == ["chunk00000.json", "chunk00001.json", "chunk00002.json"]
+
+
+def _late_rank_worker(rank, world, port, timeout_s, delay_s, results):
+    """torchrun's environment, init_from_env's group, and a rank that reaches the gather ``delay_s`` late."""
+    import time
+    from fsmooth.distributed import all_gather_object, init_from_env
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    os.environ.pop("FSMOOTH_DIST_TIMEOUT_S", None)
+    init_from_env(timeout_s=timeout_s)
+    try:
+        dist.barrier()
+        if rank == 1:
+            time.sleep(delay_s)
+        outcome = "ok" if all_gather_object(rank) == [0, 1] else "wrong"
+    except RuntimeError as e:
+        outcome = f"failed: {e}"
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(results, f"late{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+@pytest.mark.parametrize("timeout_s, survives", [(2.0, False), (60.0, True)])
+def test_a_gather_waits_for_a_late_rank_as_long_as_the_timeout_says(tmp_path, timeout_s, survives):
+    """One rank 6 s behind the other: a 2 s collective timeout gives up on it, 60 s waits (the evaluation
+    passes 30 days: a rank whose chunk holds an image that survives to FAB-T can be hours behind)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        mp.spawn(_late_rank_worker, args=(2, port, timeout_s, 6.0, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessRaisedException:
+        pass
+    outcome = (tmp_path / "late0.txt").read_text()
+    assert (outcome == "ok") == survives, outcome
+
+
+def test_collective_timeout_reads_its_environment_variable(monkeypatch):
+    from datetime import timedelta
+    from fsmooth.distributed import collective_timeout
+    monkeypatch.delenv("FSMOOTH_DIST_TIMEOUT_S", raising=False)
+    assert collective_timeout() is None and collective_timeout(90) == timedelta(seconds=90)
+    monkeypatch.setenv("FSMOOTH_DIST_TIMEOUT_S", "7.5")
+    assert collective_timeout(90) == timedelta(seconds=7.5)
+    for bad in ("soon", "0", "-3"):
+        monkeypatch.setenv("FSMOOTH_DIST_TIMEOUT_S", bad)
+        with pytest.raises(ValueError, match="FSMOOTH_DIST_TIMEOUT_S"):
+            collective_timeout()
+
+
+def test_fsmooth_eval_waits_days_for_its_slowest_rank(monkeypatch):
+    """`fsmooth eval` joins the group with a timeout far above gloo's 30 minutes."""
+    from fsmooth.evaluation import cli
+
+    class Joined(Exception):
+        pass
+
+    def init(timeout_s=None):
+        raise Joined(timeout_s)
+
+    monkeypatch.setattr(cli, "_check_options", lambda args: None)
+    monkeypatch.setattr(cli, "init_from_env", init)
+    with pytest.raises(Joined) as got:
+        cli.run(object())
+    assert got.value.args[0] >= 7 * 24 * 3600

@@ -132,9 +132,15 @@ def _check_options(args):
     return _budget(args)
 
 
+# Ranks meet after every run to merge their chunks, and one rank's chunks can take hours longer than another's
+# (an image that survives to FAB-T or Square on one core): torch's 30-minute gloo default killed such a run on
+# 2026-11-26. A crashed rank is still caught at once: torchrun stops the others when one exits.
+RANK_WAIT_S = 30 * 24 * 3600.0
+
+
 def run(args) -> int:
     budget = _check_options(args)
-    init_from_env()
+    init_from_env(timeout_s=RANK_WAIT_S)
     device = torch.device(args.device) if args.device else local_device()
     model, meta = _load(args, device)
     dataset = args.dataset or meta.get("dataset", "cifar10")
