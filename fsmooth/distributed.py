@@ -45,6 +45,10 @@ def local_device() -> torch.device:
     return torch.device("cpu")
 
 
+# c10d hands timeouts to poll() as int milliseconds: above 2**31 - 1 ms (24.8 days) they wrap around.
+MAX_TIMEOUT_S = 24 * 24 * 3600.0
+
+
 def collective_timeout(default_s: float | None = None) -> timedelta | None:
     """How long a collective waits for the slowest rank: ``FSMOOTH_DIST_TIMEOUT_S`` (seconds) when set, else
     ``default_s``; ``None`` leaves torch's default (30 minutes for gloo)."""
@@ -54,8 +58,9 @@ def collective_timeout(default_s: float | None = None) -> timedelta | None:
             seconds = float(raw)
         except ValueError:
             raise ValueError(f"FSMOOTH_DIST_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
-        if not seconds > 0:
-            raise ValueError(f"FSMOOTH_DIST_TIMEOUT_S must be positive, got {raw!r}")
+        if not 0 < seconds <= MAX_TIMEOUT_S:
+            raise ValueError(f"FSMOOTH_DIST_TIMEOUT_S must be positive and at most {MAX_TIMEOUT_S:.0f} s, "
+                             f"got {raw!r}")
         return timedelta(seconds=seconds)
     return None if default_s is None else timedelta(seconds=default_s)
 

@@ -2,7 +2,8 @@
 
     python results/make_results.py
 
-Joins every finished `fsmooth eval` report under results/eval/ with `fsmooth summarize` (the worst case per
+Joins every `fsmooth eval` report under results/eval/ (a run's own report.json, or, for a run that has not
+finished, its `fsmooth eval --partial` report in <run>/partial/, which the tables name) with `fsmooth summarize` (the worst case per
 model and setting is the AND of the per-image verdicts over every attack of every report), adds the
 embedded models' training and calibration metadata and the paper's numbers that the issue quotes, and writes:
 

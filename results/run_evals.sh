@@ -53,27 +53,26 @@ case "${1:-}" in
         ev fs-transfer-mixed "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1 10
         ev std-transfer-mixed "$STD" --protocol transfer --num-images 200 --eps 8 16 --outer-loops 1
         ;;
-    b)  # row 1 (standard), row 3's AutoAttack standard column (about 1.7 core-hours on airplanes, fs-autoattack:
-        # 31.4 s per image; its chunks of 25 are the ones queue c's fs-paper-mixed would write), then row 5
-        # (Table 3: lambda in {-10, -1, 0, 1, 10})
+    b)  # row 1 (standard), row 3's AutoAttack standard column, then row 5 (Table 3: lambda in {-10, -1, 0, 1, 10}).
+        # AutoAttack's cost is set by the images that survive APGD-CE and APGD-T: chunks of 25 with none took
+        # 3-10 minutes per core, one with a survivor 48 minutes, another more than 77 (2026-11-26)
         ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
         ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
         ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
             --chunk-size 50 --batch-size 50
         ;;
-    c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200
-        ev fs-paper-mixed "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 --batch-size 25
-        ;;
-    c-autoattack)  # row 3's AutoAttack column while queue c still runs the attacks alone: queue c's finished
-        # clean and AutoAttack-standard chunks, linked (not copied) into a run of its own, re-scored, reported
-        mkdir -p "$EVAL_DIR/fs-autoattack-mixed/state"
+    c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200. Queue b's finished
+        # clean and AutoAttack-standard chunks (same images, chunks and fingerprint) are linked, not recomputed:
+        # do not run this beside queue b, as both would write those chunks
+        mkdir -p "$EVAL_DIR/fs-paper-mixed/state"
         for d in clean_undefended_ol0 clean_defended_ol1 defended_ol1_eps8_aa-standard; do
-            [ -e "$EVAL_DIR/fs-autoattack-mixed/state/$d" ] || ln -s "../../fs-paper-mixed/state/$d" "$EVAL_DIR/fs-autoattack-mixed/state/$d"
+            [ -e "$EVAL_DIR/fs-paper-mixed/state/$d" ] || [ ! -d "$EVAL_DIR/fs-autoattack-mixed/state/$d" ] \
+                || ln -s "../../fs-autoattack-mixed/state/$d" "$EVAL_DIR/fs-paper-mixed/state/$d"
         done
-        cp -n "$EVAL_DIR/fs-paper-mixed/state/fingerprint.json" "$EVAL_DIR/fs-autoattack-mixed/state/"
-        ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
-            --batch-size 25
+        [ ! -f "$EVAL_DIR/fs-autoattack-mixed/state/fingerprint.json" ] \
+            || cp -n "$EVAL_DIR/fs-autoattack-mixed/state/fingerprint.json" "$EVAL_DIR/fs-paper-mixed/state/"
+        ev fs-paper-mixed "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 --batch-size 25
         ;;
     d)  # row 4: AutoAttack rand (APGD-CE and APGD-DLR, 20 EOT draws each), n = 100, in chunks of 10 images:
         # about 2,000 defended gradients per image; APGD-CE alone took 1.2-3.5 h per chunk on one core (2026-11-26,
@@ -112,6 +111,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|c-autoattack|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

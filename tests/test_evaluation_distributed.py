@@ -61,35 +61,41 @@ def _late_rank_worker(rank, world, port, timeout_s, delay_s, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     os.environ.pop("FSMOOTH_DIST_TIMEOUT_S", None)
-    init_from_env(timeout_s=timeout_s)
     try:
+        init_from_env(timeout_s=timeout_s)
         dist.barrier()
-        if rank == 1:
-            time.sleep(delay_s)
-        outcome = "ok" if all_gather_object(rank) == [0, 1] else "wrong"
-    except RuntimeError as e:
-        outcome = f"failed: {e}"
-    finally:
-        dist.destroy_process_group()
+    except RuntimeError as e:  # the rendezvous itself: not what this test is about
+        outcome = f"init failed: {e}"
+    else:
+        try:
+            if rank == 1:
+                time.sleep(delay_s)
+            outcome = "ok" if all_gather_object(rank) == [0, 1] else "wrong"
+        except RuntimeError as e:
+            outcome = f"gather failed: {e}"
+        finally:
+            dist.destroy_process_group()
     with open(os.path.join(results, f"late{rank}.txt"), "w") as f:
         f.write(outcome)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-@pytest.mark.parametrize("timeout_s, survives", [(2.0, False), (60.0, True)])
+@pytest.mark.parametrize("timeout_s, survives", [(8.0, False), (90.0, True)])
 def test_a_gather_waits_for_a_late_rank_as_long_as_the_timeout_says(tmp_path, timeout_s, survives):
-    """One rank 6 s behind the other: a 2 s collective timeout gives up on it, 60 s waits (the evaluation
-    passes 30 days: a rank whose chunk holds an image that survives to FAB-T can be hours behind)."""
+    """One rank 20 s behind the other: an 8 s collective timeout gives up on it, 90 s waits (the evaluation
+    passes 7 days: a rank whose chunk holds an image that survives to FAB-T can be hours behind)."""
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     try:
-        mp.spawn(_late_rank_worker, args=(2, port, timeout_s, 6.0, str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_late_rank_worker, args=(2, port, timeout_s, 20.0, str(tmp_path)), nprocs=2, join=True)
     except mp.ProcessRaisedException:
         pass
     outcome = (tmp_path / "late0.txt").read_text()
-    assert (outcome == "ok") == survives, outcome
+    if outcome.startswith("init failed"):
+        pytest.fail(f"the two processes did not meet (a loaded machine?), so the gather was not tested: {outcome}")
+    assert outcome == "ok" if survives else outcome.startswith("gather failed"), outcome
 
 
 def test_collective_timeout_reads_its_environment_variable(monkeypatch):
@@ -99,7 +105,7 @@ def test_collective_timeout_reads_its_environment_variable(monkeypatch):
     assert collective_timeout() is None and collective_timeout(90) == timedelta(seconds=90)
     monkeypatch.setenv("FSMOOTH_DIST_TIMEOUT_S", "7.5")
     assert collective_timeout(90) == timedelta(seconds=7.5)
-    for bad in ("soon", "0", "-3"):
+    for bad in ("soon", "0", "-3", "inf", "nan", str(30 * 24 * 3600)):
         monkeypatch.setenv("FSMOOTH_DIST_TIMEOUT_S", bad)
         with pytest.raises(ValueError, match="FSMOOTH_DIST_TIMEOUT_S"):
             collective_timeout()

@@ -135,7 +135,7 @@ def _check_options(args):
 # Ranks meet after every run to merge their chunks, and one rank's chunks can take hours longer than another's
 # (an image that survives to FAB-T or Square on one core): torch's 30-minute gloo default killed such a run on
 # 2026-11-26. A crashed rank is still caught at once: torchrun stops the others when one exits.
-RANK_WAIT_S = 30 * 24 * 3600.0
+RANK_WAIT_S = 7 * 24 * 3600.0
 
 
 def run(args) -> int:
