@@ -50,7 +50,7 @@ def _pct(s: dict | None) -> str:
     return f"{100 * s['accuracy']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}] (n={s['n']})"
 
 
-def _finished_reports(ten_classes: bool = False) -> list[Path]:
+def _reports(ten_classes: bool = False) -> list[Path]:
     """Relative to the repository root, so the tables name them as committed. The reports without an
     ``image_order`` took the first n images of the class-sorted copy (airplanes only); the others took
     ``fsmooth.data.evaluation_order``'s (every class). The two are never joined."""
@@ -126,8 +126,8 @@ def build() -> dict:
                       "table1": [{"column": c, "outer_loops": k, "eps_255": e, "accuracy_pct": v}
                                  for (c, k, e), v in PAPER["table1"].items()]},
             "models": _model_rows(),
-            "ten_classes": _section(_finished_reports(ten_classes=True)),
-            "airplanes_only": _section(_finished_reports())}
+            "ten_classes": _section(_reports(ten_classes=True)),
+            "airplanes_only": _section(_reports())}
 
 
 def _section_tables(sec: dict, level: str) -> list[str]:

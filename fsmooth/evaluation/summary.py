@@ -57,14 +57,13 @@ def summarize(folders, names: dict | None = None) -> dict:
     clean: list[dict] = []
     groups: dict[tuple, dict] = {}
     adaptive: list[dict] = []
-    first_labels = first_order = None
-    for folder in folders:
+    for i, folder in enumerate(folders):
         report, tensors = _load(folder)
         info = report["info"]
         labels = tensors["labels"]
-        first_labels = labels if first_labels is None else first_labels
+        if i == 0:  # every other report must have taken the same images, in the same order
+            first_labels, first_order = labels, info.get("image_order")
         n = min(len(labels), len(first_labels))
-        first_order = first_order if folder != folders[0] else info.get("image_order")
         if not torch.equal(labels[:n], first_labels[:n]) or info.get("image_order") != first_order:
             raise ValueError(f"{folder} was evaluated on other images than {folders[0]} (image order "
                              f"{info.get('image_order') or 'first n of the source'!r} vs "
