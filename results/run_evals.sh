@@ -5,7 +5,8 @@
 #
 # Every run resumes from its finished chunks (results/eval/<run>/state): after an interruption, or on a
 # fresh machine with the committed state, run the same queue again. Each run appends its log to
-# results/eval/<run>.log; its report is results/eval/<run>/report.{json,md}. The order inside a queue is the
+# results/eval/<run>.log; its report is results/eval/<run>/report.{json,md}, which a rerun of a finished run
+# leaves as it was (times included). The order inside a queue is the
 # issue's priority order; attack budgets are the published defaults (never lowered: n is lowered instead).
 # FSMOOTH_NPROC=2 runs each evaluation on two ranks (torchrun, one core each; chunks c with c % 2 == rank),
 # reusing the chunks a one-rank run finished: fs-adaptive was finished that way once queue a was done.
@@ -53,14 +54,13 @@ case "${1:-}" in
         ev fs-transfer-mixed "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1 10
         ev std-transfer-mixed "$STD" --protocol transfer --num-images 200 --eps 8 16 --outer-loops 1
         ;;
-    b)  # row 1 (standard), row 3's AutoAttack standard column, then row 5 (Table 3: lambda in {-10, -1, 0, 1, 10}).
+    b)  # row 1 (standard), row 3's AutoAttack standard column.
         # AutoAttack's cost is set by the images that survive APGD-CE and APGD-T: chunks of 25 with none took
-        # 3-10 minutes per core, one with a survivor 48 minutes, another more than 77 (2026-11-26)
+        # 3-10 minutes per core, one with a survivor 48 minutes, another more than 77 (2026-11-26). With two
+        # ranks, the rank without the last chunk idles: run queue e beside it
         ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
         ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
-        ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
-            --chunk-size 50 --batch-size 50
         ;;
     c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200. Queue b's finished
         # clean and AutoAttack-standard chunks (same images, chunks and fingerprint) are linked, not recomputed:
@@ -78,6 +78,11 @@ case "${1:-}" in
         # about 2,000 defended gradients per image; APGD-CE alone took 1.2-3.5 h per chunk on one core (2026-11-26,
         # results/PLAN.md), so a session finishes at most one chunk per core (gpu-rand is the same row on a GPU)
         ev fs-rand-mixed "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        ;;
+    e)  # row 5 (Table 3: lambda in {-10, -1, 0, 1, 10}): 18.5-21.1 s per image and lambda on one core at batch 50
+        # (airplanes-only fs-adaptive), so about 2.8 core-hours for the attacks, plus the clean passes and re-scoring
+        ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
+            --chunk-size 50 --batch-size 50
         ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
@@ -111,6 +116,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

@@ -208,6 +208,26 @@ def test_no_resume_clears_the_state_so_a_later_resume_never_mixes_runs(setup, tm
     assert _same_outputs(tmp_path / "straight", out)
 
 
+def test_a_rerun_that_computes_nothing_keeps_the_reports_times(setup, tmp_path):
+    import json
+
+    model, x, y = setup
+    out = tmp_path / "run"
+    evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
+    path = out / "report.json"
+    first = json.loads(path.read_text())
+    times = {"started": "2000-01-01T00:00:00+00:00", "finished": "2000-01-01T00:01:00+00:00"}
+    first["info"].update(times)                      # times no rerun could write
+    path.write_text(json.dumps(first, indent=2))
+    again = evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
+    assert {k: again["info"][k] for k in times} == times
+    assert json.loads(path.read_text()) == first     # the finished report is left as it was
+    # Other results (here the clean protocol alone) are a new report, with the times of its own run.
+    other = evaluate(model, x, y, out=out, seed=3, **{**RESUME_KWARGS, "protocol": "clean"})
+    assert other["info"]["started"] != times["started"]
+    assert json.loads(path.read_text())["info"]["finished"] == other["info"]["finished"]
+
+
 def test_corrupt_and_foreign_chunks_are_recomputed_with_a_warning(setup, tmp_path):
     import shutil
     import warnings

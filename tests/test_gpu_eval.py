@@ -136,6 +136,26 @@ def test_gpu_eval_detached_run_that_fails_reports_its_status(tmp_path):
     assert (tmp_path / "eval" / "snapshot-gpu-eot-100" / "fsmooth" / "__init__.py").is_file()  # what it ran
 
 
+@pytest.mark.parametrize("queue, runs", [
+    ("a", ["fs-clean-mixed", "fs-transfer-mixed", "std-transfer-mixed"]),
+    ("b", ["std-clean-mixed", "fs-autoattack-mixed"]),
+    ("c", ["fs-paper-mixed"]),
+    ("d", ["fs-rand-mixed"]),
+    ("e", ["fs-adaptive-mixed"]),
+])
+def test_every_cpu_queue_parses_and_runs_its_evaluations_in_order(tmp_path, queue, runs):
+    env = _stub_env(tmp_path)
+    proc = subprocess.run(["bash", str(ROOT / "results" / "run_evals.sh"), queue], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for run in runs:
+        report = json.loads((tmp_path / "eval" / run / "report.json").read_text())
+        assert report["data"] == "../shared/datasets/cifar10-jpeg-q75.tar.gz"
+        log = (tmp_path / "eval" / f"{run}.log").read_text()
+        assert "start " + run in log and "done " + run in log and "evaluated" in log
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir() if p.is_dir()) == sorted(runs)
+
+
 def test_a_run_is_never_started_twice(tmp_path):
     """run_evals.sh locks each run: a second process for the same run (a detached call beside a plain one, say)
     refuses instead of writing the same chunks."""

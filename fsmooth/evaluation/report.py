@@ -1,6 +1,7 @@
 """The evaluation report: a JSON document, a markdown table and per-image tensors for the figures."""
 from __future__ import annotations
 
+import json
 import math
 import platform
 from pathlib import Path
@@ -12,7 +13,7 @@ from ..io import write_safetensors_atomic, write_text_atomic
 from .protocols import clean_run_id
 from .scoring import (accuracy_summary, eps_sweep_flag, gradient_masking_flag, perturbation_check,
                       rescore_summary)
-from .store import write_json
+from .store import json_value, write_json
 
 __all__ = ["build_report", "write_outputs", "markdown", "environment"]
 
@@ -211,10 +212,31 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+_RUN_TIMES = ("started", "finished")
+
+
+def _keep_earlier_times(report: dict, path: Path) -> None:
+    """Give ``report`` the start and finish times of the report at ``path`` when that one holds the same results
+    and environment: a rerun of a finished evaluation (every chunk reused) leaves its report as it was."""
+    try:
+        old = json.loads(path.read_text())
+        times = {key: old["info"][key] for key in _RUN_TIMES}
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+
+    def without_times(r: dict) -> dict:
+        return {**r, "info": {k: v for k, v in r["info"].items() if k not in _RUN_TIMES}}
+
+    if without_times(old) == without_times(json_value(report)):
+        report["info"].update(times)
+
+
 def write_outputs(report: dict, results: dict, rescored: dict, out: Path, ctx) -> None:
-    """``report.json``, ``report.md`` and ``per_image.safetensors`` (labels, per-run predictions, iterations)."""
+    """``report.json``, ``report.md`` and ``per_image.safetensors`` (labels, per-run predictions, iterations).
+    A report equal to the one already in ``out`` but for its times keeps that one's times."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _keep_earlier_times(report, out / "report.json")
     write_json(out / "report.json", report)
     write_text_atomic(out / "report.md", markdown(report))
     tensors = {"labels": ctx.labels.cpu()}

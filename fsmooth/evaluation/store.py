@@ -53,8 +53,9 @@ def _safe(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id)
 
 
-def _canonical(fingerprint: dict):
-    return json.loads(json.dumps(_finite(fingerprint), default=_json_default))
+def json_value(obj):
+    """``obj`` as it reads back from :func:`write_json` (lists for tuples, None for NaN, ...)."""
+    return json.loads(json.dumps(_finite(obj), default=_json_default))
 
 
 class ChunkStore:
@@ -75,7 +76,7 @@ class ChunkStore:
         self.resume = resume
         self.digest = None
         if fingerprint is not None:
-            canonical = json.dumps(_canonical(fingerprint), sort_keys=True, separators=(",", ":"))
+            canonical = json.dumps(json_value(fingerprint), sort_keys=True, separators=(",", ":"))
             self.digest = hashlib.sha256(canonical.encode()).hexdigest()
         if self.root is None or not owner:
             return
@@ -92,7 +93,7 @@ class ChunkStore:
                     stored = None  # torn: the chunks' own stamps decide what is reused
                     warnings.warn(f"unreadable {marker}; every chunk is checked against this evaluation's "
                                   "fingerprint", RuntimeWarning, stacklevel=2)
-                if stored is not None and stored != _canonical(fingerprint):
+                if stored is not None and stored != json_value(fingerprint):
                     raise ValueError(f"the state in {self.root} belongs to a different evaluation "
                                      "(inputs, seed or budget differ); use another --out or resume=False")
             write_json(marker, fingerprint)
