@@ -56,8 +56,9 @@ case "${1:-}" in
         ;;
     b)  # row 1 (standard), row 3's AutoAttack standard column.
         # AutoAttack's cost is set by the images that survive APGD-CE and APGD-T: chunks of 25 with none took
-        # 3-10 minutes per core, one with a survivor 48 minutes, another more than 77 (2026-11-26). With two
-        # ranks, the rank without the last chunk idles: run queue e beside it
+        # 3-10 minutes per core, one with a survivor 48 minutes; the last did not finish in 77 minutes, nor in a
+        # second try of 2 h 6 min (Square on its one survivor, about 1.5 s a query: some 4 hours in all on a
+        # shared core). With two ranks, the rank without the last chunk idles (queue e ran beside it)
         ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
         ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
@@ -79,8 +80,8 @@ case "${1:-}" in
         # results/PLAN.md), so a session finishes at most one chunk per core (gpu-rand is the same row on a GPU)
         ev fs-rand-mixed "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
-    e)  # row 5 (Table 3: lambda in {-10, -1, 0, 1, 10}): 18.5-21.1 s per image and lambda on one core at batch 50
-        # (airplanes-only fs-adaptive), so about 2.8 core-hours for the attacks, plus the clean passes and re-scoring
+    e)  # row 5 (Table 3: lambda in {-10, -1, 0, 1, 10}): took 76 minutes on two ranks at low priority beside
+        # queue b (2026-11-26), 11-23 s per image and lambda
         ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
             --chunk-size 50 --batch-size 50
         ;;
