@@ -57,7 +57,7 @@ case "${1:-}" in
     b)  # row 1 (standard), row 3's AutoAttack standard column.
         # AutoAttack's cost is set by the images that survive APGD-CE and APGD-T: chunks of 25 with none took
         # 3-10 minutes per core, one with a survivor 48 minutes; the last did not finish in 77 minutes, nor in a
-        # second try of 2 h 6 min (Square on its one survivor, about 1.5 s a query: some 4 hours in all on a
+        # second try of 2 h 6 min (Square on its one survivor, about 1.5 s a query: by that pace some 4 hours in all on a
         # shared core). With two ranks, the rank without the last chunk idles (queue e ran beside it)
         ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
         ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \

@@ -143,7 +143,7 @@ def test_gpu_eval_detached_run_that_fails_reports_its_status(tmp_path):
     ("d", ["fs-rand-mixed"]),
     ("e", ["fs-adaptive-mixed"]),
 ])
-def test_every_cpu_queue_parses_and_runs_its_evaluations_in_order(tmp_path, queue, runs):
+def test_every_cpu_queue_parses_and_runs_each_of_its_evaluations(tmp_path, queue, runs):
     env = _stub_env(tmp_path)
     proc = subprocess.run(["bash", str(ROOT / "results" / "run_evals.sh"), queue], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
