@@ -144,8 +144,10 @@ def test_eot_draws_batched_as_copies_give_the_sequential_estimate(trained, loss)
     for eot_batch in (1, 2, None):
         torch.manual_seed(3)
         estimates.append(EOTPGD(noisy, eot_iter=5, eot_batch=eot_batch, loss=loss)._eot(x, y, target))
+    # Batching changes float32 summation order: near-zero gradient entries are compared at the tensor's scale.
+    scale = estimates[0][0].abs().max().item()
     for grad, probs in estimates[1:]:
-        torch.testing.assert_close(grad, estimates[0][0], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(grad, estimates[0][0], rtol=1e-5, atol=1e-5 * scale)
         torch.testing.assert_close(probs, estimates[0][1], rtol=1e-5, atol=1e-7)
     torch.manual_seed(3)
     one = EOTPGD(noisy, eot_iter=1, loss=loss)._eot(x, y, target)

@@ -8,15 +8,19 @@ Resuming: its ``state_path`` restore cannot work in 0.2.0. ``EvaluationState``
 writes ``attacks_to_run`` (a set) with ``json.dump(default=str)``, so it reads
 back a string and every restore fails the "different set of attacks" check with
 ``ValueError``; past that, the restore branch never assigns ``y_adv``
-(``UnboundLocalError``) and returns the clean image for every point fooled
-before the interruption. So the runner resumes at its own chunk granularity
-and gives AutoAttack a fresh ``state_path`` per chunk, which only records the
-progress of the chunk in flight.
+(``UnboundLocalError``), returns the clean image for every point fooled before
+the interruption, and a finished attack is written only if the last write was
+more than 60 s before. So :func:`run_autoattack` runs ``run_standard_evaluation``'s
+own sequence here (the same checks, clean pass, attacks, seeds and batches, in
+the same order: the same points, as a test checks) and saves the chunk's points,
+predictions, robust flags and random state after the clean pass and after every
+attack: a chunk killed during Square resumes at Square, not at APGD-CE.
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 
 import torch
@@ -24,6 +28,9 @@ from pyautoattack import AutoAttack
 from pyautoattack import checks as aa_checks
 
 from .attacks import AA_LOGGER, set_apgd_iterations
+from .store import json_value
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["build_autoattack", "run_autoattack", "autoattack_settings", "FlagRecorder", "classify_flag",
            "STANDARD_ATTACKS", "RAND_ATTACKS"]
@@ -127,13 +134,130 @@ def autoattack_settings(aa: AutoAttack) -> dict:
     }
 
 
-def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, state_path=None):
-    """``(x_adv, y_adv, flags)``: AutoAttack's points, its predictions on them and the checks that fired."""
+def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """One attack of ``run_standard_evaluation`` on one batch, set up as it sets it up."""
+    if attack in ("apgd-ce", "apgd-dlr"):
+        aa.apgd.loss = "ce" if attack == "apgd-ce" else "dlr"
+        aa.apgd.seed = aa.get_seed()
+        return aa.apgd.perturb(x, y)
+    if attack == "apgd-t":
+        aa.apgd_targeted.seed = aa.get_seed()
+        return aa.apgd_targeted.perturb(x, y)
+    if attack in ("fab", "fab-t"):
+        aa.fab.targeted = attack == "fab-t"
+        if aa.fab.targeted:
+            aa.fab.n_restarts = 1
+        aa.fab.seed = aa.get_seed()
+        return aa.fab.perturb(x, y)
+    if attack == "square":
+        aa.square.seed = aa.get_seed()
+        return aa.square.perturb(x, y)
+    raise ValueError(f"attack {attack!r} is not one of AutoAttack's")
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(tensors: dict, device: torch.device) -> None:
+    torch.set_rng_state(tensors["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng_cuda"], device)
+
+
+def _restore(progress, aa: AutoAttack, n: int):
+    """The saved work of this chunk, when it was saved by this same AutoAttack on these ``n`` images."""
+    saved = progress.load() if progress is not None else None
+    if saved is None:
+        return None
+    tensors, meta = saved
+    if meta.get("settings") != json_value(autoattack_settings(aa)) or meta.get("n") != n:
+        warnings.warn(f"chunk {progress.chunk} starts over: its progress in {progress.meta_path} was saved by "
+                      "another AutoAttack configuration or for other images", RuntimeWarning, stacklevel=3)
+        return None
+    return tensors, meta
+
+
+def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, progress=None):
+    """``(x_adv, y_adv, flags, info)``: AutoAttack's points, its predictions on them, the checks that fired, and
+    how the run went (``info``: the attacks a resumed run found done, the seconds spent before it resumed).
+
+    The points are those of ``aa.run_standard_evaluation(x, y, batch_size=batch_size)``. ``progress`` (a
+    :class:`~fsmooth.evaluation.store.ChunkProgress`, or ``None``) keeps the work after the clean pass and
+    after each attack; a run that finds work saved by the same AutoAttack on the same images goes on from
+    there, with the random state it was saved with.
+    """
     # check_dynamic counts calls into autograd in a module-level dict that pyautoattack never resets, so
     # after the first dynamic model every later model would be flagged too; start each run from zero.
     for name in aa_checks.funcs:
         aa_checks.funcs[name] = 0
+    start = time.perf_counter()
+    device = x.device
     recorder = FlagRecorder()
-    with recorder.recording():
-        x_adv, y_adv = aa.run_standard_evaluation(x, y, batch_size=batch_size, state_path=state_path)
-    return x_adv, y_adv, recorder.flags()
+    settings = autoattack_settings(aa)
+    saved = _restore(progress, aa, x.shape[0])
+    info = {"resumed_after": [], "earlier_wall_s": 0.0}
+    with recorder.recording(), torch.no_grad():
+        if saved is None:
+            head_x, head_y = x[:batch_size].to(aa.device), y[:batch_size].to(aa.device)
+            if aa.version != "rand":
+                aa_checks.check_randomized(aa.get_logits, head_x, head_y, bs=batch_size, logger=aa.logger)
+            n_cls = aa_checks.check_range_output(aa.get_logits, head_x, logger=aa.logger)
+            aa_checks.check_dynamic(aa.model, head_x, False, logger=aa.logger)
+            aa_checks.check_n_classes(n_cls, aa.attacks_to_run, aa.apgd_targeted.n_target_classes,
+                                      aa.fab.n_target_classes, logger=aa.logger)
+            y_adv = torch.empty_like(y)
+            for lo in range(0, x.shape[0], batch_size):
+                pred = aa.get_logits(x[lo:lo + batch_size].clone().to(aa.device)).max(dim=1)[1]
+                y_adv[lo:lo + batch_size] = pred
+            robust = y.eq(y_adv).to(device)
+            accuracy = {"clean": robust.sum().item() / x.shape[0]}
+            x_adv, done = x.clone().detach(), []
+        else:
+            tensors, meta = saved
+            x_adv, y_adv = tensors["x_adv"].to(device), tensors["y_adv"].to(y.device)
+            robust = tensors["robust"].to(device)
+            accuracy, done = meta["robust_accuracy"], list(meta["attacks_done"])
+            for message in meta["flags"]:
+                recorder._add(message)
+            info.update(resumed_after=list(done), earlier_wall_s=float(meta["wall_s"]))
+            _set_rng_state(tensors, device)
+            _log.info("chunk %d resumes after %s: %d of %d images robust", progress.chunk,
+                      ", ".join(done) or "the clean pass", int(robust.sum()), x.shape[0])
+
+        def save():
+            if progress is None:
+                return
+            progress.save({"x_adv": x_adv, "y_adv": y_adv, "robust": robust, **_rng_state(device)},
+                          {"attacks_done": done, "robust_accuracy": accuracy, "flags": recorder.messages,
+                           "settings": settings, "n": x.shape[0],
+                           "wall_s": info["earlier_wall_s"] + time.perf_counter() - start})
+
+        if saved is None:
+            save()
+        for attack in aa.attacks_to_run:
+            if attack in done:
+                continue
+            robust_idx = torch.nonzero(robust).flatten()
+            if robust_idx.numel() == 0:
+                break  # as pyautoattack: nothing left to attack, and the later attacks are not recorded
+            for lo in range(0, robust_idx.numel(), batch_size):
+                idx = robust_idx[lo:lo + batch_size]
+                xb, yb = x[idx].clone().to(aa.device), y[idx].clone().to(aa.device)
+                adv = _perturb(aa, attack, xb, yb)
+                pred = aa.get_logits(adv).max(dim=1)[1]
+                fooled = ~yb.eq(pred).to(device)
+                robust[idx[fooled]] = False
+                x_adv[idx[fooled]] = adv[fooled].detach().to(device)
+                y_adv[idx[fooled]] = pred[fooled].detach().to(y_adv.device)
+            accuracy[attack] = robust.sum().item() / x.shape[0]
+            done.append(attack)
+            save()
+            if progress is not None:
+                _log.info("chunk %d: %s done, %d of %d images robust (saved)", progress.chunk, attack,
+                          int(robust.sum()), x.shape[0])
+        aa_checks.check_square_sr(accuracy, logger=aa.logger)
+    return x_adv, y_adv, recorder.flags(), info

@@ -146,9 +146,11 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
     if spec.kind == "autoattack":
         aa = build_autoattack(clf, spec.eps, version=spec.options["version"], attacks=spec.options["attacks"],
                               budget=ctx.budget, num_classes=ctx.num_classes, seed=seed, device=x.device)
-        x_adv, y_adv, flags = run_autoattack(aa, x, y, batch_size=batch,
-                                             state_path=ctx.store.aa_state_path(spec.run_id, chunk))
+        x_adv, y_adv, flags, info = run_autoattack(aa, x, y, batch_size=batch,
+                                                   progress=ctx.store.progress(spec.run_id, chunk))
         meta.update(settings=autoattack_settings(aa), flags=flags)
+        if info["resumed_after"]:
+            meta.update(resumed_after=info["resumed_after"], earlier_wall_s=info["earlier_wall_s"])
         # AutoAttack's verdict stands; one fresh forward on its points measures the defense iterations.
         _, iters = predict_batched(clf, x_adv, batch)
         return {"pred": y_adv.cpu(), "iterations": iters, "x_adv": x_adv.cpu()}, meta
@@ -212,7 +214,9 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
                                            lo, hi, c, candidates)
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
-            meta.update(wall_s=time.perf_counter() - start, seed=seed, lo=lo, hi=hi)
+            # A chunk resumed from its saved progress also counts the time spent before the interruption.
+            wall_s = meta.pop("earlier_wall_s", 0.0) + time.perf_counter() - start
+            meta.update(wall_s=wall_s, seed=seed, lo=lo, hi=hi)
             ctx.store.save(spec.run_id, c, tensors, meta)
             got = (tensors, meta)
         local[c] = got

@@ -17,7 +17,7 @@ from ..io import write_json_atomic, write_safetensors_atomic, write_text_atomic
 
 atomic_write_text = write_text_atomic  # the old name, kept for callers
 
-__all__ = ["ChunkStore", "OverlayStore", "atomic_write_text", "write_json"]
+__all__ = ["ChunkStore", "ChunkProgress", "OverlayStore", "atomic_write_text", "write_json"]
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
@@ -102,13 +102,11 @@ class ChunkStore:
         folder = self.root / _safe(run_id)
         return folder / f"chunk{chunk:05d}.safetensors", folder / f"chunk{chunk:05d}.json"
 
-    def aa_state_path(self, run_id: str, chunk: int) -> Path | None:
+    def progress(self, run_id: str, chunk: int) -> "ChunkProgress | None":
+        """Where chunk ``chunk`` of ``run_id`` keeps its work in flight (``None`` when nothing is kept)."""
         if self.root is None:
             return None
-        path = self.root / _safe(run_id) / f"chunk{chunk:05d}.autoattack.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.unlink(missing_ok=True)  # a left-over state cannot be restored (see autoattack.py)
-        return path
+        return ChunkProgress(self.root / _safe(run_id), chunk, self.digest)
 
     def finished(self, run_id: str, chunk: int) -> bool:
         """Whether chunk ``chunk`` of ``run_id`` has finished for this evaluation (its JSON, stamped with this
@@ -152,6 +150,7 @@ class ChunkStore:
         tensor_path, meta_path = self._paths(run_id, chunk)
         write_safetensors_atomic(tensor_path, tensors)
         write_json(meta_path, {**meta, FINGERPRINT_KEY: self.digest})  # written last: marks the chunk complete
+        ChunkProgress(tensor_path.parent, chunk, self.digest).clear()  # the chunk's work in flight is done
 
 
 class OverlayStore:
@@ -173,5 +172,50 @@ class OverlayStore:
     def save(self, run_id: str, chunk: int, tensors: dict, meta: dict) -> None:
         self.overlay.save(run_id, chunk, tensors, meta)
 
-    def aa_state_path(self, run_id: str, chunk: int) -> Path | None:
-        return self.overlay.aa_state_path(run_id, chunk)
+    def progress(self, run_id: str, chunk: int) -> "ChunkProgress | None":
+        return self.overlay.progress(run_id, chunk)
+
+
+class ChunkProgress:
+    """A chunk's work in flight (``chunk00003.progress.safetensors`` + ``.progress.json``), saved between steps.
+
+    A step (one attack of AutoAttack) that finishes is saved at once, so a chunk
+    killed part-way resumes at its first unsaved step instead of starting over.
+    Stamped with the evaluation's digest like a chunk; progress of another
+    evaluation, or that cannot be read, is ignored with a warning (the chunk
+    starts over). :meth:`ChunkStore.save` removes it once the chunk is done.
+    """
+
+    def __init__(self, folder: Path, chunk: int, digest: str | None):
+        self.tensor_path = Path(folder) / f"chunk{chunk:05d}.progress.safetensors"
+        self.meta_path = Path(folder) / f"chunk{chunk:05d}.progress.json"
+        self.chunk, self.digest = chunk, digest
+
+    def load(self):
+        """``(tensors, meta)`` saved by :meth:`save` for this evaluation, or ``None``."""
+        if not self.meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError(f"it holds a {type(meta).__name__}, not an object")
+            tensors = load_file(str(self.tensor_path))
+        except Exception as exc:
+            warnings.warn(f"chunk {self.chunk} starts over: its progress in {self.meta_path.parent} cannot be read "
+                          f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
+            return None
+        if meta.get(FINGERPRINT_KEY) != self.digest:
+            warnings.warn(f"chunk {self.chunk} starts over: {self.meta_path} belongs to another evaluation "
+                          "(its fingerprint differs)", RuntimeWarning, stacklevel=2)
+            return None
+        return tensors, {k: v for k, v in meta.items() if k != FINGERPRINT_KEY}
+
+    def save(self, tensors: dict, meta: dict) -> None:
+        self.meta_path.unlink(missing_ok=True)  # never a new JSON beside old tensors, nor the reverse
+        self.tensor_path.parent.mkdir(parents=True, exist_ok=True)
+        write_safetensors_atomic(self.tensor_path, tensors)
+        write_json(self.meta_path, {**meta, FINGERPRINT_KEY: self.digest})  # written last
+
+    def clear(self) -> None:
+        self.meta_path.unlink(missing_ok=True)
+        self.tensor_path.unlink(missing_ok=True)

@@ -1,0 +1,141 @@
+"""fsmooth's AutoAttack loop: pyautoattack's own points, and chunks that resume at their first unsaved attack."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from evaluation_helpers import (TINY_DEFENSE, SimulatedKill, separable_data, tiny_budget, tiny_factory,
+                                trained_tiny_net)
+from fsmooth.evaluation import autoattack as aa_module
+from fsmooth.evaluation import evaluate
+from fsmooth.evaluation.autoattack import STANDARD_ATTACKS, build_autoattack, run_autoattack
+from fsmooth.evaluation.store import ChunkProgress
+
+EPS = 2 / 255  # small enough that images survive APGD-CE, so every attack of the four runs
+pytestmark = pytest.mark.filterwarnings("ignore:.*reached max_iters")
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = trained_tiny_net()
+    x, y = separable_data(n=12, seed=1)
+    return model, x, y
+
+
+def _classifier(model, defended):
+    return tiny_factory(model, TINY_DEFENSE, 1, "block1") if defended else model
+
+
+def _run(clf, x, y, *, seed=3, rng=0, progress=None, eps=EPS):
+    aa = build_autoattack(clf, eps, budget=tiny_budget(), seed=seed)
+    torch.manual_seed(rng)
+    return run_autoattack(aa, x, y, batch_size=5, progress=progress)
+
+
+@pytest.mark.parametrize("defended, eps", [(True, EPS), (False, 3 / 255)], ids=["defended", "undefended"])
+def test_the_points_are_those_of_run_standard_evaluation(setup, tmp_path, defended, eps):
+    model, x, y = setup
+    clf = _classifier(model, defended)
+    progress = ChunkProgress(tmp_path, 0, "digest")
+    x_adv, y_adv, flags, info = _run(clf, x, y, progress=progress, eps=eps)
+    aa = build_autoattack(clf, eps, budget=tiny_budget(), seed=3)
+    torch.manual_seed(0)
+    with aa_module.FlagRecorder().recording() as recorder:
+        for name in aa_module.aa_checks.funcs:
+            aa_module.aa_checks.funcs[name] = 0
+        ref_x, ref_y = aa.run_standard_evaluation(x, y, batch_size=5)
+    assert torch.equal(x_adv, ref_x) and torch.equal(y_adv, ref_y)
+    assert flags == recorder.flags() and info == {"resumed_after": [], "earlier_wall_s": 0.0}
+    _, meta = progress.load()
+    assert meta["attacks_done"] == list(STANDARD_ATTACKS)   # the comparison covered all four attacks
+    robust = y_adv.eq(y)
+    assert 0 < robust.sum() < len(y)                        # some points fooled, some not
+    assert meta["robust_accuracy"][STANDARD_ATTACKS[-1]] == robust.sum().item() / len(y)
+    assert ((x_adv - x).abs().amax() <= eps + 1e-6) and torch.equal(x_adv[robust], x[robust])
+
+
+@pytest.mark.parametrize("killed_in", ["apgd-t", "square"])
+def test_a_chunk_killed_during_an_attack_resumes_there_with_the_same_points(setup, tmp_path, monkeypatch, killed_in):
+    model, x, y = setup
+    clf = _classifier(model, True)
+    perturb = aa_module._perturb
+    rng_at = {}  # the global random state at each attack's first batch (the defense noise draws from it)
+
+    def record(aa, attack, xb, yb):
+        rng_at.setdefault(attack, torch.get_rng_state())
+        return perturb(aa, attack, xb, yb)
+
+    monkeypatch.setattr(aa_module, "_perturb", record)
+    straight = _run(clf, x, y, progress=ChunkProgress(tmp_path / "straight", 0, "d"))
+    straight_rng, rng_at = rng_at, {}
+    calls = []
+
+    def kill(aa, attack, xb, yb):
+        if attack == killed_in:
+            raise SimulatedKill(attack)
+        return perturb(aa, attack, xb, yb)
+
+    progress = ChunkProgress(tmp_path / "resumed", 0, "d")
+    monkeypatch.setattr(aa_module, "_perturb", kill)
+    with pytest.raises(SimulatedKill):
+        _run(clf, x, y, progress=progress)
+    before = list(STANDARD_ATTACKS[:STANDARD_ATTACKS.index(killed_in)])
+    assert progress.load()[1]["attacks_done"] == before
+
+    def spy(aa, attack, xb, yb):
+        calls.append(attack)
+        return record(aa, attack, xb, yb)
+
+    monkeypatch.setattr(aa_module, "_perturb", spy)
+    resumed = _run(clf, x, y, rng=123, progress=progress)  # another random state: the saved one is restored
+    assert set(calls) == set(STANDARD_ATTACKS) - set(before)
+    assert torch.equal(rng_at[killed_in], straight_rng[killed_in])  # the random state it was saved with
+    assert torch.equal(resumed[0], straight[0]) and torch.equal(resumed[1], straight[1])
+    assert resumed[2] == straight[2]                       # the checks that fired before the kill are kept
+    assert resumed[3]["resumed_after"] == before and resumed[3]["earlier_wall_s"] > 0
+
+
+def test_progress_of_another_configuration_or_evaluation_or_unreadable_is_not_used(setup, tmp_path):
+    model, x, y = setup
+    clf = _classifier(model, False)
+    fresh = _run(clf, x, y, seed=4)
+    saved = ChunkProgress(tmp_path, 0, "d")
+    _run(clf, x, y, seed=3, progress=saved)               # AutoAttack seeded 3: not this one's work
+    with pytest.warns(RuntimeWarning, match="another AutoAttack configuration"):
+        again = _run(clf, x, y, seed=4, progress=saved)
+    assert torch.equal(again[0], fresh[0]) and again[3]["resumed_after"] == []
+    with pytest.warns(RuntimeWarning, match="another evaluation"):
+        assert ChunkProgress(tmp_path, 0, "other digest").load() is None
+    saved.tensor_path.write_bytes(b"")
+    with pytest.warns(RuntimeWarning, match="cannot be read"):
+        assert saved.load() is None
+    saved.clear()
+    assert saved.load() is None and not saved.meta_path.exists() and not saved.tensor_path.exists()
+
+
+def test_fsmooth_eval_resumes_a_killed_autoattack_chunk_at_its_attack(setup, tmp_path, monkeypatch):
+    model, x, y = setup
+    kwargs = dict(protocol="autoattack", eps=(EPS,), outer_loops=(1,), defense=TINY_DEFENSE, budget=tiny_budget(),
+                  chunk_size=6, batch_size=6, quiet=True, defended_factory=tiny_factory, seed=5)
+    evaluate(model, x, y, out=tmp_path / "straight", **kwargs)
+    perturb = aa_module._perturb
+
+    def kill(aa, attack, xb, yb):
+        if attack == "square":
+            raise SimulatedKill(attack)
+        return perturb(aa, attack, xb, yb)
+
+    monkeypatch.setattr(aa_module, "_perturb", kill)
+    with pytest.raises(SimulatedKill):
+        evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
+    state = tmp_path / "resumed" / "state"
+    assert [p.name for p in state.rglob("*.progress.json")] == ["chunk00000.progress.json"]
+    monkeypatch.setattr(aa_module, "_perturb", perturb)
+    evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
+    a = load_file(str(tmp_path / "straight" / "per_image.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "per_image.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(state.rglob("*.progress.*"))          # a finished chunk keeps no work in flight
+    (meta_path,) = state.rglob("*aa-standard/chunk00000.json")
+    assert json.loads(meta_path.read_text())["resumed_after"] == ["apgd-ce", "apgd-t", "fab-t"]
