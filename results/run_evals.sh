@@ -58,7 +58,8 @@ case "${1:-}" in
         # AutoAttack's cost is set by the images that survive APGD-CE and APGD-T: chunks of 25 with none took
         # 3-10 minutes per core, one with a survivor 48 minutes; the last did not finish in 77 minutes, nor in a
         # second try of 2 h 6 min (Square on its one survivor, about 1.5 s a query: by that pace some 4 hours in all on a
-        # shared core). With two ranks, the rank without the last chunk idles (queue e ran beside it)
+        # shared core). With two ranks, the rank without the last chunk idles (queue e ran beside it). Since
+        # 2026-11-27 a chunk saves its work after each attack and a rerun resumes at the first unsaved attack
         ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
         ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
@@ -77,7 +78,8 @@ case "${1:-}" in
         ;;
     d)  # row 4: AutoAttack rand (APGD-CE and APGD-DLR, 20 EOT draws each), n = 100, in chunks of 10 images:
         # about 2,000 defended gradients per image; APGD-CE alone took 1.2-3.5 h per chunk on one core (2026-11-26,
-        # results/PLAN.md), so a session finishes at most one chunk per core (gpu-rand is the same row on a GPU)
+        # results/PLAN.md), so a session finishes at most one chunk per core (gpu-rand is the same row on a GPU);
+        # a chunk stopped after its APGD-CE resumes at APGD-DLR (saved between attacks since 2026-11-27)
         ev fs-rand-mixed "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
     e)  # row 5 (Table 3: lambda in {-10, -1, 0, 1, 10}): took 76 minutes on two ranks at low priority beside

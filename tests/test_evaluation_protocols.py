@@ -216,8 +216,8 @@ def test_a_rerun_that_computes_nothing_keeps_the_reports_times(setup, tmp_path):
     evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
     path = out / "report.json"
     first = json.loads(path.read_text())
-    times = {"started": "2000-01-01T00:00:00+00:00", "finished": "2000-01-01T00:01:00+00:00"}
-    first["info"].update(times)                      # times no rerun could write
+    times = {"started": "2000-01-01T00:00:00+00:00", "finished": "2000-01-01T00:01:00+00:00", "world_size": 2}
+    first["info"].update(times)                      # times (and ranks) no rerun here could write
     path.write_text(json.dumps(first, indent=2))
     again = evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
     assert {k: again["info"][k] for k in times} == times

@@ -212,23 +212,24 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-_RUN_TIMES = ("started", "finished")
+_HOW_IT_RAN = ("started", "finished", "world_size")  # not results: a rerun that computes nothing keeps them
 
 
 def _keep_earlier_times(report: dict, path: Path) -> None:
-    """Give ``report`` the start and finish times of the report at ``path`` when that one holds the same results
-    and environment: a rerun of a finished evaluation (every chunk reused) leaves its report as it was."""
+    """Give ``report`` the start and finish times (and world size) of the report at ``path`` when that one holds
+    the same results and environment: a rerun of a finished evaluation (every chunk reused, on any number of
+    ranks) leaves its report as it was."""
     try:
         old = json.loads(path.read_text())
-        times = {key: old["info"][key] for key in _RUN_TIMES}
+        kept = {key: old["info"][key] for key in _HOW_IT_RAN}
     except (OSError, ValueError, KeyError, TypeError):
         return
 
-    def without_times(r: dict) -> dict:
-        return {**r, "info": {k: v for k, v in r["info"].items() if k not in _RUN_TIMES}}
+    def without(r: dict) -> dict:
+        return {**r, "info": {k: v for k, v in r["info"].items() if k not in _HOW_IT_RAN}}
 
-    if without_times(old) == without_times(json_value(report)):
-        report["info"].update(times)
+    if without(old) == without(json_value(report)):
+        report["info"].update(kept)
 
 
 def write_outputs(report: dict, results: dict, rescored: dict, out: Path, ctx) -> None:
