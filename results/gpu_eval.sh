@@ -8,9 +8,12 @@
 # On the device: installs fsmooth and builds fsmooth._C (bench/gpu_suite.sh setup), runs the queue with the
 # carried packages and data until a deadline (FSMOOTH_EVAL_DEADLINE_S seconds after the start, default 540,
 # less 40 s for packing: the device command may run 600), then packs each run's report, per-image results,
-# log and chunk records (JSON; not the adversarial images) into $OUT/eval-<queue>.tar.gz. The evaluation
-# resumes by chunks, but only on the same (warm) machine: the images stay there; and its report is written
-# only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
+# log and chunk records (JSON) into $OUT/eval-<queue>.tar.gz; for a run that has not finished, also its
+# chunks' tensors and saved progress (AutoAttack's points after each attack), as long as the archive stays
+# under 15 MiB (else they stay there, with a warning). Committed to results/eval/<run>/state, they travel
+# with the tree to the next device session, which copies them into its evaluation folder and resumes: a
+# finished chunk is not redone, an AutoAttack chunk goes on at its first unsaved attack. A finished run's
+# adversarial images stay on the device; its report is written only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
 # (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200). A
 # chunk's time is set by the attack's steps in sequence, not by its images: each defended step took about
 # 0.33 s there at batch 200 (and, we infer, at any batch up to the engine's 256 slots), the slowest image running the defense's 1000 iterations (34-36 s per
@@ -62,6 +65,20 @@ if [ -z "${FSMOOTH:-}" ]; then  # the CLI through the interpreter: a console scr
     FSMOOTH=$eval_dir/fsmooth-cli
 fi
 export FSMOOTH_EVAL_DIR=$eval_dir FSMOOTH
+resume_dir=${FSMOOTH_RESUME_DIR:-results/eval}   # where earlier sessions' state was committed
+
+seed_state() {  # an earlier session's state of each run (from the tree), where this machine has none yet
+    local run
+    for run in "${runs[@]}"; do
+        if [ -d "$resume_dir/$run/state" ] && [ ! -d "$eval_dir/$run/state" ]; then
+            mkdir -p "$eval_dir/$run" && cp -r "$resume_dir/$run/state" "$eval_dir/$run/"
+            [ -f "$resume_dir/$run.log" ] && [ ! -f "$eval_dir/$run.log" ] && cp "$resume_dir/$run.log" "$eval_dir/"
+            echo "== $run: resuming from $resume_dir/$run/state ($(find "$eval_dir/$run/state" -name 'chunk*.json' \
+                ! -name '*.progress.json' | wc -l) chunk records, $(find "$eval_dir/$run/state" -name '*.progress.json' \
+                | wc -l) in progress)"
+        fi
+    done
+}
 
 setup() {
     [ "${FSMOOTH_SKIP_SETUP:-0}" = 0 ] || return 0
@@ -81,6 +98,7 @@ if [ "${FSMOOTH_EVAL_DETACH:-0}" = 1 ]; then
         echo "== $name: the detached run has ended"
     else
         setup
+        seed_state
         # A snapshot of what the run reads (the package, the carried packages and data, the queue script): the
         # device tool copies the working tree and .carry anew on each call while the run goes on, and bash
         # reads a script as it runs.
@@ -114,6 +132,7 @@ if [ "${FSMOOTH_EVAL_DETACH:-0}" = 1 ]; then
     tail -5 "$eval_dir/detached-$name.log" 2>/dev/null
 else
     setup
+    seed_state
     for queue in "${queues[@]}"; do  # in the order given, each while time is left; a failure stops the rest
         limit=$(( deadline - 40 - ($(date +%s) - started) ))
         if [ "$limit" -le 30 ]; then
@@ -133,8 +152,22 @@ for run in "${runs[@]}"; do
     tail -5 "$eval_dir/$run.log" 2>/dev/null
     [ -f "$eval_dir/$run/report.md" ] && sed -n 1,60p "$eval_dir/$run/report.md"
 done
-(cd "$eval_dir" && find "${runs[@]/%/.log}" "${runs[@]}" -type f \( -name '*.json' -o -name '*.md' -o -name '*.log' \
-    -o -name per_image.safetensors \) ! -name '.*.tmp.*' \
-    2>/dev/null | tar czf "$out/eval-$name.tar.gz" -T -)
+pack() {  # pack [tensors]: the runs' records; with "tensors", also the state tensors of the runs not finished
+    (cd "$eval_dir" && for run in "${runs[@]}"; do
+        [ -f "$run.log" ] && echo "$run.log"
+        [ -d "$run" ] || continue
+        find "$run" -type f \( -name '*.json' -o -name '*.md' -o -name '*.log' -o -name per_image.safetensors \) \
+            ! -name '.*.tmp.*' ! -name '*.progress.json'
+        if [ "${1:-}" = tensors ] && [ ! -f "$run/report.json" ] && [ -d "$run/state" ]; then
+            find "$run/state" -type f \( -name '*.safetensors' -o -name '*.progress.json' \) ! -name '.*.tmp.*'
+        fi
+    done | tar czf "$out/eval-$name.tar.gz" -T -)
+}
+pack tensors
+if [ "$(stat -c %s "$out/eval-$name.tar.gz")" -gt $(( 15 * 1024 * 1024 )) ]; then
+    echo "warning: with the unfinished runs' state tensors the archive exceeds 15 MiB: packed without them," \
+        "so a later session redoes those chunks" >&2
+    pack
+fi
 ls -l "$out"
 exit "$rc"

@@ -26,11 +26,19 @@ STUB = textwrap.dedent("""\
     if os.environ.get("STUB_EXIT"):
         sys.exit(int(os.environ["STUB_EXIT"]))
     out = Path(args.out)
+    seeded = sorted(p.name for p in (out / "state" / "run").glob("*")) if (out / "state").is_dir() else []
+    print("found state:", " ".join(seeded) or "none")
     (out / "state" / "run").mkdir(parents=True, exist_ok=True)
     (out / "state" / "run" / "chunk00000.json").write_text("{}")
     (out / "state" / "run" / "chunk00000.safetensors").write_bytes(b"images")
     (out / "state" / "run" / ".chunk00001.k2j4.tmp.json").write_text("{")  # an atomic write cut by a kill
+    (out / "state" / "run" / "chunk00001.progress.safetensors").write_bytes(b"points after apgd-ce")
+    (out / "state" / "run" / "chunk00001.progress.json").write_text("{}")
     time.sleep(float(os.environ.get("STUB_SLEEP", "0")))
+    if os.environ.get("STUB_EXIT_BEFORE_REPORT"):
+        sys.exit(int(os.environ["STUB_EXIT_BEFORE_REPORT"]))
+    (out / "state" / "run" / "chunk00001.progress.safetensors").unlink()  # a finished chunk keeps no progress
+    (out / "state" / "run" / "chunk00001.progress.json").unlink()
     (out / "per_image.safetensors").write_bytes(b"per-image results")
     (out / "report.md").write_text("# report\\n")
     (out / "report.json").write_text(json.dumps({"argv": argv, "protocols": parse_protocols(args.protocol),
@@ -73,6 +81,39 @@ def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, pro
     assert not any(".tmp." in name for name in names)  # nor the leftovers of cut atomic writes
     assert report["protocols"] == protocols and report["n"] == n and report["eps"] == eps
     assert report["data"] == str(tmp_path / "carry" / "cifar10-jpeg-q75.tar.gz")
+
+
+def test_an_unfinished_run_brings_its_state_back_and_the_next_session_resumes_from_it(tmp_path):
+    """A run cut before its report brings back its chunk tensors and AutoAttack progress; committed under
+    results/eval (here FSMOOTH_RESUME_DIR), the next session's evaluation folder starts from them."""
+    env = _stub_env(tmp_path, STUB_EXIT_BEFORE_REPORT="1", FSMOOTH_RESUME_DIR=str(tmp_path / "tree"))
+    script = str(ROOT / "results" / "gpu_eval.sh")
+    first = subprocess.run(["bash", script, "gpu-rand"], cwd=ROOT, env=env, capture_output=True, text=True,
+                           timeout=120)
+    assert first.returncode == 1 and "found state: none" in (tmp_path / "eval" / "fs-rand-gpu.log").read_text()
+    (tmp_path / "tree").mkdir()
+    with tarfile.open(tmp_path / "out" / "eval-gpu-rand.tar.gz") as tar:
+        names = set(tar.getnames())
+        tar.extractall(tmp_path / "tree")                  # as committed here after the session
+    state = "fs-rand-gpu/state/run/"
+    assert {state + "chunk00000.safetensors", state + "chunk00001.progress.safetensors",
+            state + "chunk00001.progress.json", "fs-rand-gpu.log"} <= names
+    assert not any(".tmp." in name for name in names)
+    # The next session: a fresh machine (an empty evaluation folder) with the tree's state.
+    env.update(FSMOOTH_EVAL_DIR=str(tmp_path / "eval2"), OUT=str(tmp_path / "out2"))
+    env.pop("STUB_EXIT_BEFORE_REPORT")
+    second = subprocess.run(["bash", script, "gpu-rand"], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "== fs-rand-gpu: resuming from" in second.stdout and "1 in progress" in second.stdout
+    log = (tmp_path / "eval2" / "fs-rand-gpu.log").read_text()
+    assert "found state: none" in log                      # the earlier session's log goes on
+    assert "found state: chunk00000.json chunk00000.safetensors chunk00001.progress.json " \
+           "chunk00001.progress.safetensors" in log
+    with tarfile.open(tmp_path / "out2" / "eval-gpu-rand.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert "fs-rand-gpu/report.json" in names               # finished: its images stay on the device
+    assert not any("/state/" in name and (name.endswith(".safetensors") or ".progress." in name) for name in names)
 
 
 def test_gpu_eval_runs_several_queues_in_turn_into_one_archive(tmp_path):
