@@ -87,6 +87,11 @@ case "${1:-}" in
         ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
             --chunk-size 50 --batch-size 50
         ;;
+    f)  # row 2's EOT-PGD (CE, and targeted DLR), eps 8, on CPU at n = 100 in chunks of 10 (a chunk's attack cannot be
+        # interrupted, so a chunk must fit a session): each restart is 101 defended passes of 20 copies (the EOT
+        # draws) of every image; later restarts and targets attack only the images still robust
+        ev fs-eot-mixed "$FS" --protocol eot --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
             --chunk-size 200 --batch-size 200
@@ -119,6 +124,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac
