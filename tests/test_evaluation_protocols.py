@@ -267,7 +267,7 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
     (here 2 of 3), equal to the finished evaluation's first 8 images, and writes nothing into its state."""
     model, x, y = setup
     reference = evaluate(model, x, y, out=tmp_path / "straight", seed=5, **RESUME_KWARGS)
-    for limit, finished_dlr in ((55, 0), (85, 2)):  # killed before, then inside, the second run
+    for limit, finished_dlr in ((4, 0), (55, 0), (85, 2)):  # killed in the first run, before, inside the second
         out = tmp_path / f"killed-{limit}"
         killed = Interrupting(limit=limit)
         killed.load_state_dict(model.state_dict())
@@ -276,14 +276,23 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
             evaluate(killed, x, y, out=out, seed=5, **RESUME_KWARGS)
         state = out / "state" / "defended_ol1_eps8_eot-pgd-dlr-targeted"
         assert len(list(state.glob("chunk*.json"))) == finished_dlr
-        if not finished_dlr:
-            with pytest.raises(ValueError, match="eot-pgd-dlr-targeted.*has not finished its first chunk"):
+        if limit == 4:
+            with pytest.raises(ValueError, match="no attack run has finished a chunk yet"):
                 evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
+        elif not finished_dlr:  # the run with no finished chunk is left out, and the report says so
+            ce_only = evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
+            dlr = "defended/ol1/eps8/eot-pgd-dlr-targeted"
+            assert ce_only["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": [dlr]}
+            assert dlr not in {r["run_id"] for r in ce_only["runs"]}
+            assert "defended/ol1/eps8/eot-pgd-ce" in {r["run_id"] for r in ce_only["runs"]}
+            assert f"Left out, not having finished a chunk yet (the worst case here is without them): `{dlr}`" in \
+                (out / "partial" / "report.md").read_text()
     before = _digests(out / "state")
     report = evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
     assert _digests(out / "state") == before  # no chunk computed, rewritten or added
     assert any((out / "partial" / "state").glob("rescore_*/chunk*.json"))  # its re-scoring lives apart
-    assert report["info"]["partial"] == {"images": 8, "planned": 12, "chunks": 2} and report["info"]["n"] == 8
+    assert report["info"]["partial"] == {"images": 8, "planned": 12, "chunks": 2, "left_out": []}
+    assert report["info"]["n"] == 8
     assert not (out / "report.json").exists() and (out / "partial" / "report.json").is_file()
     assert "**Partial report:** the first 8 of the 12 planned images" in (out / "partial" / "report.md").read_text()
     for mine, full in zip(report["runs"], reference["runs"]):

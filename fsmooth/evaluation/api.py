@@ -129,12 +129,13 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         meta: extra fields recorded in the report (command line, dataset label, ...).
         partial: report on the images an evaluation still running (or stopped) under ``out`` has
             finished, attacking nothing: the first chunks that every attack run has finished, in order
-            (chunks 0 to j). Their re-scoring (``budget.rescore_runs`` defended forwards per image) and any
-            missing clean pass are computed and kept in ``out/partial/state``, apart from the evaluation's
-            state; the report (``info["partial"]``: images reported and planned) goes to ``out/partial/``,
-            never over a finished report. One process only; needs ``out`` holding state and ``resume``.
-            Raises ``ValueError`` when no chunk has finished, ``RuntimeError`` when a finished attack chunk
-            cannot be read (it is never recomputed).
+            (chunks 0 to j); an attack run that has finished no chunk is left out (``info["partial"]
+            ["left_out"]``, named in the report). Their re-scoring (``budget.rescore_runs`` defended forwards
+            per image) and any missing clean pass are computed and kept in ``out/partial/state``, apart from
+            the evaluation's state; the report (``info["partial"]``: images reported and planned) goes to
+            ``out/partial/``, never over a finished report. One process only; needs ``out`` holding state and
+            ``resume``. Raises ``ValueError`` when no attack run has finished a chunk, ``RuntimeError`` when a
+            finished attack chunk cannot be read (it is never recomputed).
 
     Under ``torchrun`` each rank runs a share of the chunks; all ranks return the
     merged report and rank 0 writes it.
@@ -174,8 +175,10 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     barrier()  # no rank reads or writes chunks before rank 0 has checked (or, resume=False, cleared) the state
     specs = plan(protocols, eps, outer_loops, budget, has_baseline=baseline_model is not None)
     planned_n = int(labels.shape[0])
+    left_out: list[str] = []
     if partial:
-        done = _finished_prefix(store, specs, planned_n, chunk_size)
+        done, left_out = _finished_prefix(store, specs, planned_n, chunk_size)
+        specs = [spec for spec in specs if spec.run_id not in left_out]
         images, labels = images[:done], labels[:done]
         store = OverlayStore(store, ChunkStore(out / "partial" / "state", fingerprint, resume))
     ctx = Context(model=model, images=images, labels=labels, defense_config=config,
@@ -200,7 +203,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     }
     if partial:
         info["partial"] = {"images": int(labels.shape[0]), "planned": planned_n,
-                           "chunks": math.ceil(int(labels.shape[0]) / chunk_size)}
+                           "chunks": math.ceil(int(labels.shape[0]) / chunk_size), "left_out": left_out}
     report = build_report(ctx, specs, results, rescored, info)
     if out is not None and rank == 0:
         write_outputs(report, results, rescored, out / "partial" if partial else out, ctx)
@@ -217,21 +220,24 @@ def _check_partial(out: Path | None, resume: bool, world: int) -> None:
         raise ValueError(f"partial=True: {str(out / 'state')!r} holds no evaluation state to report on")
 
 
-def _finished_prefix(store: ChunkStore, specs, n: int, chunk_size: int) -> int:
-    """How many of the first images every attack run of ``specs`` has finished: chunks 0..j in order."""
+def _finished_prefix(store: ChunkStore, specs, n: int, chunk_size: int) -> tuple[int, list[str]]:
+    """``(images, left_out)``: how many of the first images every attack run of ``specs`` that has finished its
+    first chunk has finished (chunks 0..j in order), and the attack runs left out for having finished none."""
     n_chunks = math.ceil(n / chunk_size)
     attacks = [spec for spec in specs if spec.kind != "clean"] or specs  # a clean-only protocol: its passes
+    left_out = [spec.run_id for spec in attacks if not store.finished(spec.run_id, 0)]
+    if len(left_out) == len(attacks):
+        raise ValueError(f"partial: no attack run has finished a chunk yet ({left_out[0]!r} has not finished "
+                         "its first chunk): nothing to report")
     done = n_chunks
     for spec in attacks:
+        if spec.run_id in left_out:
+            continue
         count = 0
         while count < done and store.finished(spec.run_id, count):
             count += 1
         done = count
-    if done == 0:
-        first = next((s.run_id for s in attacks if not store.finished(s.run_id, 0)), "?")
-        raise ValueError(f"partial: no chunk has finished in every attack run yet ({first!r} has not finished "
-                         "its first chunk): nothing to report")
-    return min(done * chunk_size, n)
+    return min(done * chunk_size, n), left_out
 
 
 def _config_dict(config) -> dict | None:

@@ -156,8 +156,11 @@ def markdown(report: dict) -> str:
     part = info.get("partial")
     if part:
         lines += [f"**Partial report:** the first {part['images']} of the {part['planned']} planned images (the "
-                  f"first {part['chunks']} chunks, finished by every attack run), re-scored here; the evaluation's "
-                  "own report comes when it ends.", ""]
+                  f"first {part['chunks']} chunks, finished by every attack run reported), re-scored here; the "
+                  "evaluation's own report comes when it ends.", ""]
+        if part.get("left_out"):
+            lines += ["Left out, not having finished a chunk yet (the worst case here is without them): "
+                      + ", ".join(f"`{r}`" for r in part["left_out"]) + ".", ""]
     if info.get("command"):
         lines += [f"Command: `{info['command']}`", ""]
     present = [c for c in TABLE_COLUMNS + ("adaptive-min",) if any(c in s["columns"] for s in report["settings"])]
