@@ -407,7 +407,7 @@ def test_cli_eval_and_figures_on_a_real_checkpoint_and_image_folder(tmp_path, mo
                  "--n", "4", "--eps", "8", "--outer-loops", "1", "--out", str(out), "--budget", "tiny",
                  "--max-iters", "2", "--sweep-eps", "4", "32", "--partial", "--quiet"]) == 0
     partial = json.loads((out / "partial" / "report.json").read_text())
-    assert partial["info"]["partial"] == {"images": 4, "planned": 4, "chunks": 1}
+    assert partial["info"]["partial"] == {"images": 4, "planned": 4, "chunks": 1, "left_out": []}
     assert [r["correct"] for r in partial["runs"]] == [r["correct"] for r in report["runs"]]
     with pytest.raises(SystemExit):                       # a model source is required, and only one
         main(["eval", "--checkpoint", "a", "--pretrained", "b"])
