@@ -85,6 +85,7 @@ def _reports_info(reports: list[Path]) -> dict:
         meta = json.loads((ROOT / r / "report.json").read_text())["info"]
         run = r.parent if r.name == "partial" else r
         info[str(r)] = {"log": f"{run}.log", "partial": run != r,
+                        "left_out": (meta.get("partial") or {}).get("left_out", []),
                         **{k: v for k, v in meta.items() if k in ("command", "started", "finished", "n", "image_order")}}
     return info
 
@@ -167,8 +168,11 @@ def _section_tables(sec: dict, level: str) -> list[str]:
     partial = [p for p, r in sec["reports"].items() if r["partial"]]
     out += ["", f"{level} Reports behind the numbers", ""]
     if partial:
+        def named(p):
+            left_out = sec["reports"][p]["left_out"]
+            return f"`{p}`" + (f" (left out, no chunk finished yet: {', '.join(left_out)})" if left_out else "")
         out += ["Not finished yet, and read through `fsmooth eval --partial` (the chunks each had finished, re-scored): "
-                + ", ".join(f"`{p}`" for p in partial) + ".", ""]
+                + ", ".join(named(p) for p in partial) + ".", ""]
     out += ["| report | log | n | command |", "|---|---|---|---|"]
     for path, r in sec["reports"].items():
         out.append(f"| `{path}/report.md` | `{r['log']}` | {r['n']} | `{r['command']}` |")
