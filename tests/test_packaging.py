@@ -1,6 +1,9 @@
 """setup.py ships every subpackage of fsmooth (an editable install would hide a missing one)."""
 import ast
+import subprocess
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,10 +25,6 @@ def test_every_subpackage_is_listed_in_setup_py():
 def test_the_tracked_tree_leaves_room_for_the_gpu_carry():
     """The device tool copies the working tree and ``.carry/`` (the data and pyautoattack, about 20 MB) together,
     64 MiB at most: evaluation state kept in the tree (adversarial images) must not crowd the carry out."""
-    import subprocess
-
-    import pytest
-
     try:
         listing = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):

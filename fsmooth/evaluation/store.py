@@ -58,6 +58,28 @@ def json_value(obj):
     return json.loads(json.dumps(_finite(obj), default=_json_default))
 
 
+def _read_stamped(tensor_path: Path, meta_path: Path, digest: str | None, why: str):
+    """``(tensors, meta)`` written with ``digest``, or ``None``: missing, unreadable (zero-byte, truncated, torn
+    JSON: a warning, never an error that fails every rerun) or stamped by another evaluation (a warning).
+    ``why`` starts each warning: what happens instead."""
+    if not meta_path.is_file():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError(f"it holds a {type(meta).__name__}, not an object")
+        tensors = load_file(str(tensor_path))
+    except Exception as exc:
+        warnings.warn(f"{why}: {tensor_path.name} / {meta_path.name} in {meta_path.parent} cannot be read "
+                      f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=3)
+        return None
+    if meta.get(FINGERPRINT_KEY) != digest:
+        warnings.warn(f"{why}: {meta_path} belongs to another evaluation (its fingerprint differs)", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    return tensors, {k: v for k, v in meta.items() if k != FINGERPRINT_KEY}
+
+
 class ChunkStore:
     """``root/<run>/chunk00003.safetensors`` + ``.json``; a chunk counts as done once its JSON exists.
 
@@ -125,24 +147,7 @@ class ChunkStore:
         if self.root is None or not self.resume:
             return None
         tensor_path, meta_path = self._paths(run_id, chunk)
-        if not meta_path.is_file():
-            return None
-        try:
-            meta = json.loads(meta_path.read_text())
-            if not isinstance(meta, dict):
-                raise ValueError(f"it holds a {type(meta).__name__}, not an object")
-            tensors = load_file(str(tensor_path))
-        except Exception as exc:  # zero-byte, truncated or missing: recompute, never fail every rerun
-            warnings.warn(f"recomputing chunk {chunk} of {run_id!r}: {tensor_path.name} / {meta_path.name} in "
-                          f"{meta_path.parent} cannot be read ({type(exc).__name__}: {exc})", RuntimeWarning,
-                          stacklevel=2)
-            return None
-        if meta.get(FINGERPRINT_KEY) != self.digest:
-            warnings.warn(f"recomputing chunk {chunk} of {run_id!r}: {meta_path} belongs to another evaluation "
-                          "(its fingerprint differs)", RuntimeWarning, stacklevel=2)
-            return None
-        meta = {k: v for k, v in meta.items() if k != FINGERPRINT_KEY}
-        return tensors, meta
+        return _read_stamped(tensor_path, meta_path, self.digest, f"recomputing chunk {chunk} of {run_id!r}")
 
     def save(self, run_id: str, chunk: int, tensors: dict, meta: dict) -> None:
         if self.root is None:
@@ -193,22 +198,8 @@ class ChunkProgress:
 
     def load(self):
         """``(tensors, meta)`` saved by :meth:`save` for this evaluation, or ``None``."""
-        if not self.meta_path.is_file():
-            return None
-        try:
-            meta = json.loads(self.meta_path.read_text())
-            if not isinstance(meta, dict):
-                raise ValueError(f"it holds a {type(meta).__name__}, not an object")
-            tensors = load_file(str(self.tensor_path))
-        except Exception as exc:
-            warnings.warn(f"chunk {self.chunk} starts over: its progress in {self.meta_path.parent} cannot be read "
-                          f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=2)
-            return None
-        if meta.get(FINGERPRINT_KEY) != self.digest:
-            warnings.warn(f"chunk {self.chunk} starts over: {self.meta_path} belongs to another evaluation "
-                          "(its fingerprint differs)", RuntimeWarning, stacklevel=2)
-            return None
-        return tensors, {k: v for k, v in meta.items() if k != FINGERPRINT_KEY}
+        return _read_stamped(self.tensor_path, self.meta_path, self.digest,
+                             f"chunk {self.chunk} starts over (its saved progress)")
 
     def save(self, tensors: dict, meta: dict) -> None:
         self.meta_path.unlink(missing_ok=True)  # never a new JSON beside old tensors, nor the reverse
