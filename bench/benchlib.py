@@ -31,6 +31,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from fsmooth._machine import cpu_model
 from fsmooth.io import append_jsonl
 
 _log = logging.getLogger("bench")
@@ -56,7 +57,8 @@ def environment() -> dict:
         "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
         "device": "cuda" if cuda else "cpu",
         "gpu_name": torch.cuda.get_device_name() if cuda else "none",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "triton": triton_version,
         "cuda": torch.version.cuda or "none",

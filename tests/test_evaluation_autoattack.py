@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 from evaluation_helpers import (TINY_DEFENSE, SimulatedKill, separable_data, tiny_budget, tiny_factory,
                                 trained_tiny_net)
+from fsmooth._machine import machine
 from fsmooth.evaluation import autoattack as aa_module
 from fsmooth.evaluation import evaluate
 from fsmooth.evaluation.autoattack import STANDARD_ATTACKS, build_autoattack, run_autoattack
@@ -46,7 +47,7 @@ def test_the_points_are_those_of_run_standard_evaluation(setup, tmp_path, defend
             aa_module.aa_checks.funcs[name] = 0
         ref_x, ref_y = aa.run_standard_evaluation(x, y, batch_size=5)
     assert torch.equal(x_adv, ref_x) and torch.equal(y_adv, ref_y)
-    assert flags == recorder.flags() and info == {"resumed_after": [], "earlier_wall_s": 0.0}
+    assert flags == recorder.flags() and info == {"resumed_after": [], "earlier_wall_s": 0.0, "earlier_machines": []}
     _, meta = progress.load()
     assert meta["attacks_done"] == list(STANDARD_ATTACKS)   # the comparison covered all four attacks
     robust = y_adv.eq(y)
@@ -130,12 +131,23 @@ def test_fsmooth_eval_resumes_a_killed_autoattack_chunk_at_its_attack(setup, tmp
     with pytest.raises(SimulatedKill):
         evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
     state = tmp_path / "resumed" / "state"
-    assert [p.name for p in state.rglob("*.progress.json")] == ["chunk00000.progress.json"]
+    (progress_path,) = state.rglob("*.progress.json")
+    assert progress_path.name == "chunk00000.progress.json"
+    progress = json.loads(progress_path.read_text())
+    assert progress["machines"] == [machine()]
+    other = {**machine(), "cpu": "Another CPU"}                # as if killed on another machine
+    progress_path.write_text(json.dumps({**progress, "machines": [other]}))
     monkeypatch.setattr(aa_module, "_perturb", perturb)
-    evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
+    report = evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
     a = load_file(str(tmp_path / "straight" / "per_image.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "per_image.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(state.rglob("*.progress.*"))          # a finished chunk keeps no work in flight
     (meta_path,) = state.rglob("*aa-standard/chunk00000.json")
-    assert json.loads(meta_path.read_text())["resumed_after"] == ["apgd-ce", "apgd-t", "fab-t"]
+    meta = json.loads(meta_path.read_text())
+    assert meta["resumed_after"] == ["apgd-ce", "apgd-t", "fab-t"]
+    assert meta["machine"] == machine() and meta["resumed_from_machines"] == [other]
+    (run,) = [r for r in report["runs"] if r["column"] == "aa-standard"]
+    assert run["machines"] == [{"machine": machine(), "chunks": [0], "resumed_from": [other]},
+                               {"machine": machine(), "chunks": [1]}]  # chunk 1 ran here from its start
+    assert "; resumed from Another CPU" in (tmp_path / "resumed" / "report.md").read_text()

@@ -228,6 +228,36 @@ def test_a_rerun_that_computes_nothing_keeps_the_reports_times(setup, tmp_path):
     assert json.loads(path.read_text())["info"]["finished"] == other["info"]["finished"]
 
 
+def test_each_chunk_records_the_machine_it_ran_on(setup, tmp_path):
+    from fsmooth._machine import machine
+
+    model, x, y = setup
+    out = tmp_path / "run"
+    kwargs = dict(RESUME_KWARGS, protocol="clean", seed=3)
+    first = evaluate(model, x, y, out=out, **kwargs)
+    here = machine()
+    assert here["cpu"] and here["cpu_capability"] and here["threads"] >= 1 and here["torch"] == torch.__version__
+    run = next(r for r in first["runs"] if r["run_id"] == "clean/defended/ol1")
+    assert run["machines"] == [{"machine": here, "chunks": [0, 1, 2]}]
+    # Chunk 1 as if computed elsewhere, chunk 2 as saved before chunks recorded their machine.
+    folder = out / "state" / "clean_defended_ol1"
+    other = {**here, "cpu": "Another CPU", "cpu_capability": "AVX2"}
+    for chunk, edit in ((1, lambda m: m.update(machine=other)), (2, lambda m: m.pop("machine"))):
+        path = folder / f"chunk{chunk:05d}.json"
+        meta = json.loads(path.read_text())
+        edit(meta)
+        path.write_text(json.dumps(meta))
+    again = evaluate(model, x, y, out=out, **kwargs)
+    run = next(r for r in again["runs"] if r["run_id"] == "clean/defended/ol1")
+    assert run["machines"] == [{"machine": here, "chunks": [0]}, {"machine": other, "chunks": [1]},
+                               {"machine": None, "chunks": [2]}]
+    assert run["correct"] == next(r for r in first["runs"] if r["run_id"] == "clean/defended/ol1")["correct"]
+    text = (out / "report.md").read_text()
+    section = text[text.index("## Machines"):text.index("## Flags")]
+    assert "Another CPU (AVX2" in section and "not recorded" in section and "clean/defended/ol1 (1)" in section
+    assert f"{here['cpu']} ({here['cpu_capability']}, {here['threads']} threads)" in section
+
+
 def test_corrupt_and_foreign_chunks_are_recomputed_with_a_warning(setup, tmp_path):
     import shutil
     import warnings

@@ -27,6 +27,7 @@ import torch
 from pyautoattack import AutoAttack
 from pyautoattack import checks as aa_checks
 
+from .._machine import machine
 from .attacks import AA_LOGGER, set_apgd_iterations
 from .store import json_value
 
@@ -199,7 +200,7 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
     recorder = FlagRecorder()
     settings = autoattack_settings(aa)
     saved = _restore(progress, aa, x.shape[0])
-    info = {"resumed_after": [], "earlier_wall_s": 0.0}
+    info = {"resumed_after": [], "earlier_wall_s": 0.0, "earlier_machines": []}
     with recorder.recording(), torch.no_grad():
         if saved is None:
             head_x, head_y = x[:batch_size].to(aa.device), y[:batch_size].to(aa.device)
@@ -223,17 +224,22 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
             accuracy, done = meta["robust_accuracy"], list(meta["attacks_done"])
             for message in meta["flags"]:
                 recorder._add(message)
-            info.update(resumed_after=list(done), earlier_wall_s=float(meta["wall_s"]))
+            info.update(resumed_after=list(done), earlier_wall_s=float(meta["wall_s"]),
+                        earlier_machines=list(meta.get("machines", [])))
             _set_rng_state(tensors, device)
             _log.info("chunk %d resumes after %s: %d of %d images robust", progress.chunk,
                       ", ".join(done) or "the clean pass", int(robust.sum()), x.shape[0])
+
+        def machines_so_far():  # every machine that worked on this chunk, in order
+            here = machine(device)
+            return info["earlier_machines"] + ([here] if here not in info["earlier_machines"] else [])
 
         def save():
             if progress is None:
                 return
             progress.save({"x_adv": x_adv, "y_adv": y_adv, "robust": robust, **_rng_state(device)},
                           {"attacks_done": done, "robust_accuracy": accuracy, "flags": recorder.messages,
-                           "settings": settings, "n": x.shape[0],
+                           "settings": settings, "n": x.shape[0], "machines": machines_so_far(),
                            "wall_s": info["earlier_wall_s"] + time.perf_counter() - start})
 
         if saved is None:

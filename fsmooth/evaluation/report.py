@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .._machine import machine
 from .._version import __version__
 from ..io import write_safetensors_atomic, write_text_atomic
 from .protocols import clean_run_id
@@ -26,7 +27,7 @@ def environment() -> dict:
 
     env = {"fsmooth": __version__, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
            "python": platform.python_version(), "cuda": torch.version.cuda,
-           "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()})"}
+           "device": machine_text(machine()), "machine": machine()}  # where the report was written; each run's chunks name their own (``machines``)
     try:
         import torchattacks  # optional cross-check library
         env["torchattacks"] = torchattacks.__version__
@@ -51,7 +52,7 @@ def _run_row(ctx, result) -> dict:
            **accuracy_summary(result.correct), "wall_s": result.wall_s,
            "wall_per_image_s": result.wall_s / n if n else math.nan,
            "defense_iterations": _iteration_stats(result.iterations), "settings": result.settings,
-           "seeds": result.seeds, "autoattack_flags": result.flags}
+           "seeds": result.seeds, "machines": result.machines, "autoattack_flags": result.flags}
     if spec.kind != "clean" and result.x_adv is not None:
         row["perturbation"] = perturbation_check(ctx.images.cpu(), result.x_adv, spec.eps)
     return row
@@ -205,6 +206,7 @@ def markdown(report: dict) -> str:
     cost = {k: v.get("cost_vs_undefended") for k, v in report["timing"].items()}
     lines += ["", "Inference cost relative to the undefended model (clean pass): " +
               ", ".join(f"{k}: {v:.1f}x" for k, v in cost.items() if v is not None), ""]
+    lines += _machines_markdown(report["runs"])
     lines += ["## Flags", ""]
     grouped: dict[tuple, list] = {}
     for f in report["flags"]:
@@ -213,6 +215,27 @@ def markdown(report: dict) -> str:
     if not grouped:
         lines.append("- none")
     return "\n".join(lines) + "\n"
+
+
+def machine_text(m: dict | None) -> str:
+    if m is None:
+        return "not recorded (chunks saved before 2026-11-27)"
+    return (f"{m['gpu'] or m['cpu']} ({m['cpu_capability']}, {m['threads']} threads), torch {m['torch']}"
+            + (f", CUDA {m['cuda']}" if m["gpu"] else ""))
+
+
+def _machines_markdown(runs: list) -> list:
+    """Which machine computed which chunks: outcomes of the randomized defense can differ between machines."""
+    where: dict[str, list] = {}
+    for r in runs:
+        for g in r.get("machines", []):
+            text = machine_text(g["machine"]) + "".join(f"; resumed from {machine_text(m)}"
+                                                         for m in g.get("resumed_from", []))
+            where.setdefault(text, []).append(f"{r['run_id']} ({len(g['chunks'])})")
+    if not where:
+        return []
+    return (["## Machines", "", "| machine | runs (chunks) |", "|---|---|"]
+            + [f"| {m} | {', '.join(rs)} |" for m, rs in where.items()] + [""])
 
 
 _HOW_IT_RAN = ("started", "finished", "world_size")  # not results: a rerun that computes nothing keeps them

@@ -6,6 +6,7 @@ or on whether the evaluation was interrupted and resumed.
 """
 from __future__ import annotations
 
+import json
 import math
 import time
 import warnings
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from .._machine import machine
 from ..distributed import all_gather_object
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
@@ -98,6 +100,7 @@ class RunResult:
     flags: list = field(default_factory=list)
     settings: dict = field(default_factory=dict)
     seeds: list = field(default_factory=list)
+    machines: list = field(default_factory=list)  # [{"machine": ..., "chunks": [...]}], see _machines
 
 
 def _iterations(clf, batch: int) -> torch.Tensor:
@@ -151,6 +154,9 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
         meta.update(settings=autoattack_settings(aa), flags=flags)
         if info["resumed_after"]:
             meta.update(resumed_after=info["resumed_after"], earlier_wall_s=info["earlier_wall_s"])
+            earlier = [m for m in info["earlier_machines"] if m != machine(x.device)]
+            if earlier:
+                meta["resumed_from_machines"] = earlier
         # AutoAttack's verdict stands; one fresh forward on its points measures the defense iterations.
         _, iters = predict_batched(clf, x_adv, batch)
         return {"pred": y_adv.cpu(), "iterations": iters, "x_adv": x_adv.cpu()}, meta
@@ -216,7 +222,7 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
                 torch.cuda.synchronize(ctx.device)
             # A chunk resumed from its saved progress also counts the time spent before the interruption.
             wall_s = meta.pop("earlier_wall_s", 0.0) + time.perf_counter() - start
-            meta.update(wall_s=wall_s, seed=seed, lo=lo, hi=hi)
+            meta.update(wall_s=wall_s, seed=seed, lo=lo, hi=hi, machine=machine(ctx.device))
             ctx.store.save(spec.run_id, c, tensors, meta)
             got = (tensors, meta)
         local[c] = got
@@ -232,6 +238,17 @@ def rescore(ctx: Context, spec: RunSpec, candidates: torch.Tensor) -> RunResult:
     """The re-scoring step: ``spec.options["runs"]`` fresh defense runs on each of ``candidates``
     (one adversarial image per test image), chunked, seeded and resumable like every run."""
     return execute(ctx, spec, candidates=candidates)
+
+
+def _machines(metas: list) -> list:
+    """Which chunks ran on which machine (``None``: chunks saved before chunks recorded it); a chunk of
+    AutoAttack resumed from progress saved elsewhere also names the machines before (``resumed_from``)."""
+    groups: dict = {}
+    for c, m in enumerate(metas):
+        got, earlier = m.get("machine"), m.get("resumed_from_machines", [])
+        entry = {"machine": got, "chunks": []} | ({"resumed_from": earlier} if earlier else {})
+        groups.setdefault(json.dumps([got, earlier], sort_keys=True), entry)["chunks"].append(c)
+    return list(groups.values())
 
 
 def _merge(ctx: Context, spec: RunSpec, chunks: list) -> RunResult:
@@ -251,7 +268,7 @@ def _merge(ctx: Context, spec: RunSpec, chunks: list) -> RunResult:
                        iterations=cat("iterations", -1) if chunks else torch.zeros(0),
                        wall_s=sum(m["wall_s"] for m in metas), flags=flags,
                        settings=metas[0].get("settings", {}) if metas else {},
-                       seeds=[m["seed"] for m in metas])
+                       seeds=[m["seed"] for m in metas], machines=_machines(metas))
     x_adv = cat("x_adv")
     if spec.kind == "clean":
         x_adv = ctx.images.cpu()
