@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-__all__ = ["cpu_model", "machine"]
+__all__ = ["cpu_model", "machine", "machines_with"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -35,3 +35,9 @@ def machine(device: torch.device | str | None = None) -> dict:
     return {"gpu": torch.cuda.get_device_name(device) if cuda else None, "cpu": cpu_model(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cuda": torch.version.cuda}
+
+
+def machines_with(earlier: list, device: torch.device | str | None = None) -> list:
+    """``earlier`` (the machines that worked on a piece of work before) and this one, each once, in order."""
+    here = machine(device)
+    return list(earlier) + ([here] if here not in earlier else [])

@@ -50,7 +50,8 @@ def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
     merged = json.loads((tmp_path / "sharded" / "report.json").read_text())
     assert merged["info"]["world_size"] == 2 and merged["info"]["n"] == 12
     # Each rank ran its own chunks: 3 chunks of 4 images -> rank 0 has chunks 0 and 2, rank 1 chunk 1.
-    chunks = sorted(p.name for p in (tmp_path / "sharded" / "state").glob("defended_ol1_eps8_eot-pgd-ce/chunk*.json"))
+    folder = tmp_path / "sharded" / "state" / "defended_ol1_eps8_eot-pgd-ce"
+    chunks = sorted(p.name for p in folder.glob("chunk?????.json"))
     assert chunks == ["chunk00000.json", "chunk00001.json", "chunk00002.json"]
 
 

@@ -52,10 +52,18 @@ class Attack:
         s.pop("attack")
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in s.items())})"
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    resumable = False  # True: perturb also takes resume= and checkpoint= (fsmooth.evaluation.resumable)
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, resume=None, checkpoint=None) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.clone()
-        x_adv = self.perturb(x.detach(), y.detach())
+        kwargs = {}
+        if resume is not None or checkpoint is not None:
+            if not self.resumable:
+                raise TypeError(f"{type(self).__name__} cannot save or resume its work part-way "
+                                "(resume and checkpoint must be None)")
+            kwargs = {"resume": resume, "checkpoint": checkpoint}
+        x_adv = self.perturb(x.detach(), y.detach(), **kwargs)
         # Guard against any attack stepping outside the threat model.
         return torch.min(torch.max(x_adv, x - self.eps), x + self.eps).clamp(0.0, 1.0).detach()
 
@@ -205,14 +213,14 @@ class EOTPGD(Attack):
     own, so the copies are independent draws and the estimate is the sequential one's); ``None`` (default)
     runs all of them in one pass. On a GPU a pass's time is set mostly by its slowest image and the engine's
     slots (``max_batch``), so one pass of many copies costs far less than as many passes in turn (not yet
-    measured there). A pass holds ``eot_batch`` times the attack's batch: lower it for a large network. ``loss``: ``"ce"``, ``"dlr"`` or
-    ``"dlr-targeted"`` (each of the ``n_target_classes`` most likely wrong
+    measured there). A pass holds ``eot_batch`` times the attack's batch: lower it for a large network.
+    ``loss``: ``"ce"``, ``"dlr"`` or ``"dlr-targeted"`` (each of the ``n_target_classes`` most likely wrong
     classes in turn, each with ``n_restarts`` random starts; after the first run only points whose
-    EOT-averaged prediction is still correct are attacked again, as AutoAttack does). Step size
-    ``alpha`` defaults to ``2.5 * eps / steps`` (Madry et al. 2018). The
-    returned point per sample is the iterate with the lowest EOT-averaged
-    margin ``p_y - max_{j != y} p_j`` of the mean softmax over all steps,
-    restarts and targets.
+    EOT-averaged prediction is still correct are attacked again, as AutoAttack does). Step size ``alpha``
+    defaults to ``2.5 * eps / steps`` (Madry et al. 2018). The returned point per sample is the iterate with
+    the lowest EOT-averaged margin ``p_y - max_{j != y} p_j`` of the mean softmax over all steps, restarts and
+    targets. The attack is resumable: ``fsmooth eval`` saves its state between steps
+    (:mod:`fsmooth.evaluation.resumable`).
     """
 
     _params = ("steps", "alpha", "eot_iter", "eot_batch", "n_restarts", "loss", "n_target_classes")
@@ -262,29 +270,52 @@ class EOTPGD(Attack):
         other = probs.scatter(1, y[:, None], -1.0).max(1).values
         return py - other
 
-    def perturb(self, x, y):
+    resumable = True  # perturb takes resume= and checkpoint= (see fsmooth.evaluation.resumable)
+
+    def _targets(self, x, y):
+        if self.loss != "dlr-targeted":
+            return [None]
+        with torch.no_grad():
+            order = self.model(x).argsort(dim=1, descending=True)
+        order = order[order != y[:, None]].view(x.shape[0], -1)  # wrong classes, most likely first
+        return [order[:, k] for k in range(min(self.n_target_classes, order.shape[1]))]
+
+    def perturb(self, x, y, *, resume=None, checkpoint=None):
+        """``resume``: ``(tensors, meta)`` that ``checkpoint`` was given (the attack goes on from that step,
+        with the same result as a run never stopped, provided the caller restored the global random state
+        saved beside it); ``checkpoint(make_state)``: called before every step, may save ``make_state()``."""
         gen = torch.Generator(device="cpu").manual_seed(self.seed)
         best = x.clone()
         best_margin = torch.full((x.shape[0],), math.inf, device=x.device)
-        targets = [None]
-        if self.loss == "dlr-targeted":
-            with torch.no_grad():
-                order = self.model(x).argsort(dim=1, descending=True)
-            order = order[order != y[:, None]].view(x.shape[0], -1)  # wrong classes, most likely first
-            targets = [order[:, k] for k in range(min(self.n_target_classes, order.shape[1]))]
-        first = True
-        for target in targets:
-            for _ in range(self.n_restarts):
-                # Like AutoAttack's restarts: later runs attack only the points not yet fooled (EOT-mean margin).
-                idx = torch.arange(x.shape[0], device=x.device) if first else (best_margin >= 0).nonzero()[:, 0]
-                first = False
-                if idx.numel() == 0:
-                    return best
+        at = None  # (target, restart, step) to resume at
+        if resume is None:
+            targets = self._targets(x, y)
+        else:
+            tensors, meta = resume
+            best, best_margin = tensors["best"].to(x.device, x.dtype), tensors["best_margin"].to(x.device)
+            targets = list(tensors["targets"].to(x.device)) if "targets" in tensors else [None]
+            gen.set_state(tensors["gen"])
+            at = (meta["target"], meta["restart"], meta["step"])
+        for ti, target in enumerate(targets):
+            for ri in range(self.n_restarts):
+                if at is not None and (ti, ri) < at[:2]:
+                    continue
+                if at is not None:
+                    idx, x_adv, first_step = tensors["idx"].to(x.device), tensors["x_adv"].to(x.device, x.dtype), at[2]
+                    at = None
+                else:
+                    # Like AutoAttack's restarts: later runs attack only the points not yet fooled (EOT-mean margin).
+                    idx = (torch.arange(x.shape[0], device=x.device) if ti == ri == 0
+                           else (best_margin >= 0).nonzero()[:, 0])
+                    if idx.numel() == 0:
+                        return best
+                    start = (torch.rand(x[idx].shape, generator=gen) * 2 - 1).to(x.device, x.dtype) * self.eps
+                    x_adv, first_step = (x[idx] + start).clamp(0.0, 1.0), 0
                 xs, ys = x[idx], y[idx]
                 ts = None if target is None else target[idx]
-                start = (torch.rand(xs.shape, generator=gen) * 2 - 1).to(x.device, x.dtype) * self.eps
-                x_adv = (xs + start).clamp(0.0, 1.0)
-                for step in range(self.steps + 1):
+                for step in range(first_step, self.steps + 1):
+                    if checkpoint is not None:
+                        checkpoint(lambda: self._state(best, best_margin, targets, gen, idx, x_adv, ti, ri, step))
                     grad, probs = self._eot(x_adv, ys, ts)
                     margin = self._margin(probs, ys)
                     better = margin < best_margin[idx]
@@ -294,6 +325,13 @@ class EOTPGD(Attack):
                     x_adv = x_adv + self.alpha * grad.sign()
                     x_adv = torch.min(torch.max(x_adv, xs - self.eps), xs + self.eps).clamp(0.0, 1.0).detach()
         return best
+
+    @staticmethod
+    def _state(best, best_margin, targets, gen, idx, x_adv, target, restart, step):
+        tensors = {"best": best, "best_margin": best_margin, "gen": gen.get_state(), "idx": idx, "x_adv": x_adv}
+        if targets[0] is not None:
+            tensors["targets"] = torch.stack(targets)
+        return tensors, {"target": target, "restart": restart, "step": step}
 
 
 class Square(Attack):

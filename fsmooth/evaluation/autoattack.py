@@ -27,9 +27,9 @@ import torch
 from pyautoattack import AutoAttack
 from pyautoattack import checks as aa_checks
 
-from .._machine import machine
+from .._machine import machines_with
 from .attacks import AA_LOGGER, set_apgd_iterations
-from .store import json_value
+from .store import json_value, rng_state, set_rng_state
 
 _log = logging.getLogger(__name__)
 
@@ -156,19 +156,6 @@ def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor) -> t
     raise ValueError(f"attack {attack!r} is not one of AutoAttack's")
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"rng_cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["rng_cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(tensors: dict, device: torch.device) -> None:
-    torch.set_rng_state(tensors["rng_cpu"])
-    if device.type == "cuda" and "rng_cuda" in tensors:
-        torch.cuda.set_rng_state(tensors["rng_cuda"], device)
-
-
 def _restore(progress, aa: AutoAttack, n: int):
     """The saved work of this chunk, when it was saved by this same AutoAttack on these ``n`` images."""
     saved = progress.load() if progress is not None else None
@@ -226,20 +213,17 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
                 recorder._add(message)
             info.update(resumed_after=list(done), earlier_wall_s=float(meta["wall_s"]),
                         earlier_machines=list(meta.get("machines", [])))
-            _set_rng_state(tensors, device)
+            set_rng_state(tensors, device)
             _log.info("chunk %d resumes after %s: %d of %d images robust", progress.chunk,
                       ", ".join(done) or "the clean pass", int(robust.sum()), x.shape[0])
-
-        def machines_so_far():  # every machine that worked on this chunk, in order
-            here = machine(device)
-            return info["earlier_machines"] + ([here] if here not in info["earlier_machines"] else [])
 
         def save():
             if progress is None:
                 return
-            progress.save({"x_adv": x_adv, "y_adv": y_adv, "robust": robust, **_rng_state(device)},
+            progress.save({"x_adv": x_adv, "y_adv": y_adv, "robust": robust, **rng_state(device)},
                           {"attacks_done": done, "robust_accuracy": accuracy, "flags": recorder.messages,
-                           "settings": settings, "n": x.shape[0], "machines": machines_so_far(),
+                           "settings": settings, "n": x.shape[0],
+                           "machines": machines_with(info["earlier_machines"], device),
                            "wall_s": info["earlier_wall_s"] + time.perf_counter() - start})
 
         if saved is None:

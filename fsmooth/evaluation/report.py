@@ -27,7 +27,8 @@ def environment() -> dict:
 
     env = {"fsmooth": __version__, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
            "python": platform.python_version(), "cuda": torch.version.cuda,
-           "device": machine_text(machine()), "machine": machine()}  # where the report was written; each run's chunks name their own (``machines``)
+           # where the report was written; each run's chunks name their own (``machines`` in its row)
+           "device": machine_text(machine()), "machine": machine()}
     try:
         import torchattacks  # optional cross-check library
         env["torchattacks"] = torchattacks.__version__

@@ -21,6 +21,7 @@ from ..distributed import all_gather_object
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
 from .protocols import Budget, RunSpec
+from .resumable import batch_slices, run_attack
 from .store import ChunkStore
 
 __all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed", "predict", "predict_batched"]
@@ -130,13 +131,20 @@ def _attack(ctx: Context, spec: RunSpec, clf, seed: int):
     return cls(clf, eps=spec.eps, seed=seed, **options)
 
 
-def _slices(n: int, size: int):
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
-
-
 def predict_batched(clf, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [predict(clf, x[s]) for s in _slices(x.shape[0], batch)]
+    parts = [predict(clf, x[s]) for s in batch_slices(x.shape[0], batch)]
     return torch.cat([p for p, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def _note_resumed(meta: dict, info: dict, key: str, device) -> None:
+    """A chunk resumed from saved progress says where it went on (``info[key]``, falsy if it did not), with the
+    time and the other machines spent on it before."""
+    if not info[key]:
+        return
+    meta.update({key: info[key], "earlier_wall_s": info["earlier_wall_s"]})
+    earlier = [m for m in info["earlier_machines"] if m != machine(device)]
+    if earlier:
+        meta["resumed_from_machines"] = earlier
 
 
 def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict, lo: int, hi: int, chunk: int,
@@ -152,18 +160,15 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
         x_adv, y_adv, flags, info = run_autoattack(aa, x, y, batch_size=batch,
                                                    progress=ctx.store.progress(spec.run_id, chunk))
         meta.update(settings=autoattack_settings(aa), flags=flags)
-        if info["resumed_after"]:
-            meta.update(resumed_after=info["resumed_after"], earlier_wall_s=info["earlier_wall_s"])
-            earlier = [m for m in info["earlier_machines"] if m != machine(x.device)]
-            if earlier:
-                meta["resumed_from_machines"] = earlier
+        _note_resumed(meta, info, "resumed_after", x.device)
         # AutoAttack's verdict stands; one fresh forward on its points measures the defense iterations.
         _, iters = predict_batched(clf, x_adv, batch)
         return {"pred": y_adv.cpu(), "iterations": iters, "x_adv": x_adv.cpu()}, meta
     if spec.kind == "attack":
         attack = _attack(ctx, spec, clf, seed)
-        x_adv = torch.cat([attack(x[s], y[s]) for s in _slices(x.shape[0], batch)])
+        x_adv, info = run_attack(attack, x, y, batch_size=batch, progress=ctx.store.progress(spec.run_id, chunk))
         meta["settings"] = attack.settings()
+        _note_resumed(meta, info, "resumed_at", x.device)
     elif spec.kind == "transfer":
         x_adv = sources[spec.source].x_adv[lo:hi].to(x.device)
         meta["settings"] = {"source": spec.source, **sources[spec.source].settings}

@@ -17,7 +17,8 @@ from ..io import write_json_atomic, write_safetensors_atomic, write_text_atomic
 
 atomic_write_text = write_text_atomic  # the old name, kept for callers
 
-__all__ = ["ChunkStore", "ChunkProgress", "OverlayStore", "atomic_write_text", "write_json"]
+__all__ = ["ChunkStore", "ChunkProgress", "OverlayStore", "atomic_write_text", "write_json", "rng_state",
+           "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
@@ -47,6 +48,21 @@ def _finite(value):
 def write_json(path: Path, obj) -> None:
     """``obj`` as JSON, atomically, with NaN/Inf as null and tensors, sets, tuples and paths converted."""
     write_json_atomic(path, _finite(obj), sort_keys=False, default=_json_default)
+
+
+def rng_state(device: torch.device) -> dict:
+    """The global random state (the defense draws its noise from it), as tensors to save with progress."""
+    state = {"rng_cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["rng_cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(tensors: dict, device: torch.device) -> None:
+    """Restore what :func:`rng_state` saved."""
+    torch.set_rng_state(tensors["rng_cpu"])
+    if device.type == "cuda" and "rng_cuda" in tensors:
+        torch.cuda.set_rng_state(tensors["rng_cuda"], device)
 
 
 def _safe(run_id: str) -> str:

@@ -1,0 +1,101 @@
+"""An attack that resumes inside a chunk: a long attack's work is saved between its steps.
+
+EOT-PGD on a defended model costs some 200 defended passes per restart; on one CPU core a chunk of 10 images
+takes the better part of an hour, and a chunk killed at a session's end used to start over. An attack whose
+class says ``resumable = True`` takes ``checkpoint`` (called before each of its steps) and ``resume`` (the state
+it last saved); :func:`run_attack` runs it over a chunk's batches and keeps, in the chunk's
+:class:`~fsmooth.evaluation.store.ChunkProgress`, the finished batches' points and the current batch's state
+with the global random state (the defense's noise) at that step. A resumed chunk gives the points of a chunk
+never stopped.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+
+import torch
+
+from .._machine import machines_with
+from .store import json_value, rng_state, set_rng_state
+
+__all__ = ["SAVE_EVERY_S", "batch_slices", "run_attack"]
+
+_log = logging.getLogger(__name__)
+
+SAVE_EVERY_S = 60.0  # between saves of an attack's state: a few MB each, negligible beside a minute of attacking
+
+
+def batch_slices(n: int, size: int) -> list:
+    """``n`` images in batches of ``size``, the last one shorter."""
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _restore(progress, attack, n: int, batch_size: int):
+    """The saved work of this chunk, when this same attack saved it on these ``n`` images in these batches."""
+    saved = progress.load() if progress is not None else None
+    if saved is None:
+        return None
+    tensors, meta = saved
+    if (meta.get("attack") != json_value(attack.settings()) or meta.get("n") != n
+            or meta.get("batch_size") != batch_size):
+        warnings.warn(f"chunk {progress.chunk} starts over: its progress in {progress.meta_path} was saved by "
+                      "another attack or for other images", RuntimeWarning, stacklevel=3)
+        return None
+    return tensors, meta
+
+
+def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, progress=None):
+    """``(x_adv, info)``: ``attack``'s points on ``x`` (run ``batch_size`` images at a time) and how the run went
+    (``info``: where a resumed run went on, the seconds and machines before it).
+
+    ``progress`` (a :class:`~fsmooth.evaluation.store.ChunkProgress`, or ``None``) keeps the finished batches
+    and, every :data:`SAVE_EVERY_S` seconds, the current batch's state; a run that finds work saved by the same
+    attack on the same images goes on from there, with the random state it was saved with.
+    """
+    slices = batch_slices(x.shape[0], batch_size)
+    info = {"resumed_at": None, "earlier_wall_s": 0.0, "earlier_machines": []}
+    start = time.perf_counter()
+    saved = _restore(progress, attack, x.shape[0], batch_size)
+    parts, state, rng = [], None, None
+    if saved is not None:
+        tensors, meta = saved
+        parts = [tensors[f"done/{i}"].to(x.device, x.dtype) for i in range(meta["slices_done"])]
+        if meta["state"] is not None:
+            state = ({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")},
+                     meta["state"])
+            rng = {k: v for k, v in tensors.items() if k.startswith("rng_")}
+        info.update(resumed_at={"batch": len(parts), "step": meta["state"]}, earlier_wall_s=float(meta["wall_s"]),
+                    earlier_machines=list(meta.get("machines", [])))
+        _log.info("chunk %d resumes at batch %d of %d (%s)", progress.chunk, len(parts), len(slices),
+                  meta["state"] or "its start")
+    last_save = time.perf_counter()
+
+    def save(current=None):
+        nonlocal last_save
+        tensors = {f"done/{i}": p for i, p in enumerate(parts)}
+        if current is not None:
+            state_tensors, state_meta = current
+            tensors.update({f"state/{k}": v for k, v in state_tensors.items()}, **rng_state(x.device))
+        progress.save(tensors, {"attack": attack.settings(), "n": x.shape[0], "batch_size": batch_size,
+                                "slices_done": len(parts), "state": None if current is None else state_meta,
+                                "machines": machines_with(info["earlier_machines"], x.device),
+                                "wall_s": info["earlier_wall_s"] + time.perf_counter() - start})
+        last_save = time.perf_counter()
+
+    def checkpoint(make_state):
+        if time.perf_counter() - last_save >= SAVE_EVERY_S:
+            save(make_state())  # before the step's random draws: the saved random state is the step's own
+
+    for i, s in enumerate(slices):
+        if i < len(parts):
+            continue
+        if rng is not None:
+            set_rng_state(rng, x.device)
+        if progress is None or not attack.resumable:
+            parts.append(attack(x[s], y[s]))
+        else:
+            parts.append(attack(x[s], y[s], resume=state, checkpoint=checkpoint))
+            save()
+        state, rng = None, None
+    return (torch.cat(parts) if parts else x.clone()), info

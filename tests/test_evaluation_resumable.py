@@ -1,0 +1,134 @@
+"""EOT-PGD saves its work between steps; a chunk killed part-way resumes with the points of a run never stopped."""
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from evaluation_helpers import (TINY_DEFENSE, Interrupting, SimulatedKill, separable_data, tiny_budget,
+                                tiny_factory, trained_tiny_net)
+from fsmooth._machine import machine
+from fsmooth.evaluation import evaluate
+from fsmooth.evaluation import resumable
+from fsmooth.evaluation.attacks import APGD, EOTPGD
+from fsmooth.evaluation.resumable import batch_slices, run_attack
+from fsmooth.evaluation.store import ChunkProgress
+
+EPS = 3 / 255  # small: some points survive the first restart, so the second one runs
+
+
+class Noisy(nn.Module):
+    """A randomized model (noise from the global RNG, like the defense) that can be killed after ``limit`` calls."""
+
+    def __init__(self, model, scale=0.1):
+        super().__init__()
+        self.net, self.scale, self.limit, self.calls = model, scale, None, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.limit is not None and self.calls > self.limit:
+            raise SimulatedKill(f"killed at call {self.calls}")
+        return self.net(x + self.scale * (2 * torch.rand_like(x) - 1))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = trained_tiny_net()
+    x, y = separable_data(n=11, seed=2)  # 11 images in batches of 4: 4 + 4 + 3
+    return model, x, y
+
+
+def _attack(model, loss, seed=5):
+    return EOTPGD(Noisy(model), eps=EPS, steps=4, eot_iter=3, eot_batch=2, n_restarts=2, loss=loss,
+                  n_target_classes=2, seed=seed)
+
+
+def _run(attack, x, y, progress, rng=0):
+    torch.manual_seed(rng)
+    return run_attack(attack, x, y, batch_size=4, progress=progress)
+
+
+@pytest.mark.parametrize("loss", ["ce", "dlr-targeted"])
+def test_a_killed_attack_resumes_at_its_step_with_the_same_points(setup, tmp_path, monkeypatch, loss):
+    model, x, y = setup
+    monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)  # save before every step
+    attack = _attack(model, loss)
+    torch.manual_seed(0)
+    plain = torch.cat([attack(x[s], y[s]) for s in batch_slices(len(x), 4)])
+    straight, info = _run(attack, x, y, ChunkProgress(tmp_path / "straight", 0, "d"))
+    assert torch.equal(straight, plain) and info["resumed_at"] is None  # saving changes nothing
+    total = attack.model.calls // 2
+    states = []
+    for limit in range(3, total, 4):  # kills all over the chunk: steps, restarts, targets, batches
+        progress = ChunkProgress(tmp_path / f"killed{limit}", 0, "d")
+        attack.model.limit, attack.model.calls = limit, 0
+        with pytest.raises(SimulatedKill):
+            _run(attack, x, y, progress)
+        tensors, meta = progress.load()
+        states.append((meta["slices_done"], meta["state"]))
+        assert meta["machines"] == [machine()] and meta["wall_s"] > 0
+        assert all(torch.equal(tensors[f"done/{i}"], straight[s])
+                   for i, s in enumerate(batch_slices(len(x), 4)[:meta["slices_done"]]))
+        attack.model.limit = None
+        resumed, info = _run(attack, x, y, progress, rng=123)  # another random state: the saved one is restored
+        assert torch.equal(resumed, straight), (limit, meta["state"])
+        assert info["resumed_at"] == {"batch": meta["slices_done"], "step": meta["state"]}
+        assert info["earlier_wall_s"] == meta["wall_s"]
+    assert any(s for _, s in states) and {d for d, _ in states} == {0, 1, 2}
+    assert any(s["restart"] == 1 for _, s in states if s)          # the kills reached a later restart
+    if loss == "dlr-targeted":
+        assert any(s["target"] == 1 for _, s in states if s)       # and the second target
+
+
+def test_progress_of_another_attack_or_images_is_not_used(setup, tmp_path, monkeypatch):
+    model, x, y = setup
+    monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
+    progress = ChunkProgress(tmp_path, 0, "d")
+    other = _attack(model, "ce", seed=6)
+    other.model.limit = 7
+    with pytest.raises(SimulatedKill):
+        _run(other, x, y, progress)                                   # seed 6's work, killed
+    fresh, _ = _run(_attack(model, "ce"), x, y, None)
+    with pytest.warns(RuntimeWarning, match="another attack or for other images"):
+        again, info = _run(_attack(model, "ce"), x, y, progress)
+    assert torch.equal(again, fresh) and info["resumed_at"] is None
+    progress.clear()
+    other.model.limit, other.model.calls = 7, 0
+    with pytest.raises(SimulatedKill):
+        _run(other, x, y, progress)
+    with pytest.warns(RuntimeWarning, match="another attack or for other images"):
+        _run(_attack(model, "ce", seed=6), x[:10], y[:10], progress)  # the same attack, other images
+
+
+def test_only_a_resumable_attack_takes_resume_or_checkpoint(setup):
+    model, x, y = setup
+    with pytest.raises(TypeError, match="APGD cannot save or resume"):
+        APGD(model, eps=EPS, n_iter=2)(x, y, checkpoint=lambda make: None)
+    assert EOTPGD.resumable and not APGD.resumable
+    empty, info = run_attack(_attack(model, "ce"), x[:0], y[:0], batch_size=4)
+    assert empty.shape == (0, *x.shape[1:]) and info["resumed_at"] is None
+
+
+def test_fsmooth_eval_resumes_a_killed_eot_chunk_at_its_step(tmp_path, monkeypatch):
+    monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
+    model = trained_tiny_net()
+    x, y = separable_data(n=8, seed=1)
+    kwargs = dict(protocol="eot", eps=(8 / 255,), outer_loops=(1,), defense=TINY_DEFENSE, budget=tiny_budget(),
+                  chunk_size=8, batch_size=4, quiet=True, defended_factory=tiny_factory, seed=2)
+    straight = evaluate(model, x, y, out=tmp_path / "straight", **kwargs)
+    killed = Interrupting(limit=12)  # of 38 calls: inside EOT-PGD-CE's second batch
+    killed.load_state_dict(model.state_dict())
+    killed.eval()
+    with pytest.raises(SimulatedKill):
+        evaluate(killed, x, y, out=tmp_path / "resumed", **kwargs)
+    state = tmp_path / "resumed" / "state"
+    (progress_path,) = state.rglob("*.progress.json")
+    saved = json.loads(progress_path.read_text())
+    assert saved["state"] is not None                                 # killed inside an attack's steps
+    resumed = evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
+    strip = lambda rep: [(r["run_id"], r["correct"], r["seeds"]) for r in rep["runs"]]  # noqa: E731
+    assert strip(resumed) == strip(straight)
+    assert not list(state.rglob("*.progress.*"))                     # a finished chunk keeps no work in flight
+    meta = json.loads((progress_path.parent / "chunk00000.json").read_text())
+    assert meta["resumed_at"] == {"batch": saved["slices_done"], "step": saved["state"]}
+    assert meta["wall_s"] > saved["wall_s"] > 0                      # the time before the kill counts
