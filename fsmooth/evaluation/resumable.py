@@ -4,8 +4,8 @@ EOT-PGD on a defended model costs some 200 defended passes per restart; on one C
 takes the better part of an hour, and a chunk killed at a session's end used to start over. An attack whose
 class says ``resumable = True`` takes ``checkpoint`` (called before each of its steps) and ``resume`` (the state
 it last saved); :func:`run_attack` runs it over a chunk's batches and keeps, in the chunk's
-:class:`~fsmooth.evaluation.store.ChunkProgress`, the finished batches' points and the current batch's state
-with the global random state (the defense's noise) at that step. A resumed chunk gives the points of a chunk
+:class:`~fsmooth.evaluation.store.ChunkProgress`, the finished batches' points, the current batch's state and
+the global random state (the defense's noise) at that point. A resumed chunk gives the points of a chunk
 never stopped.
 """
 from __future__ import annotations
@@ -64,7 +64,7 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
         if meta["state"] is not None:
             state = ({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")},
                      meta["state"])
-            rng = {k: v for k, v in tensors.items() if k.startswith("rng_")}
+        rng = {k: v for k, v in tensors.items() if k.startswith("rng_")}
         info.update(resumed_at={"batch": len(parts), "step": meta["state"]}, earlier_wall_s=float(meta["wall_s"]),
                     earlier_machines=list(meta.get("machines", [])))
         _log.info("chunk %d resumes at batch %d of %d (%s)", progress.chunk, len(parts), len(slices),
@@ -73,10 +73,11 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
 
     def save(current=None):
         nonlocal last_save
-        tensors = {f"done/{i}": p for i, p in enumerate(parts)}
+        # The random state now: at a step's start (current) or at the next batch's start (after a batch).
+        tensors = {**{f"done/{i}": p for i, p in enumerate(parts)}, **rng_state(x.device)}
         if current is not None:
             state_tensors, state_meta = current
-            tensors.update({f"state/{k}": v for k, v in state_tensors.items()}, **rng_state(x.device))
+            tensors.update({f"state/{k}": v for k, v in state_tensors.items()})
         progress.save(tensors, {"attack": attack.settings(), "n": x.shape[0], "batch_size": batch_size,
                                 "slices_done": len(parts), "state": None if current is None else state_meta,
                                 "machines": machines_with(info["earlier_machines"], x.device),
