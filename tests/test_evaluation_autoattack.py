@@ -9,7 +9,7 @@ from evaluation_helpers import (TINY_DEFENSE, SimulatedKill, separable_data, tin
                                 trained_tiny_net)
 from fsmooth._machine import machine
 from fsmooth.evaluation import autoattack as aa_module
-from fsmooth.evaluation import evaluate
+from fsmooth.evaluation import evaluate, resumable
 from fsmooth.evaluation.autoattack import STANDARD_ATTACKS, build_autoattack, run_autoattack
 from fsmooth.evaluation.store import ChunkProgress
 
@@ -47,7 +47,9 @@ def test_the_points_are_those_of_run_standard_evaluation(setup, tmp_path, defend
             aa_module.aa_checks.funcs[name] = 0
         ref_x, ref_y = aa.run_standard_evaluation(x, y, batch_size=5)
     assert torch.equal(x_adv, ref_x) and torch.equal(y_adv, ref_y)
-    assert flags == recorder.flags() and info == {"resumed_after": [], "earlier_wall_s": 0.0, "earlier_machines": []}
+    assert flags == recorder.flags()
+    assert info == {"resumed": False, "resumed_after": [], "resumed_in": None, "earlier_wall_s": 0.0,
+                    "earlier_machines": []}
     _, meta = progress.load()
     assert meta["attacks_done"] == list(STANDARD_ATTACKS)   # the comparison covered all four attacks
     robust = y_adv.eq(y)
@@ -63,19 +65,19 @@ def test_a_chunk_killed_during_an_attack_resumes_there_with_the_same_points(setu
     perturb = aa_module._perturb
     rng_at = {}  # the global random state at each attack's first batch (the defense noise draws from it)
 
-    def record(aa, attack, xb, yb):
+    def record(aa, attack, xb, yb, **kw):
         rng_at.setdefault(attack, torch.get_rng_state())
-        return perturb(aa, attack, xb, yb)
+        return perturb(aa, attack, xb, yb, **kw)
 
     monkeypatch.setattr(aa_module, "_perturb", record)
     straight = _run(clf, x, y, progress=ChunkProgress(tmp_path / "straight", 0, "d"))
     straight_rng, rng_at = rng_at, {}
     calls = []
 
-    def kill(aa, attack, xb, yb):
+    def kill(aa, attack, xb, yb, **kw):
         if attack == killed_in:
             raise SimulatedKill(attack)
-        return perturb(aa, attack, xb, yb)
+        return perturb(aa, attack, xb, yb, **kw)
 
     progress = ChunkProgress(tmp_path / "resumed", 0, "d")
     monkeypatch.setattr(aa_module, "_perturb", kill)
@@ -84,9 +86,9 @@ def test_a_chunk_killed_during_an_attack_resumes_there_with_the_same_points(setu
     before = list(STANDARD_ATTACKS[:STANDARD_ATTACKS.index(killed_in)])
     assert progress.load()[1]["attacks_done"] == before
 
-    def spy(aa, attack, xb, yb):
+    def spy(aa, attack, xb, yb, **kw):
         calls.append(attack)
-        return record(aa, attack, xb, yb)
+        return record(aa, attack, xb, yb, **kw)
 
     monkeypatch.setattr(aa_module, "_perturb", spy)
     resumed = _run(clf, x, y, rng=123, progress=progress)  # another random state: the saved one is restored
@@ -95,6 +97,60 @@ def test_a_chunk_killed_during_an_attack_resumes_there_with_the_same_points(setu
     assert torch.equal(resumed[0], straight[0]) and torch.equal(resumed[1], straight[1])
     assert resumed[2] == straight[2]                       # the checks that fired before the kill are kept
     assert resumed[3]["resumed_after"] == before and resumed[3]["earlier_wall_s"] > 0
+
+
+@pytest.mark.parametrize("killed", ["apgd-ce batch 2", "square query 4"])
+def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tmp_path, monkeypatch, killed):
+    """Saved after each batch of an attack and, inside Square, before each query (here every time): the
+    resumed chunk has the points, predictions and checks of a chunk never stopped."""
+    model, x, y = setup
+    clf = _classifier(model, True)
+    monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
+    perturb, seen, calls = aa_module._perturb, [], []
+
+    def spy(aa, attack, xb, yb, resume=None, checkpoint=None):  # which batches run, and which go on
+        calls.append((attack, xb.shape[0], resume is not None))
+        return perturb(aa, attack, xb, yb, resume=resume, checkpoint=checkpoint)
+
+    monkeypatch.setattr(aa_module, "_perturb", spy)
+    straight = _run(clf, x, y, progress=ChunkProgress(tmp_path / "straight", 0, "d"))
+    straight_calls, calls[:] = list(calls), []
+
+    def kill(aa, attack, xb, yb, resume=None, checkpoint=None):
+        seen.append(attack)
+        if killed == "apgd-ce batch 2" and seen == ["apgd-ce", "apgd-ce"]:
+            raise SimulatedKill(killed)
+        if killed == "square query 4" and attack == "square":
+            queries = []
+
+            def dying(make):
+                queries.append(1)
+                if len(queries) > 4:
+                    raise SimulatedKill(killed)
+                checkpoint(make)
+            return perturb(aa, attack, xb, yb, resume=resume, checkpoint=dying)
+        return perturb(aa, attack, xb, yb, resume=resume, checkpoint=checkpoint)
+
+    progress = ChunkProgress(tmp_path / "resumed", 0, "d")
+    monkeypatch.setattr(aa_module, "_perturb", kill)
+    with pytest.raises(SimulatedKill):
+        _run(clf, x, y, progress=progress)
+    tensors, meta = progress.load()
+    if killed == "apgd-ce batch 2":
+        assert meta["attacks_done"] == [] and meta["current"] == {"attack": "apgd-ce", "batch_start": 5,
+                                                                    "state": None}
+    else:
+        assert meta["current"]["attack"] == "square" and meta["current"]["state"] == {"query": 3, "restart": 0}
+        assert {"current/robust_idx", "current/state/x_best", "current/state/adv"} <= tensors.keys()
+    monkeypatch.setattr(aa_module, "_perturb", spy)
+    resumed = _run(clf, x, y, rng=123, progress=progress)  # another random state: the saved one is restored
+    assert torch.equal(resumed[0], straight[0]) and torch.equal(resumed[1], straight[1])
+    assert resumed[2] == straight[2]
+    assert resumed[3]["resumed"] and resumed[3]["resumed_in"] == meta["current"]
+    # Nothing finished before the kill runs again: the killed batch goes on (Square: from its saved query).
+    first = len(seen) - 1
+    assert [c[:2] for c in calls] == [c[:2] for c in straight_calls[first:]]
+    assert calls[0][2] == (killed == "square query 4") and not any(c[2] for c in calls[1:])
 
 
 def test_progress_of_another_configuration_or_evaluation_or_unreadable_is_not_used(setup, tmp_path):
@@ -122,10 +178,10 @@ def test_fsmooth_eval_resumes_a_killed_autoattack_chunk_at_its_attack(setup, tmp
     evaluate(model, x, y, out=tmp_path / "straight", **kwargs)
     perturb = aa_module._perturb
 
-    def kill(aa, attack, xb, yb):
+    def kill(aa, attack, xb, yb, **kw):
         if attack == "square":
             raise SimulatedKill(attack)
-        return perturb(aa, attack, xb, yb)
+        return perturb(aa, attack, xb, yb, **kw)
 
     monkeypatch.setattr(aa_module, "_perturb", kill)
     with pytest.raises(SimulatedKill):

@@ -1,4 +1,5 @@
-"""EOT-PGD saves its work between steps; a chunk killed part-way resumes with the points of a run never stopped."""
+"""EOT-PGD and Square save their work between steps; a chunk killed part-way resumes with the points of a run
+never stopped."""
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from evaluation_helpers import (TINY_DEFENSE, Interrupting, SimulatedKill, separ
 from fsmooth._machine import machine
 from fsmooth.evaluation import evaluate
 from fsmooth.evaluation import resumable
-from fsmooth.evaluation.attacks import APGD, EOTPGD
+from fsmooth.evaluation.attacks import APGD, EOTPGD, Square
 from fsmooth.evaluation.resumable import batch_slices, run_attack
 from fsmooth.evaluation.store import ChunkProgress
 
@@ -88,6 +89,25 @@ def test_a_killed_attack_resumes_at_its_step_with_the_same_points(setup, tmp_pat
     assert any(s["restart"] == 1 for _, s in states if s)          # the kills reached a later restart
     if loss == "dlr-targeted":
         assert any(s["target"] == 1 for _, s in states if s)       # and the second target
+
+
+def test_square_resumes_at_its_query(setup, tmp_path, monkeypatch):
+    model, x, y = setup
+    monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
+    noisy = Noisy(model, scale=0.05)
+    attack = Square(noisy, eps=16 / 255, n_queries=40, seed=3)
+    straight, _ = _run(attack, x, y, ChunkProgress(tmp_path / "straight", 0, "d"))
+    assert 0 < (model(straight).argmax(1) != y).sum() < len(y)       # some fooled, some survived
+    for limit in (noisy.calls // 3, 2 * noisy.calls // 3):
+        progress = ChunkProgress(tmp_path / f"killed{limit}", 0, "d")
+        noisy.limit, noisy.calls = limit, 0
+        with pytest.raises(SimulatedKill):
+            _run(attack, x, y, progress)
+        meta = progress.load()[1]
+        assert meta["state"]["query"] > 0
+        noisy.limit = None
+        resumed, info = _run(attack, x, y, progress, rng=123)
+        assert torch.equal(resumed, straight) and info["resumed_at"]["step"] == meta["state"]
 
 
 def test_progress_of_another_attack_or_images_is_not_used(setup, tmp_path, monkeypatch):

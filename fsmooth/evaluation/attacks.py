@@ -20,6 +20,7 @@ from pyautoattack.square import SquareAttack
 from .._validation import check_positive_int
 from ..functional import feature_loss
 from ..models.prefix import prefix as network_prefix
+from .square import ResumableSquare
 
 __all__ = ["Attack", "APGD", "APGDTargeted", "AdaptiveAPGD", "EOTPGD", "Square", "TorchattacksEOTPGD",
            "dlr_loss", "dlr_loss_targeted", "AA_LOGGER"]
@@ -335,20 +336,23 @@ class EOTPGD(Attack):
 
 
 class Square(Attack):
-    """pyautoattack's Square attack (black-box, score-based; Andriushchenko et al. 2020), AutoAttack's settings."""
+    """pyautoattack's Square attack (black-box, score-based; Andriushchenko et al. 2020), AutoAttack's settings.
+
+    Resumable between queries (:class:`~fsmooth.evaluation.square.ResumableSquare`, the library's points)."""
 
     _params = ("n_queries", "p_init", "n_restarts")
+    resumable = True
 
     def __init__(self, model, eps: float = 8 / 255, n_queries: int = 5000, p_init: float = 0.8,
                  n_restarts: int = 1, seed: int = 0):
         super().__init__(model, eps, seed)
         self.n_queries, self.p_init, self.n_restarts = n_queries, p_init, n_restarts
 
-    def perturb(self, x, y):
+    def perturb(self, x, y, *, resume=None, checkpoint=None):
         attack = SquareAttack(self.model, p_init=self.p_init, n_queries=self.n_queries, eps=self.eps, norm="Linf",
                               n_restarts=self.n_restarts, seed=self.seed, verbose=False, device=x.device,
                               resc_schedule=False)
-        return attack.perturb(x, y)
+        return ResumableSquare.like(attack).perturb(x, y, resume=resume, checkpoint=checkpoint)
 
 
 class TorchattacksEOTPGD(Attack):

@@ -29,6 +29,8 @@ from pyautoattack import checks as aa_checks
 
 from .._machine import machines_with
 from .attacks import AA_LOGGER, set_apgd_iterations
+from .resumable import Checkpoint
+from .square import ResumableSquare
 from .store import json_value, rng_state, set_rng_state
 
 _log = logging.getLogger(__name__)
@@ -135,8 +137,11 @@ def autoattack_settings(aa: AutoAttack) -> dict:
     }
 
 
-def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One attack of ``run_standard_evaluation`` on one batch, set up as it sets it up."""
+def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor, *, resume=None,
+             checkpoint=None) -> torch.Tensor:
+    """One attack of ``run_standard_evaluation`` on one batch, set up as it sets it up. Square (a
+    :class:`~fsmooth.evaluation.square.ResumableSquare`) takes ``resume`` and ``checkpoint``; the others run
+    whole."""
     if attack in ("apgd-ce", "apgd-dlr"):
         aa.apgd.loss = "ce" if attack == "apgd-ce" else "dlr"
         aa.apgd.seed = aa.get_seed()
@@ -152,7 +157,7 @@ def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor) -> t
         return aa.fab.perturb(x, y)
     if attack == "square":
         aa.square.seed = aa.get_seed()
-        return aa.square.perturb(x, y)
+        return aa.square.perturb(x, y, resume=resume, checkpoint=checkpoint)
     raise ValueError(f"attack {attack!r} is not one of AutoAttack's")
 
 
@@ -171,13 +176,17 @@ def _restore(progress, aa: AutoAttack, n: int):
 
 def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, progress=None):
     """``(x_adv, y_adv, flags, info)``: AutoAttack's points, its predictions on them, the checks that fired, and
-    how the run went (``info``: the attacks a resumed run found done, the seconds spent before it resumed).
+    how the run went (``info``: whether it resumed saved work, the attacks it found done, the attack it found
+    part-way, the seconds and machines spent before).
 
     The points are those of ``aa.run_standard_evaluation(x, y, batch_size=batch_size)``. ``progress`` (a
-    :class:`~fsmooth.evaluation.store.ChunkProgress`, or ``None``) keeps the work after the clean pass and
-    after each attack; a run that finds work saved by the same AutoAttack on the same images goes on from
-    there, with the random state it was saved with.
+    :class:`~fsmooth.evaluation.store.ChunkProgress`, or ``None``) keeps the work after the clean pass, after
+    each attack, after each batch of an attack, and inside Square every
+    :data:`~fsmooth.evaluation.resumable.SAVE_EVERY_S` seconds between queries; a run that finds work saved by
+    the same AutoAttack on the same images goes on from there, with the random state it was saved with.
     """
+    if not isinstance(aa.square, ResumableSquare):
+        aa.square = ResumableSquare.like(aa.square)  # the library's Square, able to stop between queries
     # check_dynamic counts calls into autograd in a module-level dict that pyautoattack never resets, so
     # after the first dynamic model every later model would be flagged too; start each run from zero.
     for name in aa_checks.funcs:
@@ -187,7 +196,8 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
     recorder = FlagRecorder()
     settings = autoattack_settings(aa)
     saved = _restore(progress, aa, x.shape[0])
-    info = {"resumed_after": [], "earlier_wall_s": 0.0, "earlier_machines": []}
+    info = {"resumed": False, "resumed_after": [], "resumed_in": None, "earlier_wall_s": 0.0, "earlier_machines": []}
+    current = None  # an attack saved part-way: (its meta, its tensors)
     with recorder.recording(), torch.no_grad():
         if saved is None:
             head_x, head_y = x[:batch_size].to(aa.device), y[:batch_size].to(aa.device)
@@ -211,42 +221,67 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
             accuracy, done = meta["robust_accuracy"], list(meta["attacks_done"])
             for message in meta["flags"]:
                 recorder._add(message)
-            info.update(resumed_after=list(done), earlier_wall_s=float(meta["wall_s"]),
-                        earlier_machines=list(meta.get("machines", [])))
+            if meta.get("current"):
+                current = (meta["current"], {k.removeprefix("current/"): v for k, v in tensors.items()
+                                             if k.startswith("current/")})
+            info.update(resumed=True, resumed_after=list(done), earlier_wall_s=float(meta["wall_s"]),
+                        earlier_machines=list(meta.get("machines", [])), resumed_in=meta.get("current"))
             set_rng_state(tensors, device)
-            _log.info("chunk %d resumes after %s: %d of %d images robust", progress.chunk,
-                      ", ".join(done) or "the clean pass", int(robust.sum()), x.shape[0])
+            _log.info("chunk %d resumes after %s%s: %d of %d images robust", progress.chunk,
+                      ", ".join(done) or "the clean pass",
+                      f", inside {current[0]['attack']} ({current[0]})" if current else "", int(robust.sum()),
+                      x.shape[0])
 
-        def save():
-            if progress is None:
-                return
-            progress.save({"x_adv": x_adv, "y_adv": y_adv, "robust": robust, **rng_state(device)},
-                          {"attacks_done": done, "robust_accuracy": accuracy, "flags": recorder.messages,
-                           "settings": settings, "n": x.shape[0],
-                           "machines": machines_with(info["earlier_machines"], device),
-                           "wall_s": info["earlier_wall_s"] + time.perf_counter() - start})
+        def save(at=None):
+            """``at``: an attack left part-way, ``(attack, robust_idx, batch start, its state or None)``."""
+            tensors = {"x_adv": x_adv, "y_adv": y_adv, "robust": robust, **rng_state(device)}
+            part_way = None
+            if at is not None:
+                attack, robust_idx, lo, state = at
+                tensors["current/robust_idx"] = robust_idx
+                part_way = {"attack": attack, "batch_start": lo, "state": None if state is None else state[1]}
+                if state is not None:
+                    tensors.update({f"current/state/{k}": v for k, v in state[0].items()})
+            progress.save(tensors, {"attacks_done": done, "robust_accuracy": accuracy, "flags": recorder.messages,
+                                    "settings": settings, "n": x.shape[0], "current": part_way,
+                                    "machines": machines_with(info["earlier_machines"], device),
+                                    "wall_s": info["earlier_wall_s"] + time.perf_counter() - start})
 
-        if saved is None:
-            save()
+        saver = Checkpoint(save) if progress is not None else None
+        if saved is None and saver is not None:
+            saver.save()
         for attack in aa.attacks_to_run:
             if attack in done:
                 continue
-            robust_idx = torch.nonzero(robust).flatten()
-            if robust_idx.numel() == 0:
-                break  # as pyautoattack: nothing left to attack, and the later attacks are not recorded
-            for lo in range(0, robust_idx.numel(), batch_size):
+            first, resume = 0, None
+            if current is not None and current[0]["attack"] == attack:
+                (where, part), current = current, None
+                robust_idx, first = part["robust_idx"].to(device), where["batch_start"]
+                if where["state"] is not None:
+                    resume = ({k.removeprefix("state/"): v for k, v in part.items() if k.startswith("state/")},
+                              where["state"])
+            else:
+                robust_idx = torch.nonzero(robust).flatten()
+                if robust_idx.numel() == 0:
+                    break  # as pyautoattack: nothing left to attack, and the later attacks are not recorded
+            for lo in range(first, robust_idx.numel(), batch_size):
                 idx = robust_idx[lo:lo + batch_size]
                 xb, yb = x[idx].clone().to(aa.device), y[idx].clone().to(aa.device)
-                adv = _perturb(aa, attack, xb, yb)
+                checkpoint = None if saver is None else (
+                    lambda make, lo=lo: saver(lambda: (attack, robust_idx, lo, make())))
+                adv = _perturb(aa, attack, xb, yb, resume=resume, checkpoint=checkpoint)
+                resume = None
                 pred = aa.get_logits(adv).max(dim=1)[1]
                 fooled = ~yb.eq(pred).to(device)
                 robust[idx[fooled]] = False
                 x_adv[idx[fooled]] = adv[fooled].detach().to(device)
                 y_adv[idx[fooled]] = pred[fooled].detach().to(y_adv.device)
+                if saver is not None and lo + batch_size < robust_idx.numel():
+                    saver.save((attack, robust_idx, lo + batch_size, None))  # resumes at the next batch
             accuracy[attack] = robust.sum().item() / x.shape[0]
             done.append(attack)
-            save()
-            if progress is not None:
+            if saver is not None:
+                saver.save()
                 _log.info("chunk %d: %s done, %d of %d images robust (saved)", progress.chunk, attack,
                           int(robust.sum()), x.shape[0])
         aa_checks.check_square_sr(accuracy, logger=aa.logger)

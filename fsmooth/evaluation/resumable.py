@@ -19,11 +19,27 @@ import torch
 from .._machine import machines_with
 from .store import json_value, rng_state, set_rng_state
 
-__all__ = ["SAVE_EVERY_S", "batch_slices", "run_attack"]
+__all__ = ["SAVE_EVERY_S", "Checkpoint", "batch_slices", "run_attack"]
 
 _log = logging.getLogger(__name__)
 
 SAVE_EVERY_S = 60.0  # between saves of an attack's state: a few MB each, negligible beside a minute of attacking
+
+
+class Checkpoint:
+    """What a resumable attack calls before each step: ``checkpoint(make_state)`` saves ``make_state()`` through
+    ``save`` once :data:`SAVE_EVERY_S` seconds have passed since the last save (:meth:`save` saves at once)."""
+
+    def __init__(self, save):
+        self._save, self._last = save, time.perf_counter()
+
+    def __call__(self, make_state) -> None:
+        if time.perf_counter() - self._last >= SAVE_EVERY_S:
+            self.save(make_state())  # before the step's random draws: the saved random state is the step's own
+
+    def save(self, state=None) -> None:
+        self._save(state)
+        self._last = time.perf_counter()
 
 
 def batch_slices(n: int, size: int) -> list:
@@ -54,7 +70,7 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
     attack on the same images goes on from there, with the random state it was saved with.
     """
     slices = batch_slices(x.shape[0], batch_size)
-    info = {"resumed_at": None, "earlier_wall_s": 0.0, "earlier_machines": []}
+    info = {"resumed": False, "resumed_at": None, "earlier_wall_s": 0.0, "earlier_machines": []}
     start = time.perf_counter()
     saved = _restore(progress, attack, x.shape[0], batch_size)
     parts, state, rng = [], None, None
@@ -65,14 +81,13 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
             state = ({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")},
                      meta["state"])
         rng = {k: v for k, v in tensors.items() if k.startswith("rng_")}
-        info.update(resumed_at={"batch": len(parts), "step": meta["state"]}, earlier_wall_s=float(meta["wall_s"]),
+        info.update(resumed=True, resumed_at={"batch": len(parts), "step": meta["state"]},
+                    earlier_wall_s=float(meta["wall_s"]),
                     earlier_machines=list(meta.get("machines", [])))
         _log.info("chunk %d resumes at batch %d of %d (%s)", progress.chunk, len(parts), len(slices),
                   meta["state"] or "its start")
-    last_save = time.perf_counter()
 
     def save(current=None):
-        nonlocal last_save
         # The random state now: at a step's start (current) or at the next batch's start (after a batch).
         tensors = {**{f"done/{i}": p for i, p in enumerate(parts)}, **rng_state(x.device)}
         if current is not None:
@@ -82,12 +97,8 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
                                 "slices_done": len(parts), "state": None if current is None else state_meta,
                                 "machines": machines_with(info["earlier_machines"], x.device),
                                 "wall_s": info["earlier_wall_s"] + time.perf_counter() - start})
-        last_save = time.perf_counter()
 
-    def checkpoint(make_state):
-        if time.perf_counter() - last_save >= SAVE_EVERY_S:
-            save(make_state())  # before the step's random draws: the saved random state is the step's own
-
+    checkpoint = Checkpoint(save)
     for i, s in enumerate(slices):
         if i < len(parts):
             continue
@@ -97,6 +108,6 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
             parts.append(attack(x[s], y[s]))
         else:
             parts.append(attack(x[s], y[s], resume=state, checkpoint=checkpoint))
-            save()
+            checkpoint.save()
         state, rng = None, None
     return (torch.cat(parts) if parts else x.clone()), info

@@ -136,12 +136,12 @@ def predict_batched(clf, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, tor
     return torch.cat([p for p, _ in parts]), torch.cat([i for _, i in parts])
 
 
-def _note_resumed(meta: dict, info: dict, key: str, device) -> None:
-    """A chunk resumed from saved progress says where it went on (``info[key]``, falsy if it did not), with the
-    time and the other machines spent on it before."""
-    if not info[key]:
+def _note_resumed(meta: dict, info: dict, keys: tuple, device) -> None:
+    """A chunk resumed from saved progress says where it went on (``info``'s ``keys``), with the time and the
+    other machines spent on it before."""
+    if not info["resumed"]:
         return
-    meta.update({key: info[key], "earlier_wall_s": info["earlier_wall_s"]})
+    meta.update({key: info[key] for key in keys}, earlier_wall_s=info["earlier_wall_s"])
     earlier = [m for m in info["earlier_machines"] if m != machine(device)]
     if earlier:
         meta["resumed_from_machines"] = earlier
@@ -160,7 +160,7 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
         x_adv, y_adv, flags, info = run_autoattack(aa, x, y, batch_size=batch,
                                                    progress=ctx.store.progress(spec.run_id, chunk))
         meta.update(settings=autoattack_settings(aa), flags=flags)
-        _note_resumed(meta, info, "resumed_after", x.device)
+        _note_resumed(meta, info, ("resumed_after", "resumed_in"), x.device)
         # AutoAttack's verdict stands; one fresh forward on its points measures the defense iterations.
         _, iters = predict_batched(clf, x_adv, batch)
         return {"pred": y_adv.cpu(), "iterations": iters, "x_adv": x_adv.cpu()}, meta
@@ -168,7 +168,7 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
         attack = _attack(ctx, spec, clf, seed)
         x_adv, info = run_attack(attack, x, y, batch_size=batch, progress=ctx.store.progress(spec.run_id, chunk))
         meta["settings"] = attack.settings()
-        _note_resumed(meta, info, "resumed_at", x.device)
+        _note_resumed(meta, info, ("resumed_at",), x.device)
     elif spec.kind == "transfer":
         x_adv = sources[spec.source].x_adv[lo:hi].to(x.device)
         meta["settings"] = {"source": spec.source, **sources[spec.source].settings}

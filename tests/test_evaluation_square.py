@@ -1,0 +1,90 @@
+"""ResumableSquare: pyautoattack's Square attack draw for draw, and a run stopped between queries goes on."""
+import pytest
+import torch
+from pyautoattack.square import SquareAttack
+from torch import nn
+
+from evaluation_helpers import SimulatedKill, separable_data, trained_tiny_net
+from fsmooth.evaluation.square import ResumableSquare
+
+EPS = 16 / 255  # some images fooled within the queries, some not
+
+
+class Noisy(nn.Module):
+    """Randomized like the defense (noise from the global random state); killed after ``limit`` calls."""
+
+    def __init__(self, model, scale=0.05):
+        super().__init__()
+        self.net, self.scale, self.limit, self.calls = model, scale, None, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.limit is not None and self.calls > self.limit:
+            raise SimulatedKill(f"killed at call {self.calls}")
+        return self.net(x + self.scale * (2 * torch.rand_like(x) - 1))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    x, y = separable_data(n=12, seed=3)
+    return Noisy(trained_tiny_net()), x, y
+
+
+def _library(model, n_restarts=1, n_queries=60, seed=2):
+    # AutoAttack's own settings for its Square (pyautoattack.AutoAttack builds it so).
+    return SquareAttack(model, p_init=.8, n_queries=n_queries, eps=EPS, norm="Linf", n_restarts=n_restarts,
+                        seed=seed, verbose=False, device=torch.device("cpu"), resc_schedule=False)
+
+
+@pytest.mark.parametrize("n_restarts", [1, 2])
+def test_the_points_are_the_librarys(setup, n_restarts):
+    model, x, y = setup
+    lib = _library(model, n_restarts)
+    torch.manual_seed(0)
+    expected = lib.perturb(x, y)
+    model.calls = 0
+    torch.manual_seed(0)
+    got = ResumableSquare.like(lib).perturb(x, y)
+    assert torch.equal(got, expected)
+    fooled = (model.net(expected).argmax(1) != y).sum().item()
+    assert 0 < fooled < len(y) and model.calls > 20            # some fooled, some survived many queries
+    assert (expected - x).abs().amax() <= EPS + 1e-6
+
+
+@pytest.mark.parametrize("n_restarts", [1, 2])
+def test_a_run_killed_between_queries_goes_on_with_the_same_points(setup, n_restarts):
+    model, x, y = setup
+    attack = ResumableSquare.like(_library(model, n_restarts))
+    saved = []
+
+    def checkpoint(make_state):  # save everything, with the global random state as the caller does
+        tensors, meta = make_state()
+        saved.append(({k: v.clone() for k, v in tensors.items()}, dict(meta), torch.get_rng_state()))
+
+    model.calls = 0
+    torch.manual_seed(0)
+    straight = attack.perturb(x, y, checkpoint=checkpoint)
+    total, states = model.calls, len(saved)
+    assert states > 20 and {m["restart"] for _, m, _ in saved} == set(range(n_restarts))
+    for limit in (2, total // 3, total - 3):
+        saved.clear()
+        model.limit, model.calls = limit, 0
+        torch.manual_seed(0)
+        with pytest.raises(SimulatedKill):
+            attack.perturb(x, y, checkpoint=checkpoint)
+        model.limit = None
+        if not saved:  # killed before its first query: it starts over
+            assert limit == 2
+            continue
+        tensors, meta, rng = saved[-1]
+        torch.set_rng_state(rng)
+        resumed = attack.perturb(x, y, resume=(tensors, meta))
+        assert torch.equal(resumed, straight), (limit, meta)
+
+
+def test_what_cannot_resume_says_so(setup):
+    model, x, y = setup
+    lib = _library(model)
+    lib.targeted = True
+    with pytest.raises(ValueError, match="untargeted L-inf"):
+        ResumableSquare.like(lib).perturb(x, y, checkpoint=lambda make: None)
