@@ -11,6 +11,7 @@ from fsmooth._machine import machine
 from fsmooth.evaluation import autoattack as aa_module
 from fsmooth.evaluation import evaluate, resumable
 from fsmooth.evaluation.autoattack import STANDARD_ATTACKS, build_autoattack, run_autoattack
+from fsmooth.evaluation.resumable_library import ResumableFAB, ResumableSquare
 from fsmooth.evaluation.store import ChunkProgress
 
 EPS = 2 / 255  # small enough that images survive APGD-CE, so every attack of the four runs
@@ -99,10 +100,10 @@ def test_a_chunk_killed_during_an_attack_resumes_there_with_the_same_points(setu
     assert resumed[3]["resumed_after"] == before and resumed[3]["earlier_wall_s"] > 0
 
 
-@pytest.mark.parametrize("killed", ["apgd-ce batch 2", "square query 4"])
+@pytest.mark.parametrize("killed", ["apgd-ce batch 2", "fab-t target 4", "square query 4"])
 def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tmp_path, monkeypatch, killed):
-    """Saved after each batch of an attack and, inside Square, before each query (here every time): the
-    resumed chunk has the points, predictions and checks of a chunk never stopped."""
+    """Saved after each batch of an attack and inside Square (before each query) and FAB-T (before each target
+    class), here every time: the resumed chunk has the points, predictions and checks of a chunk never stopped."""
     model, x, y = setup
     clf = _classifier(model, True)
     monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
@@ -113,6 +114,12 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
         return perturb(aa, attack, xb, yb, resume=resume, checkpoint=checkpoint)
 
     monkeypatch.setattr(aa_module, "_perturb", spy)
+    library_calls = []  # and what reaches the library attacks' own loops
+    for cls in (ResumableSquare, ResumableFAB):
+        def library_spy(self, x, y=None, *, resume=None, checkpoint=None, _perturb=cls.perturb):
+            library_calls.append((type(self).__name__, resume is not None))
+            return _perturb(self, x, y, resume=resume, checkpoint=checkpoint)
+        monkeypatch.setattr(cls, "perturb", library_spy)
     straight = _run(clf, x, y, progress=ChunkProgress(tmp_path / "straight", 0, "d"))
     straight_calls, calls[:] = list(calls), []
 
@@ -120,12 +127,12 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
         seen.append(attack)
         if killed == "apgd-ce batch 2" and seen == ["apgd-ce", "apgd-ce"]:
             raise SimulatedKill(killed)
-        if killed == "square query 4" and attack == "square":
-            queries = []
+        if killed.startswith(attack + " "):  # killed at its 5th query (Square) or 3rd target class (FAB-T)
+            steps, last = [], 4 if attack == "square" else 2
 
             def dying(make):
-                queries.append(1)
-                if len(queries) > 4:
+                steps.append(1)
+                if len(steps) > last:
                     raise SimulatedKill(killed)
                 checkpoint(make)
             return perturb(aa, attack, xb, yb, resume=resume, checkpoint=dying)
@@ -139,10 +146,15 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
     if killed == "apgd-ce batch 2":
         assert meta["attacks_done"] == [] and meta["current"] == {"attack": "apgd-ce", "batch_start": 5,
                                                                     "state": None}
+    elif killed == "fab-t target 4":
+        assert meta["attacks_done"] == ["apgd-ce", "apgd-t"]
+        assert meta["current"]["attack"] == "fab-t" and meta["current"]["state"] == {"target_class": 3, "restart": 0}
+        assert {"current/robust_idx", "current/state/adv", "current/state/acc"} <= tensors.keys()
     else:
         assert meta["current"]["attack"] == "square" and meta["current"]["state"] == {"query": 3, "restart": 0}
         assert {"current/robust_idx", "current/state/x_best", "current/state/adv"} <= tensors.keys()
     monkeypatch.setattr(aa_module, "_perturb", spy)
+    library_calls.clear()
     resumed = _run(clf, x, y, rng=123, progress=progress)  # another random state: the saved one is restored
     assert torch.equal(resumed[0], straight[0]) and torch.equal(resumed[1], straight[1])
     assert resumed[2] == straight[2]
@@ -150,7 +162,10 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
     # Nothing finished before the kill runs again: the killed batch goes on (Square: from its saved query).
     first = len(seen) - 1
     assert [c[:2] for c in calls] == [c[:2] for c in straight_calls[first:]]
-    assert calls[0][2] == (killed == "square query 4") and not any(c[2] for c in calls[1:])
+    assert calls[0][2] == (killed != "apgd-ce batch 2") and not any(c[2] for c in calls[1:])
+    if killed != "apgd-ce batch 2":  # the saved state reached the library attack's loop
+        name = "ResumableFAB" if killed.startswith("fab-t") else "ResumableSquare"
+        assert library_calls[0] == (name, True) and not any(r for _, r in library_calls[1:])
 
 
 def test_progress_of_another_configuration_or_evaluation_or_unreadable_is_not_used(setup, tmp_path):

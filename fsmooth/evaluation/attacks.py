@@ -20,7 +20,7 @@ from pyautoattack.square import SquareAttack
 from .._validation import check_positive_int
 from ..functional import feature_loss
 from ..models.prefix import prefix as network_prefix
-from .square import ResumableSquare
+from .resumable_library import ResumableSquare
 
 __all__ = ["Attack", "APGD", "APGDTargeted", "AdaptiveAPGD", "EOTPGD", "Square", "TorchattacksEOTPGD",
            "dlr_loss", "dlr_loss_targeted", "AA_LOGGER"]
@@ -338,7 +338,7 @@ class EOTPGD(Attack):
 class Square(Attack):
     """pyautoattack's Square attack (black-box, score-based; Andriushchenko et al. 2020), AutoAttack's settings.
 
-    Resumable between queries (:class:`~fsmooth.evaluation.square.ResumableSquare`, the library's points)."""
+    Resumable between queries (:class:`~fsmooth.evaluation.resumable_library.ResumableSquare`, the library's points)."""
 
     _params = ("n_queries", "p_init", "n_restarts")
     resumable = True

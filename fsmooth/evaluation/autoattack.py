@@ -30,7 +30,7 @@ from pyautoattack import checks as aa_checks
 from .._machine import machines_with
 from .attacks import AA_LOGGER, set_apgd_iterations
 from .resumable import Checkpoint
-from .square import ResumableSquare
+from .resumable_library import ResumableFAB, ResumableSquare
 from .store import json_value, rng_state, set_rng_state
 
 _log = logging.getLogger(__name__)
@@ -139,9 +139,8 @@ def autoattack_settings(aa: AutoAttack) -> dict:
 
 def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor, *, resume=None,
              checkpoint=None) -> torch.Tensor:
-    """One attack of ``run_standard_evaluation`` on one batch, set up as it sets it up. Square (a
-    :class:`~fsmooth.evaluation.square.ResumableSquare`) takes ``resume`` and ``checkpoint``; the others run
-    whole."""
+    """One attack of ``run_standard_evaluation`` on one batch, set up as it sets it up. Square and FAB-T
+    (:mod:`fsmooth.evaluation.resumable_library`) take ``resume`` and ``checkpoint``; the others run whole."""
     if attack in ("apgd-ce", "apgd-dlr"):
         aa.apgd.loss = "ce" if attack == "apgd-ce" else "dlr"
         aa.apgd.seed = aa.get_seed()
@@ -154,6 +153,8 @@ def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor, *, r
         if aa.fab.targeted:
             aa.fab.n_restarts = 1
         aa.fab.seed = aa.get_seed()
+        if aa.fab.targeted:
+            return aa.fab.perturb(x, y, resume=resume, checkpoint=checkpoint)
         return aa.fab.perturb(x, y)
     if attack == "square":
         aa.square.seed = aa.get_seed()
@@ -181,12 +182,14 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
 
     The points are those of ``aa.run_standard_evaluation(x, y, batch_size=batch_size)``. ``progress`` (a
     :class:`~fsmooth.evaluation.store.ChunkProgress`, or ``None``) keeps the work after the clean pass, after
-    each attack, after each batch of an attack, and inside Square every
-    :data:`~fsmooth.evaluation.resumable.SAVE_EVERY_S` seconds between queries; a run that finds work saved by
+    each attack, after each batch of an attack, and inside Square (between queries) and FAB-T (between target
+    classes) every :data:`~fsmooth.evaluation.resumable.SAVE_EVERY_S` seconds; a run that finds work saved by
     the same AutoAttack on the same images goes on from there, with the random state it was saved with.
     """
     if not isinstance(aa.square, ResumableSquare):
         aa.square = ResumableSquare.like(aa.square)  # the library's Square, able to stop between queries
+    if not isinstance(aa.fab, ResumableFAB):
+        aa.fab = ResumableFAB.like(aa.fab)  # the library's FAB, FAB-T able to stop between target classes
     # check_dynamic counts calls into autograd in a module-level dict that pyautoattack never resets, so
     # after the first dynamic model every later model would be flagged too; start each run from zero.
     for name in aa_checks.funcs:

@@ -1,22 +1,37 @@
-"""pyautoattack's Square attack, able to stop between queries and go on later with the same points.
+"""pyautoattack's Square and FAB-T attacks, able to stop part-way and go on later with the same points.
 
-Square's 5,000 queries are each a forward through the defense for every image not yet fooled: on one CPU core
-a chunk takes many hours, on a GPU more than a device call. :class:`ResumableSquare` runs the library's L-inf
-loop (pyautoattack 0.2.0's ``SquareAttack.perturb`` and ``attack_single_run``) draw for draw, and hands its
-state to a ``checkpoint`` before each query; ``resume`` goes on from such a state. The points equal the
-library's (``tests/test_evaluation_square.py``).
+Square's 5,000 queries are each a forward through the defense for every image not yet fooled, and FAB-T runs
+100 iterations for each of 9 target classes: on one CPU core a chunk takes hours, on a GPU more than a device
+call. :class:`ResumableSquare` runs the library's L-inf loop (pyautoattack 0.2.0's ``SquareAttack.perturb`` and
+``attack_single_run``) draw for draw and hands its state to a ``checkpoint`` before each query;
+:class:`ResumableFAB` runs ``FABAttack.perturb``'s targeted loop and does so before each target class. ``resume``
+goes on from such a state (the caller restores the global random state saved with it: the attacks and the
+defense's noise draw from it). The points equal the library's (``tests/test_evaluation_resumable_library.py``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
-__all__ = ["ResumableSquare"]
+__all__ = ["ResumableFAB", "ResumableSquare"]
 
 
-class ResumableSquare(SquareAttack):
+class _Like:
+    @classmethod
+    def like(cls, attack):
+        """A resumable copy of ``attack`` (AutoAttack's own ``aa.square`` or ``aa.fab``) with all its settings."""
+        base = cls.__mro__[2]
+        if not isinstance(attack, base):
+            raise TypeError(f"{cls.__name__}.like takes a {base.__name__}, got {type(attack).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update(vars(attack))
+        return new
+
+
+class ResumableSquare(_Like, SquareAttack):
     """:class:`pyautoattack.square.SquareAttack` whose untargeted L-inf ``perturb`` can save and resume.
 
     ``perturb(x, y, resume=None, checkpoint=None)``: ``checkpoint(make_state)`` is called before each query
@@ -24,13 +39,6 @@ class ResumableSquare(SquareAttack):
     caller restores the global random state saved with it: the squares and the defense's noise draw from it).
     Other norms, targeted runs and ``y=None`` are the library's, and do not resume.
     """
-
-    @classmethod
-    def like(cls, attack: SquareAttack) -> "ResumableSquare":
-        """A resumable copy of ``attack`` (AutoAttack's own ``aa.square``) with all its settings."""
-        new = cls.__new__(cls)
-        new.__dict__.update(vars(attack))
-        return new
 
     def perturb(self, x, y=None, *, resume=None, checkpoint=None):
         if self.norm != "Linf" or self.targeted or y is None:
@@ -133,3 +141,64 @@ class ResumableSquare(SquareAttack):
                 if ind_succ.numel() == n_ex_total:
                     break
         return x_best
+
+
+class ResumableFAB(_Like, FABAttack_PT):
+    """:class:`pyautoattack.fab_pt.FABAttack_PT` whose targeted ``perturb`` (FAB-T) can save and resume.
+
+    ``perturb(x, y, resume=None, checkpoint=None)``: ``checkpoint(make_state)`` is called before each target
+    class and restart; ``resume`` is such a state, from which the run goes on (the caller restores the global
+    random state saved with it). The untargeted attack is the library's, and does not resume.
+    """
+
+    def perturb(self, x, y, *, resume=None, checkpoint=None):
+        if not self.targeted:
+            if resume is not None or checkpoint is not None:
+                raise ValueError("only the targeted FAB attack (FAB-T) can save and resume")
+            return super().perturb(x, y)
+        if self.device is None:
+            self.device = x.device
+        with torch.no_grad():
+            if resume is None:
+                adv = x.clone()
+                acc = self._predict_fn(x).max(1)[1] == y
+                torch.random.manual_seed(self.seed)
+                torch.cuda.random.manual_seed(self.seed)
+                at = (2, 0)
+            else:
+                tensors, meta = resume
+                adv, acc = tensors["adv"].to(x.device, x.dtype), tensors["acc"].to(x.device)
+                at = (meta["target_class"], meta["restart"])
+            for target_class in range(2, self.n_target_classes + 2):
+                self.target_class = target_class
+                for counter in range(self.n_restarts):
+                    if (target_class, counter) < at:
+                        continue
+                    if checkpoint is not None:
+                        checkpoint(lambda: ({"adv": adv, "acc": acc},
+                                            {"target_class": target_class, "restart": counter}))
+                    ind_to_fool = acc.nonzero().squeeze()
+                    if len(ind_to_fool.shape) == 0:
+                        ind_to_fool = ind_to_fool.unsqueeze(0)
+                    if ind_to_fool.numel() == 0:
+                        continue
+                    x_to_fool, y_to_fool = x[ind_to_fool].clone(), y[ind_to_fool].clone()
+                    adv_curr = self.attack_single_run(x_to_fool, y_to_fool, use_rand_start=(counter > 0),
+                                                      is_targeted=True)
+                    acc_curr = self._predict_fn(adv_curr).max(1)[1] == y_to_fool
+                    res = _norm(x_to_fool - adv_curr, self.norm)
+                    acc_curr = torch.max(acc_curr, res > self.eps)
+                    ind_curr = (acc_curr == 0).nonzero().squeeze()
+                    acc[ind_to_fool[ind_curr]] = 0
+                    adv[ind_to_fool[ind_curr]] = adv_curr[ind_curr].clone()
+        return adv
+
+
+def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:
+    """Per-sample size of ``d`` in FAB's norm (as ``FABAttack.perturb`` measures it)."""
+    flat = d.reshape(d.shape[0], -1)
+    if norm == "Linf":
+        return flat.abs().max(1)[0]
+    if norm == "L2":
+        return (flat ** 2).sum(dim=-1).sqrt()
+    return flat.abs().sum(-1)

@@ -1,11 +1,12 @@
-"""ResumableSquare: pyautoattack's Square attack draw for draw, and a run stopped between queries goes on."""
+"""ResumableSquare and ResumableFAB: pyautoattack's Square and FAB-T draw for draw; a run stopped part-way goes on."""
 import pytest
 import torch
+from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 from torch import nn
 
 from evaluation_helpers import SimulatedKill, separable_data, trained_tiny_net
-from fsmooth.evaluation.square import ResumableSquare
+from fsmooth.evaluation.resumable_library import ResumableFAB, ResumableSquare
 
 EPS = 16 / 255  # some images fooled within the queries, some not
 
@@ -88,3 +89,60 @@ def test_what_cannot_resume_says_so(setup):
     lib.targeted = True
     with pytest.raises(ValueError, match="untargeted L-inf"):
         ResumableSquare.like(lib).perturb(x, y, checkpoint=lambda make: None)
+
+
+def _fab(model, n_target_classes=3, n_iter=6, seed=2):
+    # AutoAttack's own FAB (pyautoattack.AutoAttack builds it so), made FAB-T as run_standard_evaluation does.
+    fab = FABAttack_PT(model, n_restarts=5, n_iter=n_iter, eps=EPS, seed=seed, norm="Linf", verbose=False,
+                       device=torch.device("cpu"))
+    fab.targeted, fab.n_restarts, fab.n_target_classes = True, 1, n_target_classes
+    return fab
+
+
+def test_fab_t_points_are_the_librarys(setup):
+    model, x, y = setup
+    lib = _fab(model)
+    torch.manual_seed(0)
+    expected = lib.perturb(x, y)
+    torch.manual_seed(0)
+    got = ResumableFAB.like(lib).perturb(x, y)
+    assert torch.equal(got, expected)
+    fooled = (model.net(expected).argmax(1) != y).sum().item()
+    assert 0 < fooled < len(y)                                   # some fooled, some survived every target
+    lib.targeted = False                                         # untargeted FAB: the library's own run
+    torch.manual_seed(0)
+    expected = lib.perturb(x, y)
+    torch.manual_seed(0)
+    assert torch.equal(ResumableFAB.like(lib).perturb(x, y), expected)
+    with pytest.raises(ValueError, match="only the targeted FAB"):
+        ResumableFAB.like(lib).perturb(x, y, checkpoint=lambda make: None)
+
+
+def test_fab_t_killed_inside_a_target_class_goes_on_from_its_start(setup):
+    model, x, y = setup
+    attack = ResumableFAB.like(_fab(model))
+    saved = []
+
+    def checkpoint(make_state):
+        tensors, meta = make_state()
+        saved.append(({k: v.clone() for k, v in tensors.items()}, dict(meta), torch.get_rng_state()))
+
+    model.calls = 0
+    torch.manual_seed(0)
+    straight = attack.perturb(x, y, checkpoint=checkpoint)
+    total = model.calls
+    assert [m["target_class"] for _, m, _ in saved] == [2, 3, 4]
+    for limit in (total // 2, total - 2):                        # inside the second and the last target class
+        saved.clear()
+        model.limit, model.calls = limit, 0
+        torch.manual_seed(0)
+        with pytest.raises(SimulatedKill):
+            attack.perturb(x, y, checkpoint=checkpoint)
+        model.limit = None
+        tensors, meta, rng = saved[-1]
+        assert meta["target_class"] > 2
+        torch.set_rng_state(rng)
+        model.calls = 0
+        resumed = attack.perturb(x, y, resume=(tensors, meta))
+        assert torch.equal(resumed, straight), (limit, meta)
+        assert model.calls < total                               # the finished target classes did not rerun
