@@ -59,14 +59,16 @@ case "${1:-}" in
         # 3-10 minutes per core, one with a survivor 48 minutes; the last did not finish in 77 minutes, nor in a
         # second try of 2 h 6 min (Square on its one survivor, about 1.5 s a query: by that pace some 4 hours in all on a
         # shared core). With two ranks, the rank without the last chunk idles (queue e ran beside it). Since
-        # 2026-11-27 a chunk saves its work after each attack and a rerun resumes at the first unsaved attack
+        # 2026-11-27 a chunk saves its work after each attack and each batch, and inside Square and FAB-T (every
+        # minute), and a rerun resumes there
         ev std-clean-mixed "$STD" --protocol clean --num-images 1000 --eps 8 --outer-loops 1 10
         ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
         ;;
     c)  # row 3: the paper's protocol (AutoAttack standard, and its four attacks alone), n = 200. Queue b's finished
         # clean and AutoAttack-standard chunks (same images, chunks and fingerprint) are linked, not recomputed:
-        # do not run this beside queue b, as both would write those chunks
+        # do not run this beside queue b, as both would write those chunks. FAB-T alone and Square alone take
+        # many core-hours per chunk of 25; since 2026-11-27 they resume between target classes and queries
         mkdir -p "$EVAL_DIR/fs-paper-mixed/state"
         for d in clean_undefended_ol0 clean_defended_ol1 defended_ol1_eps8_aa-standard; do
             [ -e "$EVAL_DIR/fs-paper-mixed/state/$d" ] || [ ! -d "$EVAL_DIR/fs-autoattack-mixed/state/$d" ] \
@@ -79,7 +81,8 @@ case "${1:-}" in
     d)  # row 4: AutoAttack rand (APGD-CE and APGD-DLR, 20 EOT draws each), n = 100, in chunks of 10 images:
         # about 2,000 defended gradients per image; APGD-CE alone took 1.2-3.5 h per chunk on one core (2026-11-26,
         # results/PLAN.md), so a session finishes at most one chunk per core (gpu-rand is the same row on a GPU);
-        # a chunk stopped after its APGD-CE resumes at APGD-DLR (saved between attacks since 2026-11-27)
+        # a chunk stopped after its APGD-CE resumes at APGD-DLR (saved between attacks since 2026-11-27); the APGD
+        # runs themselves cannot be interrupted
         ev fs-rand-mixed "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
     e)  # row 5 (Table 3: lambda in {-10, -1, 0, 1, 10}): took 76 minutes on two ranks at low priority beside
@@ -87,9 +90,9 @@ case "${1:-}" in
         ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
             --chunk-size 50 --batch-size 50
         ;;
-    f)  # row 2's EOT-PGD (CE, and targeted DLR), eps 8, on CPU at n = 100 in chunks of 10 (a chunk's attack cannot be
-        # interrupted, so a chunk must fit a session): each restart is 101 defended passes of 20 copies (the EOT
-        # draws) of every image; later restarts and targets attack only the images still robust
+    f)  # row 2's EOT-PGD (CE, and targeted DLR), eps 8, on CPU at n = 100 in chunks of 10 (a chunk saves its state
+        # every minute since 2026-11-27 and resumes there): each restart is 101 defended passes of 20 copies (the
+        # EOT draws) of every image; later restarts and targets attack only the images still robust
         ev fs-eot-mixed "$FS" --protocol eot --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
