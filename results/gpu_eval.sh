@@ -9,10 +9,11 @@
 # carried packages and data until a deadline (FSMOOTH_EVAL_DEADLINE_S seconds after the start, default 540,
 # less 40 s for packing: the device command may run 600), then packs each run's report, per-image results,
 # log and chunk records (JSON) into $OUT/eval-<queue>.tar.gz; for a run that has not finished, also its
-# chunks' tensors and saved progress (AutoAttack's points after each attack), as long as the archive stays
-# under 15 MiB (else they stay there, with a warning). Committed to results/eval/<run>/state, they travel
-# with the tree to the next device session, which copies them into its evaluation folder and resumes: a
-# finished chunk is not redone, an AutoAttack chunk goes on at its first unsaved attack. A finished run's
+# chunks' tensors and saved progress (saved as a chunk goes: AutoAttack after each attack and batch; EOT-PGD,
+# Square and FAB-T every minute inside the attack), as long as the archive stays under 15 MiB (else they stay
+# there, with a warning). Committed to results/eval/<run>/state, they travel with the tree to the next device
+# session, which copies them into its evaluation folder and resumes: a finished chunk is not redone, an
+# unfinished one goes on from its last save (only an APGD run is redone whole). A finished run's
 # adversarial images stay on the device; its report is written only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
 # (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200). A
 # chunk's time is set by the attack's steps in sequence, not by its images: each defended step took about
@@ -24,10 +25,9 @@
 # With FSMOOTH_EVAL_DETACH=1 the queues run detached, in a process session of their own that outlives the
 # call on the warm machine: each call waits until its deadline and packs what is there;
 #   run(command="FSMOOTH_EVAL_DETACH=1 bash results/gpu_eval.sh gpu-rand", carry=[".carry"], timeout_s=600)
-# then the same command again at once (a machine idle for 30 s goes back, and the run with it). A chunk
-# must still finish within one session's device time (15 minutes): gpu-rand's APGD-CE (about 11 minutes)
-# may, if no image survives it for APGD-DLR; Square alone cannot; EOT-PGD's
-# restarts (101 passes of 20 x 250 images each, time not measured) may. Exit status 3: cut at the
+# then the same command again at once (a machine idle for 30 s goes back, and the run with it). What a
+# session leaves unfinished resumes in the next from its last save, except an APGD run, which must finish
+# within one session's device time (15 minutes): gpu-rand's APGD-CE takes about 11 minutes (estimate). Exit status 3: cut at the
 # deadline, or still running detached (not 124, the device tool's own).
 # The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
 # .carry 20 MB). Unpack with
@@ -36,7 +36,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-[ $# -ge 1 ] || { echo "usage: bash results/gpu_eval.sh QUEUE [QUEUE...] (gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper)" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash results/gpu_eval.sh QUEUE [QUEUE...] (gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper)" >&2; exit 2; }
 queues=("$@")
 runs=()
 for queue in "${queues[@]}"; do
@@ -44,10 +44,11 @@ for queue in "${queues[@]}"; do
         gpu-adaptive-200) runs+=(fs-adaptive-gpu-200) ;;
         gpu-adaptive) runs+=(fs-adaptive-gpu) ;;
         gpu-row2) runs+=(fs-row2-gpu) ;;
+        gpu-row7) runs+=(std-row7-gpu) ;;
         gpu-eot-100) runs+=(fs-eot-gpu-100) ;;
         gpu-rand) runs+=(fs-rand-gpu) ;;
         gpu-paper) runs+=(fs-paper-gpu) ;;
-        *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2, gpu-eot-100, gpu-rand or gpu-paper" >&2; exit 2 ;;
+        *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2, gpu-row7, gpu-eot-100, gpu-rand or gpu-paper" >&2; exit 2 ;;
     esac
 done
 name=$(IFS=+; echo "${queues[*]}")   # the archive: eval-<queue>.tar.gz, eval-<q1>+<q2>.tar.gz for several

@@ -108,6 +108,12 @@ case "${1:-}" in
         ev fs-row2-gpu "$FS" --protocol eot,square --num-images 500 --eps 8 16 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;
+    gpu-row7)  # row 7: the standard model with its own Active Defense (its calibration), row 2's white-box
+               # attacks (EOT-PGD, CE and targeted DLR, and Square), eps 8 and 16, n = 200 (clean and the
+               # transfer attack ran on CPU: std-clean-mixed, std-transfer-mixed)
+        ev std-row7-gpu "$STD" --protocol eot,square --num-images 200 --eps 8 16 --outer-loops 1 \
+            --chunk-size 200 --batch-size 200
+        ;;
     gpu-eot-100)  # row 2's EOT-PGD (CE and targeted DLR) at eps 8 on n = 100: the slice of row 2 that may fit
                   # what a GPU session has left after issue 10's calls (one chunk; 101 passes of 20 x 100 images
                   # per restart)
@@ -127,6 +133,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

@@ -64,6 +64,7 @@ def _stub_env(tmp_path, **extra):
     ("gpu-adaptive-200", "fs-adaptive-gpu-200", ["adaptive"], 200, [8.0]),
     ("gpu-adaptive", "fs-adaptive-gpu", ["adaptive"], 1000, [8.0]),
     ("gpu-row2", "fs-row2-gpu", ["eot", "square"], 500, [8.0, 16.0]),
+    ("gpu-row7", "std-row7-gpu", ["eot", "square"], 200, [8.0, 16.0]),
     ("gpu-paper", "fs-paper-gpu", ["paper"], 200, [8.0]),
     ("gpu-rand", "fs-rand-gpu", ["rand"], 100, [8.0]),
     ("gpu-eot-100", "fs-eot-gpu-100", ["eot"], 100, [8.0]),
@@ -81,6 +82,8 @@ def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, pro
     assert not any(".tmp." in name for name in names)  # nor the leftovers of cut atomic writes
     assert report["protocols"] == protocols and report["n"] == n and report["eps"] == eps
     assert report["data"] == str(tmp_path / "carry" / "cifar10-jpeg-q75.tar.gz")
+    model = report["argv"][report["argv"].index("--pretrained") + 1]
+    assert model == ("wrn-16-1-cifar10-jpeg-std36" if run.startswith("std-") else "wrn-16-1-cifar10-jpeg-fs36")
 
 
 def test_an_unfinished_run_brings_its_state_back_and_the_next_session_resumes_from_it(tmp_path):
