@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 from evaluation_helpers import (TINY_DEFENSE, Interrupting, SimulatedKill, separable_data, tiny_budget,
@@ -162,3 +163,35 @@ def test_fsmooth_eval_resumes_a_killed_eot_chunk_at_its_step(tmp_path, monkeypat
     meta = json.loads((progress_path.parent / "chunk00000.json").read_text())
     assert meta["resumed_at"] == {"batch": saved["slices_done"], "step": saved["state"]}
     assert meta["wall_s"] > saved["wall_s"] > 0                      # the time before the kill counts
+
+
+def test_a_chunk_killed_after_its_attack_is_scored_as_if_never_stopped(tmp_path, monkeypatch):
+    """Killed after the attack's last save but before the chunk's: the resumed chunk skips the attack and
+    scores its points through the randomized defense with the random state a run never stopped had there."""
+    from fsmooth.evaluation import runner
+
+    model = trained_tiny_net()
+    x, y = separable_data(n=8, seed=1)
+    kwargs = dict(protocol="eot", eps=(8 / 255,), outer_loops=(1,), defense=TINY_DEFENSE.replace(sigma=0.2),
+                  budget=tiny_budget(), chunk_size=8, batch_size=4, quiet=True, defended_factory=tiny_factory,
+                  seed=2)
+    evaluate(model, x, y, out=tmp_path / "straight", **kwargs)
+    attack, killed = runner.run_attack, []
+
+    def attack_then_die(*args, **kw):
+        out = attack(*args, **kw)
+        if not killed:
+            killed.append(True)
+            raise SimulatedKill("after the attack's last save")
+        return out
+
+    monkeypatch.setattr(runner, "run_attack", attack_then_die)
+    with pytest.raises(SimulatedKill):
+        evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
+    (progress_path,) = (tmp_path / "resumed" / "state").rglob("*.progress.json")
+    assert json.loads(progress_path.read_text())["slices_done"] == 2   # both batches done, the chunk not
+    monkeypatch.setattr(runner, "run_attack", attack)
+    evaluate(model, x, y, out=tmp_path / "resumed", **kwargs)
+    a = load_file(str(tmp_path / "straight" / "per_image.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "per_image.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -83,12 +83,20 @@ def test_a_run_killed_between_queries_goes_on_with_the_same_points(setup, n_rest
         assert torch.equal(resumed, straight), (limit, meta)
 
 
-def test_what_cannot_resume_says_so(setup):
+def _never(make_state):
+    raise AssertionError("a run that cannot resume saved nothing")
+
+
+def test_what_cannot_resume_runs_whole_and_refuses_a_resume(setup):
     model, x, y = setup
     lib = _library(model)
-    lib.targeted = True
+    lib.targeted = True                                          # the library's targeted Square
+    torch.manual_seed(0)
+    expected = lib.perturb(x, (y + 1) % 10)
+    torch.manual_seed(0)
+    assert torch.equal(ResumableSquare.like(lib).perturb(x, (y + 1) % 10, checkpoint=_never), expected)
     with pytest.raises(ValueError, match="untargeted L-inf"):
-        ResumableSquare.like(lib).perturb(x, y, checkpoint=lambda make: None)
+        ResumableSquare.like(lib).perturb(x, y, resume=({}, {}))
 
 
 def _fab(model, n_target_classes=3, n_iter=6, seed=2):
@@ -115,7 +123,9 @@ def test_fab_t_points_are_the_librarys(setup):
     torch.manual_seed(0)
     assert torch.equal(ResumableFAB.like(lib).perturb(x, y), expected)
     with pytest.raises(ValueError, match="only the targeted FAB"):
-        ResumableFAB.like(lib).perturb(x, y, checkpoint=lambda make: None)
+        ResumableFAB.like(lib).perturb(x, y, resume=({}, {}))
+    torch.manual_seed(0)                                         # a checkpoint is not called, the run is whole
+    assert torch.equal(ResumableFAB.like(lib).perturb(x, y, checkpoint=_never), expected)
 
 
 def test_fab_t_killed_inside_a_target_class_goes_on_from_its_start(setup):

@@ -185,6 +185,7 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
     each attack, after each batch of an attack, and inside Square (between queries) and FAB-T (between target
     classes) every :data:`~fsmooth.evaluation.resumable.SAVE_EVERY_S` seconds; a run that finds work saved by
     the same AutoAttack on the same images goes on from there, with the random state it was saved with.
+    ``aa.square`` and ``aa.fab`` are replaced by their resumable copies (same settings, same points).
     """
     if not isinstance(aa.square, ResumableSquare):
         aa.square = ResumableSquare.like(aa.square)  # the library's Square, able to stop between queries

@@ -73,14 +73,16 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
     info = {"resumed": False, "resumed_at": None, "earlier_wall_s": 0.0, "earlier_machines": []}
     start = time.perf_counter()
     saved = _restore(progress, attack, x.shape[0], batch_size)
-    parts, state, rng = [], None, None
+    parts, state = [], None
     if saved is not None:
         tensors, meta = saved
         parts = [tensors[f"done/{i}"].to(x.device, x.dtype) for i in range(meta["slices_done"])]
         if meta["state"] is not None:
             state = ({k.removeprefix("state/"): v for k, v in tensors.items() if k.startswith("state/")},
                      meta["state"])
-        rng = {k: v for k, v in tensors.items() if k.startswith("rng_")}
+        # At once: even with every batch done (killed after the last save), what follows (the runner's scoring
+        # pass through the randomized defense) must draw what it would have drawn.
+        set_rng_state({k: v for k, v in tensors.items() if k.startswith("rng_")}, x.device)
         info.update(resumed=True, resumed_at={"batch": len(parts), "step": meta["state"]},
                     earlier_wall_s=float(meta["wall_s"]),
                     earlier_machines=list(meta.get("machines", [])))
@@ -102,12 +104,10 @@ def run_attack(attack, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, pro
     for i, s in enumerate(slices):
         if i < len(parts):
             continue
-        if rng is not None:
-            set_rng_state(rng, x.device)
         if progress is None or not attack.resumable:
             parts.append(attack(x[s], y[s]))
         else:
             parts.append(attack(x[s], y[s], resume=state, checkpoint=checkpoint))
             checkpoint.save()
-        state, rng = None, None
+        state = None
     return (torch.cat(parts) if parts else x.clone()), info

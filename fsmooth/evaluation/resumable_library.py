@@ -37,13 +37,14 @@ class ResumableSquare(_Like, SquareAttack):
     ``perturb(x, y, resume=None, checkpoint=None)``: ``checkpoint(make_state)`` is called before each query
     (``make_state()`` gives ``(tensors, meta)``); ``resume`` is such a state, from which the run goes on (the
     caller restores the global random state saved with it: the squares and the defense's noise draw from it).
-    Other norms, targeted runs and ``y=None`` are the library's, and do not resume.
+    Other norms, targeted runs and ``y=None`` are the library's whole run: ``checkpoint`` is not called, and
+    ``resume`` is refused.
     """
 
     def perturb(self, x, y=None, *, resume=None, checkpoint=None):
-        if self.norm != "Linf" or self.targeted or y is None:
-            if resume is not None or checkpoint is not None:
-                raise ValueError("only the untargeted L-inf Square attack with labels y can save and resume")
+        if self.norm != "Linf" or self.targeted or y is None:  # the library's run, whole (checkpoint unused)
+            if resume is not None:
+                raise ValueError("only the untargeted L-inf Square attack with labels y can resume")
             return super().perturb(x, y)
         self.init_hyperparam(x)
         y = y.detach().clone().long().to(self.device)
@@ -148,13 +149,14 @@ class ResumableFAB(_Like, FABAttack_PT):
 
     ``perturb(x, y, resume=None, checkpoint=None)``: ``checkpoint(make_state)`` is called before each target
     class and restart; ``resume`` is such a state, from which the run goes on (the caller restores the global
-    random state saved with it). The untargeted attack is the library's, and does not resume.
+    random state saved with it). The untargeted attack is the library's whole run: ``checkpoint`` is not
+    called, and ``resume`` is refused.
     """
 
     def perturb(self, x, y, *, resume=None, checkpoint=None):
-        if not self.targeted:
-            if resume is not None or checkpoint is not None:
-                raise ValueError("only the targeted FAB attack (FAB-T) can save and resume")
+        if not self.targeted:  # the library's run, whole (checkpoint unused)
+            if resume is not None:
+                raise ValueError("only the targeted FAB attack (FAB-T) can resume")
             return super().perturb(x, y)
         if self.device is None:
             self.device = x.device
