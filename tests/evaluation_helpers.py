@@ -76,3 +76,18 @@ class Interrupting(TinyNet):
         if self.calls > self.limit:
             raise SimulatedKill(f"killed after {self.limit} forward calls")
         return super().forward(x)
+
+
+class NoisyKillable(nn.Module):
+    """``model`` on inputs with uniform noise of ``scale`` drawn from the global random state (randomized like
+    the defense); raises :class:`SimulatedKill` after ``limit`` calls (``None``: never)."""
+
+    def __init__(self, model, scale: float):
+        super().__init__()
+        self.net, self.scale, self.limit, self.calls = model, scale, None, 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.limit is not None and self.calls > self.limit:
+            raise SimulatedKill(f"killed at call {self.calls}")
+        return self.net(x + self.scale * (2 * torch.rand_like(x) - 1))

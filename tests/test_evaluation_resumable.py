@@ -5,10 +5,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
-from evaluation_helpers import (TINY_DEFENSE, Interrupting, SimulatedKill, separable_data, tiny_budget,
-                                tiny_factory, trained_tiny_net)
+from evaluation_helpers import (TINY_DEFENSE, Interrupting, NoisyKillable, SimulatedKill, separable_data,
+                                tiny_budget, tiny_factory, trained_tiny_net)
 from fsmooth._machine import machine
 from fsmooth.evaluation import evaluate
 from fsmooth.evaluation import resumable
@@ -19,20 +18,6 @@ from fsmooth.evaluation.store import ChunkProgress
 EPS = 3 / 255  # small: some points survive the first restart, so the second one runs
 
 
-class Noisy(nn.Module):
-    """A randomized model (noise from the global RNG, like the defense) that can be killed after ``limit`` calls."""
-
-    def __init__(self, model, scale=0.1):
-        super().__init__()
-        self.net, self.scale, self.limit, self.calls = model, scale, None, 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.limit is not None and self.calls > self.limit:
-            raise SimulatedKill(f"killed at call {self.calls}")
-        return self.net(x + self.scale * (2 * torch.rand_like(x) - 1))
-
-
 @pytest.fixture(scope="module")
 def setup():
     model = trained_tiny_net()
@@ -41,7 +26,7 @@ def setup():
 
 
 def _attack(model, loss, seed=5):
-    return EOTPGD(Noisy(model), eps=EPS, steps=4, eot_iter=3, eot_batch=2, n_restarts=2, loss=loss,
+    return EOTPGD(NoisyKillable(model, 0.1), eps=EPS, steps=4, eot_iter=3, eot_batch=2, n_restarts=2, loss=loss,
                   n_target_classes=2, seed=seed)
 
 
@@ -95,7 +80,7 @@ def test_a_killed_attack_resumes_at_its_step_with_the_same_points(setup, tmp_pat
 def test_square_resumes_at_its_query(setup, tmp_path, monkeypatch):
     model, x, y = setup
     monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
-    noisy = Noisy(model, scale=0.05)
+    noisy = NoisyKillable(model, 0.05)
     attack = Square(noisy, eps=16 / 255, n_queries=40, seed=3)
     straight, _ = _run(attack, x, y, ChunkProgress(tmp_path / "straight", 0, "d"))
     assert 0 < (model(straight).argmax(1) != y).sum() < len(y)       # some fooled, some survived

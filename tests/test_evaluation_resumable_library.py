@@ -3,32 +3,17 @@ import pytest
 import torch
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
-from torch import nn
 
-from evaluation_helpers import SimulatedKill, separable_data, trained_tiny_net
+from evaluation_helpers import NoisyKillable, SimulatedKill, separable_data, trained_tiny_net
 from fsmooth.evaluation.resumable_library import ResumableFAB, ResumableSquare
 
 EPS = 16 / 255  # some images fooled within the queries, some not
 
 
-class Noisy(nn.Module):
-    """Randomized like the defense (noise from the global random state); killed after ``limit`` calls."""
-
-    def __init__(self, model, scale=0.05):
-        super().__init__()
-        self.net, self.scale, self.limit, self.calls = model, scale, None, 0
-
-    def forward(self, x):
-        self.calls += 1
-        if self.limit is not None and self.calls > self.limit:
-            raise SimulatedKill(f"killed at call {self.calls}")
-        return self.net(x + self.scale * (2 * torch.rand_like(x) - 1))
-
-
 @pytest.fixture(scope="module")
 def setup():
     x, y = separable_data(n=12, seed=3)
-    return Noisy(trained_tiny_net()), x, y
+    return NoisyKillable(trained_tiny_net(), 0.05), x, y
 
 
 def _library(model, n_restarts=1, n_queries=60, seed=2):
@@ -52,6 +37,23 @@ def test_the_points_are_the_librarys(setup, n_restarts):
     assert (expected - x).abs().amax() <= EPS + 1e-6
 
 
+def _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved):
+    """Run killed at ``model``'s call ``limit``, then resumed from its last save with that save's random state:
+    ``(points, saved meta)``, or ``None`` when it was killed before anything was saved."""
+    saved.clear()
+    model.limit, model.calls = limit, 0
+    torch.manual_seed(0)
+    with pytest.raises(SimulatedKill):
+        attack.perturb(x, y, checkpoint=checkpoint)
+    model.limit = None
+    if not saved:
+        return None
+    tensors, meta, rng = saved[-1]
+    torch.set_rng_state(rng)
+    model.calls = 0
+    return attack.perturb(x, y, resume=(tensors, meta)), meta
+
+
 @pytest.mark.parametrize("n_restarts", [1, 2])
 def test_a_run_killed_between_queries_goes_on_with_the_same_points(setup, n_restarts):
     model, x, y = setup
@@ -68,19 +70,11 @@ def test_a_run_killed_between_queries_goes_on_with_the_same_points(setup, n_rest
     total, states = model.calls, len(saved)
     assert states > 20 and {m["restart"] for _, m, _ in saved} == set(range(n_restarts))
     for limit in (2, total // 3, total - 3):
-        saved.clear()
-        model.limit, model.calls = limit, 0
-        torch.manual_seed(0)
-        with pytest.raises(SimulatedKill):
-            attack.perturb(x, y, checkpoint=checkpoint)
-        model.limit = None
-        if not saved:  # killed before its first query: it starts over
+        got = _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved)
+        if got is None:  # killed before its first query: it starts over
             assert limit == 2
             continue
-        tensors, meta, rng = saved[-1]
-        torch.set_rng_state(rng)
-        resumed = attack.perturb(x, y, resume=(tensors, meta))
-        assert torch.equal(resumed, straight), (limit, meta)
+        assert torch.equal(got[0], straight), (limit, got[1])
 
 
 def _never(make_state):
@@ -143,16 +137,6 @@ def test_fab_t_killed_inside_a_target_class_goes_on_from_its_start(setup):
     total = model.calls
     assert [m["target_class"] for _, m, _ in saved] == [2, 3, 4]
     for limit in (total // 2, total - 2):                        # inside the second and the last target class
-        saved.clear()
-        model.limit, model.calls = limit, 0
-        torch.manual_seed(0)
-        with pytest.raises(SimulatedKill):
-            attack.perturb(x, y, checkpoint=checkpoint)
-        model.limit = None
-        tensors, meta, rng = saved[-1]
-        assert meta["target_class"] > 2
-        torch.set_rng_state(rng)
-        model.calls = 0
-        resumed = attack.perturb(x, y, resume=(tensors, meta))
-        assert torch.equal(resumed, straight), (limit, meta)
+        resumed, meta = _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved)
+        assert meta["target_class"] > 2 and torch.equal(resumed, straight), (limit, meta)
         assert model.calls < total                               # the finished target classes did not rerun

@@ -59,10 +59,8 @@ class ResumableSquare(_Like, SquareAttack):
             adv, acc = tensors["adv"].to(x.device, x.dtype), tensors["acc"].to(self.device)
             first = meta["restart"]
         for counter in range(first, self.n_restarts):
-            ind_to_fool = acc.nonzero().squeeze()
-            if len(ind_to_fool.shape) == 0:
-                ind_to_fool = ind_to_fool.unsqueeze(0)
-            if ind_to_fool.numel() == 0:
+            ind_to_fool = _to_fool(acc)
+            if ind_to_fool is None:
                 continue
             x_to_fool, y_to_fool = x[ind_to_fool].clone(), y[ind_to_fool].clone()
 
@@ -179,10 +177,8 @@ class ResumableFAB(_Like, FABAttack_PT):
                     if checkpoint is not None:
                         checkpoint(lambda: ({"adv": adv, "acc": acc},
                                             {"target_class": target_class, "restart": counter}))
-                    ind_to_fool = acc.nonzero().squeeze()
-                    if len(ind_to_fool.shape) == 0:
-                        ind_to_fool = ind_to_fool.unsqueeze(0)
-                    if ind_to_fool.numel() == 0:
+                    ind_to_fool = _to_fool(acc)
+                    if ind_to_fool is None:
                         continue
                     x_to_fool, y_to_fool = x[ind_to_fool].clone(), y[ind_to_fool].clone()
                     adv_curr = self.attack_single_run(x_to_fool, y_to_fool, use_rand_start=(counter > 0),
@@ -194,6 +190,14 @@ class ResumableFAB(_Like, FABAttack_PT):
                     acc[ind_to_fool[ind_curr]] = 0
                     adv[ind_to_fool[ind_curr]] = adv_curr[ind_curr].clone()
         return adv
+
+
+def _to_fool(acc: torch.Tensor) -> torch.Tensor | None:
+    """The indices of the images still correct, as the library's loops take them; ``None`` when there are none."""
+    ind = acc.nonzero().squeeze()
+    if len(ind.shape) == 0:
+        ind = ind.unsqueeze(0)
+    return ind if ind.numel() else None
 
 
 def _norm(d: torch.Tensor, norm: str) -> torch.Tensor:
