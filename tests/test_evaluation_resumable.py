@@ -180,3 +180,35 @@ def test_a_chunk_killed_after_its_attack_is_scored_as_if_never_stopped(tmp_path,
     a = load_file(str(tmp_path / "straight" / "per_image.safetensors"))
     b = load_file(str(tmp_path / "resumed" / "per_image.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_save_killed_part_way_leaves_the_last_one_readable(tmp_path, monkeypatch):
+    from fsmooth.evaluation import store
+
+    progress = ChunkProgress(tmp_path, 3, "d")
+    progress.save({"x": torch.arange(4.0)}, {"step": 1})
+    write_json = store.write_json
+
+    def killed_at_the_switch(path, obj):
+        raise SimulatedKill("between the new tensors and the JSON that names them")
+
+    monkeypatch.setattr(store, "write_json", killed_at_the_switch)
+    with pytest.raises(SimulatedKill):
+        progress.save({"x": torch.arange(4.0) + 10}, {"step": 2})
+    monkeypatch.setattr(store, "write_json", write_json)
+    tensors, meta = progress.load()
+    assert meta == {"step": 1} and torch.equal(tensors["x"], torch.arange(4.0))  # the last complete save
+    progress.save({"x": torch.arange(4.0) + 20}, {"step": 3})
+    tensors, meta = progress.load()
+    assert meta == {"step": 3} and torch.equal(tensors["x"], torch.arange(4.0) + 20)
+    assert {p.name for p in tmp_path.iterdir()} == {"chunk00003.progress.json", progress.tensor_path.name}
+    # Progress saved by the code before (one tensor file, a JSON that names none) still loads.
+    progress.clear()
+    assert not list(tmp_path.iterdir())
+    from fsmooth.io import write_safetensors_atomic
+    write_safetensors_atomic(tmp_path / "chunk00003.progress.safetensors", {"x": torch.ones(2)})
+    write_json(tmp_path / "chunk00003.progress.json", {"step": 7, "fingerprint_sha256": "d"})
+    tensors, meta = progress.load()
+    assert meta == {"step": 7} and torch.equal(tensors["x"], torch.ones(2))
+    progress.save({"x": torch.zeros(2)}, {"step": 8})
+    assert not (tmp_path / "chunk00003.progress.safetensors").exists() and progress.load()[1] == {"step": 8}

@@ -22,6 +22,7 @@ __all__ = ["ChunkStore", "ChunkProgress", "OverlayStore", "atomic_write_text", "
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
+_TENSORS_KEY = "tensors_file"  # in a progress JSON: which of its two tensor files it goes with
 
 
 def _json_default(value):
@@ -74,26 +75,35 @@ def json_value(obj):
     return json.loads(json.dumps(_finite(obj), default=_json_default))
 
 
-def _read_stamped(tensor_path: Path, meta_path: Path, digest: str | None, why: str):
+def _read_json_object(path: Path) -> dict:
+    meta = json.loads(path.read_text())
+    if not isinstance(meta, dict):
+        raise ValueError(f"it holds a {type(meta).__name__}, not an object")
+    return meta
+
+
+def _read_stamped(tensor_path, meta_path: Path, digest: str | None, why: str):
     """``(tensors, meta)`` written with ``digest``, or ``None``: missing, unreadable (zero-byte, truncated, torn
     JSON: a warning, never an error that fails every rerun) or stamped by another evaluation (a warning).
-    ``why`` starts each warning: what happens instead."""
+    ``tensor_path``: a path, or a function of the JSON that names it. ``why`` starts each warning: what happens
+    instead."""
     if not meta_path.is_file():
         return None
+    path = None
     try:
-        meta = json.loads(meta_path.read_text())
-        if not isinstance(meta, dict):
-            raise ValueError(f"it holds a {type(meta).__name__}, not an object")
-        tensors = load_file(str(tensor_path))
+        meta = _read_json_object(meta_path)
+        path = tensor_path(meta) if callable(tensor_path) else tensor_path
+        tensors = load_file(str(path))
     except Exception as exc:
-        warnings.warn(f"{why}: {tensor_path.name} / {meta_path.name} in {meta_path.parent} cannot be read "
-                      f"({type(exc).__name__}: {exc})", RuntimeWarning, stacklevel=3)
+        names = f"{path.name} / {meta_path.name}" if path is not None else meta_path.name
+        warnings.warn(f"{why}: {names} in {meta_path.parent} cannot be read ({type(exc).__name__}: {exc})",
+                      RuntimeWarning, stacklevel=3)
         return None
     if meta.get(FINGERPRINT_KEY) != digest:
         warnings.warn(f"{why}: {meta_path} belongs to another evaluation (its fingerprint differs)", RuntimeWarning,
                       stacklevel=3)
         return None
-    return tensors, {k: v for k, v in meta.items() if k != FINGERPRINT_KEY}
+    return tensors, {k: v for k, v in meta.items() if k not in (FINGERPRINT_KEY, _TENSORS_KEY)}
 
 
 class ChunkStore:
@@ -198,31 +208,50 @@ class OverlayStore:
 
 
 class ChunkProgress:
-    """A chunk's work in flight (``chunk00003.progress.safetensors`` + ``.progress.json``), saved between steps.
+    """A chunk's work in flight (``chunk00003.progress.json`` and the tensor file it names), saved between steps.
 
-    A step (one attack of AutoAttack) that finishes is saved at once, so a chunk
-    killed part-way resumes at its first unsaved step instead of starting over.
-    Stamped with the evaluation's digest like a chunk; progress of another
-    evaluation, or that cannot be read, is ignored with a warning (the chunk
-    starts over). :meth:`ChunkStore.save` removes it once the chunk is done.
+    Saved as the chunk goes (after an attack or a batch, and inside long attacks every minute), so a chunk
+    killed part-way resumes at its last save instead of starting over. Each save writes its tensors to the
+    file the JSON does not name (``chunk00003.progress.0.safetensors`` or ``.1.``), then switches the JSON to it,
+    then removes the other: a kill at any moment leaves the last complete save readable. Stamped with the
+    evaluation's digest like a chunk; progress of another evaluation, or that cannot be read, is ignored with a
+    warning (the chunk starts over). :meth:`ChunkStore.save` removes it once the chunk is done.
     """
 
     def __init__(self, folder: Path, chunk: int, digest: str | None):
-        self.tensor_path = Path(folder) / f"chunk{chunk:05d}.progress.safetensors"
-        self.meta_path = Path(folder) / f"chunk{chunk:05d}.progress.json"
+        self.folder = Path(folder)
+        self.meta_path = self.folder / f"chunk{chunk:05d}.progress.json"
+        self._files = [self.folder / f"chunk{chunk:05d}.progress.{g}.safetensors" for g in (0, 1)]
+        self._legacy = self.folder / f"chunk{chunk:05d}.progress.safetensors"  # saved before 2026-11-27 06:30 UTC
         self.chunk, self.digest = chunk, digest
+
+    def _named(self, meta: dict) -> Path:
+        return self.folder / meta.get(_TENSORS_KEY, self._legacy.name)
+
+    @property
+    def tensor_path(self) -> Path:
+        """The tensor file of the last save (the first of the two when nothing can be read)."""
+        try:
+            return self._named(_read_json_object(self.meta_path))
+        except Exception:  # none saved yet, or torn: the next save starts from the first file
+            return self._files[0]
 
     def load(self):
         """``(tensors, meta)`` saved by :meth:`save` for this evaluation, or ``None``."""
-        return _read_stamped(self.tensor_path, self.meta_path, self.digest,
+        return _read_stamped(self._named, self.meta_path, self.digest,
                              f"chunk {self.chunk} starts over (its saved progress)")
 
     def save(self, tensors: dict, meta: dict) -> None:
-        self.meta_path.unlink(missing_ok=True)  # never a new JSON beside old tensors, nor the reverse
-        self.tensor_path.parent.mkdir(parents=True, exist_ok=True)
-        write_safetensors_atomic(self.tensor_path, tensors)
-        write_json(self.meta_path, {**meta, FINGERPRINT_KEY: self.digest})  # written last
+        current = self.tensor_path if self.meta_path.is_file() else None
+        new = self._files[1] if current == self._files[0] else self._files[0]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        write_safetensors_atomic(new, tensors)
+        write_json(self.meta_path, {**meta, _TENSORS_KEY: new.name, FINGERPRINT_KEY: self.digest})  # the switch
+        for path in (*self._files, self._legacy):
+            if path != new:
+                path.unlink(missing_ok=True)
 
     def clear(self) -> None:
         self.meta_path.unlink(missing_ok=True)
-        self.tensor_path.unlink(missing_ok=True)
+        for path in (*self._files, self._legacy):
+            path.unlink(missing_ok=True)
