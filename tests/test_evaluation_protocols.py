@@ -254,6 +254,9 @@ def test_each_chunk_records_the_machine_it_ran_on(setup, tmp_path):
                                {"machine": None, "chunks": [2]}]
     assert run["correct"] == next(r for r in first["runs"] if r["run_id"] == "clean/defended/ol1")["correct"]
     text = (out / "report.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("n = "))
+    assert f"{here['cpu']} ({here['cpu_capability']}, {here['threads']} threads)" in header
+    assert header.count(f"torch {torch.__version__}") == 1             # named once
     section = text[text.index("## Machines"):text.index("## Flags")]
     assert "Another CPU (AVX2" in section and "not recorded" in section and "clean/defended/ol1 (1)" in section
     assert f"{here['cpu']} ({here['cpu_capability']}, {here['threads']} threads)" in section

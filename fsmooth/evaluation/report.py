@@ -28,7 +28,7 @@ def environment() -> dict:
     env = {"fsmooth": __version__, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
            "python": platform.python_version(), "cuda": torch.version.cuda,
            # where the report was written; each run's chunks name their own (``machines`` in its row)
-           "device": machine_text(machine()), "machine": machine()}
+           "device": machine_text(machine(), versions=False), "machine": machine()}
     try:
         import torchattacks  # optional cross-check library
         env["torchattacks"] = torchattacks.__version__
@@ -218,11 +218,11 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def machine_text(m: dict | None) -> str:
+def machine_text(m: dict | None, versions: bool = True) -> str:
     if m is None:
-        return "not recorded (chunks saved before 2026-11-27)"
-    return (f"{m['gpu'] or m['cpu']} ({m['cpu_capability']}, {m['threads']} threads), torch {m['torch']}"
-            + (f", CUDA {m['cuda']}" if m["gpu"] else ""))
+        return "not recorded (chunks saved before 2026-11-27 05:40 UTC)"
+    text = f"{m['gpu'] or m['cpu']} ({m['cpu_capability']}, {m['threads']} threads)"
+    return text + (f", torch {m['torch']}" + (f", CUDA {m['cuda']}" if m["gpu"] else "") if versions else "")
 
 
 def _machines_markdown(runs: list) -> list:
