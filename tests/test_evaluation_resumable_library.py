@@ -140,3 +140,11 @@ def test_fab_t_killed_inside_a_target_class_goes_on_from_its_start(setup):
         resumed, meta = _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved)
         assert meta["target_class"] > 2 and torch.equal(resumed, straight), (limit, meta)
         assert model.calls < total                               # the finished target classes did not rerun
+
+
+def test_like_takes_only_the_library_attack_it_resumes(setup):
+    model, _, _ = setup
+    square = ResumableSquare.like(_library(model))
+    assert square.n_queries == 60 and square.eps == EPS and square.seed == 2   # every setting carried over
+    with pytest.raises(TypeError, match="ResumableFAB.like takes a FABAttack_PT, got ResumableSquare"):
+        ResumableFAB.like(square)

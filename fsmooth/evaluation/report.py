@@ -25,10 +25,10 @@ TABLE_COLUMNS = ("apgd-ce", "apgd-t", "fab-t", "square", "aa-standard", "aa-rand
 def environment() -> dict:
     import pyautoattack  # optional and slow to import: only the report's environment block names its version
 
+    here = machine()  # where the report was written; each run's chunks name their own (``machines`` in its row)
     env = {"fsmooth": __version__, "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
            "python": platform.python_version(), "cuda": torch.version.cuda,
-           # where the report was written; each run's chunks name their own (``machines`` in its row)
-           "device": machine_text(machine(), versions=False), "machine": machine()}
+           "device": machine_text(here, versions=False), "machine": here}
     try:
         import torchattacks  # optional cross-check library
         env["torchattacks"] = torchattacks.__version__

@@ -20,12 +20,13 @@ __all__ = ["ResumableFAB", "ResumableSquare"]
 
 
 class _Like:
+    _library: type  # the pyautoattack class this one makes resumable
+
     @classmethod
     def like(cls, attack):
         """A resumable copy of ``attack`` (AutoAttack's own ``aa.square`` or ``aa.fab``) with all its settings."""
-        base = cls.__mro__[2]
-        if not isinstance(attack, base):
-            raise TypeError(f"{cls.__name__}.like takes a {base.__name__}, got {type(attack).__name__}")
+        if not isinstance(attack, cls._library):
+            raise TypeError(f"{cls.__name__}.like takes a {cls._library.__name__}, got {type(attack).__name__}")
         new = cls.__new__(cls)
         new.__dict__.update(vars(attack))
         return new
@@ -40,6 +41,8 @@ class ResumableSquare(_Like, SquareAttack):
     Other norms, targeted runs and ``y=None`` are the library's whole run: ``checkpoint`` is not called, and
     ``resume`` is refused.
     """
+
+    _library = SquareAttack
 
     def perturb(self, x, y=None, *, resume=None, checkpoint=None):
         if self.norm != "Linf" or self.targeted or y is None:  # the library's run, whole (checkpoint unused)
@@ -150,6 +153,8 @@ class ResumableFAB(_Like, FABAttack_PT):
     random state saved with it). The untargeted attack is the library's whole run: ``checkpoint`` is not
     called, and ``resume`` is refused.
     """
+
+    _library = FABAttack_PT
 
     def perturb(self, x, y, *, resume=None, checkpoint=None):
         if not self.targeted:  # the library's run, whole (checkpoint unused)
