@@ -1,6 +1,7 @@
 """Builds the CPU reproduction's results (issue 12) from the committed evaluation reports.
 
-    python results/make_results.py
+    python results/make_results.py            # write the files below
+    python results/make_results.py --check    # write nothing; fail if they are stale or a quote is unsourced
 
 Joins every `fsmooth eval` report under results/eval/ (a run's own report.json, or, for a run that has not
 finished, its `fsmooth eval --partial` report in <run>/partial/, which the tables name) with `fsmooth summarize` (the worst case per
@@ -13,14 +14,21 @@ embedded models' training and calibration metadata and the paper's numbers that 
   `fsmooth.data.evaluation_order`) and "airplanes_only" (the earlier reports, of the first n images of the
   class-sorted copy), never joined;
 - the generated tables in results/README.md, between the `<!-- tables:begin -->` / `<!-- tables:end -->`
-  markers (the prose around them is written by hand).
+  markers (the prose around them is written by hand);
+- each report's report.md again from its report.json, so every report reads in today's format.
+
+`--check` writes nothing and fails when one of these files is not what the committed reports make, or when
+an accuracy interval quoted in the hand-written text (README.md, results/README.md, results/PLAN.md) is in
+no committed report.md or summary.md: every number quoted can be traced to a report, and from it to its log.
 
 Numbers come only from the reports; a cell whose run has not finished says so.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fsmooth.evaluation.store import write_json  # noqa: E402
+from fsmooth.evaluation.report import markdown  # noqa: E402
+from fsmooth.evaluation.store import json_text  # noqa: E402
 from fsmooth.evaluation.summary import summarize, summary_markdown  # noqa: E402
 from fsmooth.io import write_text_atomic  # noqa: E402
 
@@ -198,20 +207,90 @@ def tables(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def main() -> int:
-    os.chdir(ROOT)
-    res = build()
-    write_text_atomic(RESULTS / "summary.md",
-                      "# All ten classes\n\n" + summary_markdown(res["ten_classes"]["summary"])
-                      + "\n# Airplanes only (superseded)\n\n" + summary_markdown(res["airplanes_only"]["summary"]))
-    write_json(RESULTS / "results.json", res)
+def outputs(res: dict, readme_text: str | None = None) -> dict[Path, str]:
+    """The files ``res`` makes, by path: summary.md, results.json and results/README.md (its text between
+    the markers replaced; ``readme_text`` is the README as it stands, read from disk when not given), and
+    every report's ``report.md`` rendered again from its ``report.json`` by today's renderer."""
     readme = RESULTS / "README.md"
-    text = readme.read_text() if readme.exists() else f"# CPU reproduction\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
+    if readme_text is None:
+        readme_text = readme.read_text() if readme.exists() else f"# CPU reproduction\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in readme_text or END not in readme_text:
         raise SystemExit(f"{readme} lacks the {BEGIN} / {END} markers")
-    head, rest = text.split(BEGIN, 1)
+    head, rest = readme_text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)
-    write_text_atomic(readme, f"{head}{BEGIN}\n{tables(res)}{END}{tail}")
+    return {RESULTS / "summary.md": "# All ten classes\n\n" + summary_markdown(res["ten_classes"]["summary"])
+            + "\n# Airplanes only (superseded)\n\n" + summary_markdown(res["airplanes_only"]["summary"]),
+            RESULTS / "results.json": json_text(res),
+            readme: f"{head}{BEGIN}\n{tables(res)}{END}{tail}",
+            **{j.with_name("report.md"): markdown(json.loads(j.read_text()))
+               for j in sorted((RESULTS / "eval").rglob("report.json"))}}
+
+
+# "81.3% [78.8, 83.6]" or "81.25 [78.80, 83.60]": an accuracy with its 95% interval, in prose or a report.
+INTERVAL = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)%? ?\[(\d+(?:\.\d+)?), ?(\d+(?:\.\d+)?)\]")
+# The hand-written texts whose quoted intervals must come from a committed report.
+PROSE = ("README.md", "results/README.md", "results/PLAN.md")
+
+
+def _triples(text: str) -> list[tuple[str, str, str]]:
+    return INTERVAL.findall(text)
+
+
+def _decimals(number: str) -> int:
+    return len(number.split(".")[1]) if "." in number else 0
+
+
+def unsourced(prose: str, evidence: str) -> list[str]:
+    """Each "a% [lo, hi]" in ``prose`` that no "a [lo, hi]" of ``evidence`` rounds to (all three numbers to
+    the prose's decimals, allowing for the evidence's own rounding to two decimals)."""
+    found = [tuple(float(v) for v in t) for t in _triples(evidence)]
+    missing = []
+    for t in _triples(prose):
+        tol = [0.5 * 10 ** -_decimals(v) + 0.005 + 1e-9 for v in t]
+        vals = [float(v) for v in t]
+        if not any(all(abs(e - v) <= d for e, v, d in zip(ev, vals, tol)) for ev in found):
+            missing.append(f"{t[0]}% [{t[1]}, {t[2]}]")
+    return missing
+
+
+def check() -> list[str]:
+    """What is out of date or unsourced: each generated file (``outputs``) that differs from what the committed
+    reports make now (the generation time aside), and each interval quoted in the hand-written texts (``PROSE``,
+    outside the generated tables) that no committed report (``report.md``) or ``summary.md`` states."""
+    problems = []
+    committed = RESULTS / "results.json"
+    res = build()
+    if committed.is_file():
+        res["generated_utc"] = json.loads(committed.read_text()).get("generated_utc")
+    for path, text in outputs(res).items():
+        if not path.is_file() or path.read_text() != text:
+            problems.append(f"{path.relative_to(ROOT)} is not what the committed reports make: "
+                            "run python results/make_results.py")
+    evidence = "\n".join(p.read_text() for p in sorted((RESULTS / "eval").rglob("report.md")))
+    evidence += (RESULTS / "summary.md").read_text() if (RESULTS / "summary.md").is_file() else ""
+    for name in PROSE:
+        text = (ROOT / name).read_text()
+        if BEGIN in text and END in text:  # the generated tables are checked above
+            head, rest = text.split(BEGIN, 1)
+            text = head + rest.split(END, 1)[1]
+        problems += [f"{name}: {q} is in no committed report" for q in unsourced(text, evidence)]
+    return problems
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true",
+                        help="write nothing; exit 1 if a generated file is out of date or a quoted interval "
+                             "comes from no committed report")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)
+    if args.check:
+        problems = check()
+        for line in problems:
+            print(line, file=sys.stderr)
+        return 1 if problems else 0
+    for path, text in outputs(build()).items():
+        write_text_atomic(path, text)
     return 0
 
 

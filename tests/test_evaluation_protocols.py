@@ -9,6 +9,7 @@ from evaluation_helpers import (TINY_BASELINE_DEFENSE, TINY_DEFENSE, Interruptin
                                 tiny_budget, tiny_factory, trained_tiny_net)
 from fsmooth.evaluation import PROTOCOLS, evaluate
 from fsmooth.evaluation.protocols import parse_protocols, plan
+from fsmooth.evaluation.report import markdown
 
 EPS = (8 / 255,)
 
@@ -75,6 +76,11 @@ def test_every_protocol_runs_end_to_end(full_report):
     assert report["timing"]["clean/defended/ol2"]["cost_vs_undefended"] > 0
     md = (out / "report.md").read_text()
     assert "worst case" in md and "adaptive" in md.lower() and "Flags" in md
+    assert md == markdown(json.loads((out / "report.json").read_text()))  # report.json alone renders it again
+    for s in report["settings"]:  # the fraction correct in every re-scoring run, with its interval
+        if "rescore" in s:
+            a = s["rescore"]["correct_in_all_runs"]
+            assert f"| {100 * a['accuracy']:.2f} [{100 * a['ci95'][0]:.2f}, {100 * a['ci95'][1]:.2f}] |" in md
     assert json.loads((out / "report.json").read_text())["info"]["n"] == 6
     tensors = load_file(str(out / "per_image.safetensors"))
     assert tensors["rescore_correct/defended/ol1/eps8"].shape == (tiny_budget().rescore_runs, 6)

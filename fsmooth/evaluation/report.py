@@ -135,11 +135,19 @@ def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
 
+def _pct_ci(summary: dict) -> str:
+    """An accuracy summary as "a [lo, hi]" in %."""
+    lo, hi = summary["ci95"]
+    return f"{_pct(summary['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
+
+
 def _budget_text(budget: dict) -> str:
     parts = []
     for key, value in budget.items():
         if key == "eps_sweep":
             value = "(" + ", ".join(f"{v * 255:g}" for v in value) + ")/255"
+        elif isinstance(value, list):  # a tuple that went through report.json
+            value = tuple(value)
         parts.append(f"{key}={value}")
     return ", ".join(parts)
 
@@ -167,17 +175,17 @@ def markdown(report: dict) -> str:
         lines += [f"Command: `{info['command']}`", ""]
     present = [c for c in TABLE_COLUMNS + ("adaptive-min",) if any(c in s["columns"] for s in report["settings"])]
     head = ["model", "K", "eps", "clean"] + present + ["worst case [95% CI]", "re-scored mean ± std",
-                                                       "correct in all runs", "defense iters clean/adv"]
+                                                       "correct in all runs [95% CI]", "defense iters clean/adv"]
     if report["settings"]:
         lines += ["## Robust accuracy (%)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in report["settings"]:
         wc = s["worst_case"]
         row = [s["target"], str(s["outer_loops"]) if s["target"] != "undefended" else "-", f"{s['eps_255']:g}/255",
                _pct(s["clean"]["accuracy"])] + [_pct(s["columns"].get(c)) for c in present]
-        row.append(f"{_pct(wc['accuracy'])} [{_pct(wc['ci95'][0])}, {_pct(wc['ci95'][1])}]")
+        row.append(_pct_ci(wc))
         r = s.get("rescore")
         if r:
-            row += [f"{_pct(r['mean'])} ± {_pct(r['std'])}", _pct(r["correct_in_all_runs"]["accuracy"])]
+            row += [f"{_pct(r['mean'])} ± {_pct(r['std'])}", _pct_ci(r["correct_in_all_runs"])]
             it = s.get("defense_iterations") or {}
             c, a = it.get("clean"), it.get("adversarial")
             row.append(f"{c['mean']:.0f}/{a['mean']:.0f}" if c and a else "-")
@@ -190,7 +198,7 @@ def markdown(report: dict) -> str:
                   "| model | K | eps | lambda | accuracy [95% CI] |", "|---|---|---|---|---|"]
         for r in adaptive:
             lines.append(f"| {r['target']} | {r['outer_loops']} | {r['eps_255']:g}/255 | {r['settings'].get('lam')} | "
-                         f"{_pct(r['accuracy'])} [{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}] |")
+                         f"{_pct_ci(r)} |")
     if report.get("eps_sweep"):
         sw = report["eps_sweep"]
         lines += ["", f"## Eps sweep (APGD-CE, K = {sw['outer_loops']})", "", "| eps | accuracy |", "|---|---|"]
@@ -201,8 +209,7 @@ def markdown(report: dict) -> str:
         it, p = r["defense_iterations"], r.get("perturbation")
         iters = f"{it['mean']:.1f}/{it['max']:.0f}" if it else "-"
         linf = f"{255 * p['max_linf']:.3f}" if p else "-"
-        ci = f"[{_pct(r['ci95'][0])}, {_pct(r['ci95'][1])}]"
-        lines.append(f"| {r['run_id']} | {r['n']} | {_pct(r['accuracy'])} {ci} | {r['wall_per_image_s']:.4g} | "
+        lines.append(f"| {r['run_id']} | {r['n']} | {_pct_ci(r)} | {r['wall_per_image_s']:.4g} | "
                      f"{iters} | {linf} |")
     cost = {k: v.get("cost_vs_undefended") for k, v in report["timing"].items()}
     lines += ["", "Inference cost relative to the undefended model (clean pass): " +

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from ..io import write_json_atomic, write_safetensors_atomic, write_text_atomic
+from ..io import write_safetensors_atomic, write_text_atomic
 
 atomic_write_text = write_text_atomic  # the old name, kept for callers
 
-__all__ = ["ChunkStore", "ChunkProgress", "OverlayStore", "atomic_write_text", "write_json", "rng_state",
-           "set_rng_state"]
+__all__ = ["ChunkStore", "ChunkProgress", "OverlayStore", "atomic_write_text", "write_json", "json_text",
+           "rng_state", "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
@@ -46,9 +46,15 @@ def _finite(value):
     return value
 
 
+def json_text(obj) -> str:
+    """What :func:`write_json` writes for ``obj``: indented JSON with NaN/Inf as null and tensors, sets,
+    tuples and paths converted, keys in their order, a final newline."""
+    return json.dumps(_finite(obj), indent=2, sort_keys=False, default=_json_default) + "\n"
+
+
 def write_json(path: Path, obj) -> None:
-    """``obj`` as JSON, atomically, with NaN/Inf as null and tensors, sets, tuples and paths converted."""
-    write_json_atomic(path, _finite(obj), sort_keys=False, default=_json_default)
+    """``obj`` as JSON (:func:`json_text`), atomically."""
+    write_text_atomic(path, json_text(obj))
 
 
 def rng_state(device: torch.device) -> dict:

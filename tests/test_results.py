@@ -1,0 +1,84 @@
+"""results/: the committed tables are what the committed reports make, and every accuracy interval quoted by
+hand comes from a committed report (``python results/make_results.py --check``)."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def make_results():
+    spec = importlib.util.spec_from_file_location("make_results", ROOT / "results" / "make_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check(module) -> list[str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the partial reports say they are partial
+        return module.check()
+
+
+def test_committed_results_are_current_and_every_quoted_interval_has_a_report(make_results):
+    assert _check(make_results) == []
+
+
+@pytest.mark.parametrize("prose, missing", [
+    ("81.3% [78.8, 83.6] and 0.5% [0.1, 2.8]", []),            # rounded from the reports' two decimals
+    ("81.25 [78.80, 83.60]", []),                                # as the report writes it
+    ("81.3% [78.8, 83.7]", ["81.3% [78.8, 83.7]"]),              # one bound off by a tenth
+    ("82.3% [78.8, 83.6]", ["82.3% [78.8, 83.6]"]),              # the accuracy off by a point
+    ("2.5% [1.1, 5.7] in all runs", ["2.5% [1.1, 5.7]"]),        # worked out by hand: in no report
+    ("0.5% [0.1, 2.8] (n = 200), 81% [79, 84]", []),           # fewer decimals in prose
+    ("no intervals here: 85.54% and [1, 2]", []),
+])
+def test_unsourced_finds_each_interval_no_report_states(make_results, prose, missing):
+    evidence = "| 81.25 [78.80, 83.60] | 0.50 [0.09, 2.78] |"
+    assert make_results.unsourced(prose, evidence) == missing
+
+
+@pytest.fixture
+def copied(make_results, tmp_path, monkeypatch):
+    """The module pointed at a copy of the repository's results/ and README.md."""
+    shutil.copytree(ROOT / "results", tmp_path / "results", ignore=shutil.ignore_patterns("state"))
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    monkeypatch.setattr(make_results, "ROOT", tmp_path)
+    monkeypatch.setattr(make_results, "RESULTS", tmp_path / "results")
+    monkeypatch.chdir(tmp_path)  # main() changes to ROOT; monkeypatch changes back
+    assert _check(make_results) == []
+    return tmp_path
+
+
+def test_check_fails_on_a_stale_table(make_results, copied):
+    summary = copied / "results" / "summary.md"
+    summary.write_text(summary.read_text().replace("0.5 [0.1, 2.8]", "0.6 [0.1, 2.8]", 1))
+    assert _check(make_results) == ["results/summary.md is not what the committed reports make: "
+                                    "run python results/make_results.py"]
+
+
+def test_check_fails_on_a_report_md_not_rendered_from_its_json(make_results, copied):
+    md = copied / "results" / "eval" / "fs-autoattack-mixed" / "report.md"
+    md.write_text(md.read_text().replace("0.50 [0.09, 2.78]", "0.60 [0.09, 2.78]"))
+    assert _check(make_results) == ["results/eval/fs-autoattack-mixed/report.md is not what the committed "
+                                    "reports make: run python results/make_results.py"]
+
+
+def test_check_fails_on_a_hand_written_interval_no_report_has(make_results, copied):
+    plan = copied / "results" / "PLAN.md"
+    plan.write_text(plan.read_text() + "\nAn invented result: 12.3% [4.5, 67.8].\n")
+    assert _check(make_results) == ["results/PLAN.md: 12.3% [4.5, 67.8] is in no committed report"]
+
+
+def test_make_results_writes_what_check_then_accepts(make_results, copied):
+    (copied / "results" / "summary.md").write_text("stale\n")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert make_results.main([]) == 0
+    assert _check(make_results) == []
