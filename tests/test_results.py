@@ -82,3 +82,15 @@ def test_make_results_writes_what_check_then_accepts(make_results, copied):
         warnings.simplefilter("ignore", RuntimeWarning)
         assert make_results.main([]) == 0
     assert _check(make_results) == []
+
+
+def test_a_report_whose_device_text_named_torch_names_it_once():
+    """fs-rand-mixed's report.json was written while the device text still carried torch's version."""
+    import json
+
+    from fsmooth.evaluation.report import markdown
+
+    report = json.loads((ROOT / "results" / "eval" / "fs-rand-mixed" / "report.json").read_text())
+    assert "torch" in report["info"]["environment"]["device"]
+    header = markdown(report).splitlines()[2]
+    assert header.count("torch ") == 1 and "(AVX512, 1 threads), torch 2.14.1" in header

@@ -155,9 +155,11 @@ def _budget_text(budget: dict) -> str:
 def markdown(report: dict) -> str:
     info = report["info"]
     env = info["environment"]
+    # from the machine record where there is one (an older report's "device" text also named torch's version)
+    device = machine_text(env["machine"], versions=False) if env.get("machine") else env["device"]
     lines = [f"# Robustness evaluation ({info.get('dataset', 'dataset not recorded')})", "",
              f"n = {info['n']}, seed {info['seed']}, protocols {', '.join(info['protocols'])}, "
-             f"{info['started']} - {info['finished']}, {env['device']}, torch {env['torch']}, "
+             f"{info['started']} - {info['finished']}, {device}, torch {env['torch']}, "
              f"pyautoattack {env['pyautoattack']}, torchattacks {env['torchattacks']}, "
              f"world size {info['world_size']}.",
              f"Defense: {info['defense']}. Budget: {_budget_text(info['budget'])}.", ""]
