@@ -10,7 +10,7 @@
 # less 40 s for packing: the device command may run 600), then packs each run's report, per-image results,
 # log and chunk records (JSON) into $OUT/eval-<queue>.tar.gz; for a run that has not finished, also its
 # chunks' tensors and saved progress (saved as a chunk goes: AutoAttack after each attack and batch; EOT-PGD,
-# Square and FAB-T every minute inside the attack), as long as the archive stays under 15 MiB (else they stay
+# APGD, APGD-T, Square and FAB-T every minute inside the attack), as long as the archive stays under 15 MiB (else they stay
 # there, with a warning). Committed to results/eval/<run>/state, they travel with the tree to the next device
 # session, which copies them into its evaluation folder and resumes: a finished chunk is not redone, an
 # unfinished one goes on from its last save (only an APGD run is redone whole). A finished run's

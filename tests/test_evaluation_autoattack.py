@@ -11,7 +11,7 @@ from fsmooth._machine import machine
 from fsmooth.evaluation import autoattack as aa_module
 from fsmooth.evaluation import evaluate, resumable
 from fsmooth.evaluation.autoattack import STANDARD_ATTACKS, build_autoattack, run_autoattack
-from fsmooth.evaluation.resumable_library import ResumableFAB, ResumableSquare
+from fsmooth.evaluation.resumable_library import ResumableAPGD, ResumableAPGDT, ResumableFAB, ResumableSquare
 from fsmooth.evaluation.store import ChunkProgress
 
 EPS = 2 / 255  # small enough that images survive APGD-CE, so every attack of the four runs
@@ -100,10 +100,12 @@ def test_a_chunk_killed_during_an_attack_resumes_there_with_the_same_points(setu
     assert resumed[3]["resumed_after"] == before and resumed[3]["earlier_wall_s"] > 0
 
 
-@pytest.mark.parametrize("killed", ["apgd-ce batch 2", "fab-t target 4", "square query 4"])
+@pytest.mark.parametrize("killed", ["between apgd-ce batches", "apgd-t iteration 3", "fab-t target 4",
+                                    "square query 4"])
 def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tmp_path, monkeypatch, killed):
-    """Saved after each batch of an attack and inside Square (before each query) and FAB-T (before each target
-    class), here every time: the resumed chunk has the points, predictions and checks of a chunk never stopped."""
+    """Saved after each batch of an attack and inside APGD-T (before each target class, restart and iteration),
+    Square (before each query) and FAB-T (before each target class), here every time: the resumed chunk has the
+    points, predictions and checks of a chunk never stopped."""
     model, x, y = setup
     clf = _classifier(model, True)
     monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
@@ -115,7 +117,7 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
 
     monkeypatch.setattr(aa_module, "_perturb", spy)
     library_calls = []  # and what reaches the library attacks' own loops
-    for cls in (ResumableSquare, ResumableFAB):
+    for cls in (ResumableAPGD, ResumableAPGDT, ResumableSquare, ResumableFAB):
         def library_spy(self, x, y=None, *, resume=None, checkpoint=None, _perturb=cls.perturb):
             library_calls.append((type(self).__name__, resume is not None))
             return _perturb(self, x, y, resume=resume, checkpoint=checkpoint)
@@ -125,10 +127,12 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
 
     def kill(aa, attack, xb, yb, resume=None, checkpoint=None):
         seen.append(attack)
-        if killed == "apgd-ce batch 2" and seen == ["apgd-ce", "apgd-ce"]:
+        if killed == "between apgd-ce batches" and seen == ["apgd-ce", "apgd-ce"]:
             raise SimulatedKill(killed)
-        if killed.startswith(attack + " "):  # killed at its 5th query (Square) or 3rd target class (FAB-T)
-            steps, last = [], 4 if attack == "square" else 2
+        if killed.startswith(attack + " "):
+            # killed at its 5th query (Square), 3rd target class (FAB-T), 3rd iteration (APGD-T: its checkpoint
+            # comes before the first target class's run and before each iteration)
+            steps, last = [], {"square": 4, "fab-t": 2, "apgd-t": 3}[attack]
 
             def dying(make):
                 steps.append(1)
@@ -143,9 +147,15 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
     with pytest.raises(SimulatedKill):
         _run(clf, x, y, progress=progress)
     tensors, meta = progress.load()
-    if killed == "apgd-ce batch 2":
+    if killed == "between apgd-ce batches":
         assert meta["attacks_done"] == [] and meta["current"] == {"attack": "apgd-ce", "batch_start": 5,
                                                                     "state": None}
+    elif killed == "apgd-t iteration 3":
+        assert meta["attacks_done"] == ["apgd-ce"] and meta["current"]["attack"] == "apgd-t"
+        state = meta["current"]["state"]
+        assert (state["target_class"], state["restart"], state["iter"]) == (2, 0, 1)
+        assert {"current/robust_idx", "current/state/x_adv", "current/state/y_target", "current/state/adv",
+                "current/state/acc", "current/state/acc_run"} <= tensors.keys()
     elif killed == "fab-t target 4":
         assert meta["attacks_done"] == ["apgd-ce", "apgd-t"]
         assert meta["current"]["attack"] == "fab-t" and meta["current"]["state"] == {"target_class": 3, "restart": 0}
@@ -162,9 +172,9 @@ def test_a_chunk_killed_inside_an_attack_resumes_at_its_batch_or_query(setup, tm
     # Nothing finished before the kill runs again: the killed batch goes on (Square: from its saved query).
     first = len(seen) - 1
     assert [c[:2] for c in calls] == [c[:2] for c in straight_calls[first:]]
-    assert calls[0][2] == (killed != "apgd-ce batch 2") and not any(c[2] for c in calls[1:])
-    if killed != "apgd-ce batch 2":  # the saved state reached the library attack's loop
-        name = "ResumableFAB" if killed.startswith("fab-t") else "ResumableSquare"
+    assert calls[0][2] == (killed != "between apgd-ce batches") and not any(c[2] for c in calls[1:])
+    if killed != "between apgd-ce batches":  # the saved state reached the library attack's loop
+        name = {"apgd-t": "ResumableAPGDT", "fab-t": "ResumableFAB", "square": "ResumableSquare"}[killed.split()[0]]
         assert library_calls[0] == (name, True) and not any(r for _, r in library_calls[1:])
 
 

@@ -11,7 +11,7 @@ from evaluation_helpers import (TINY_DEFENSE, Interrupting, NoisyKillable, Simul
 from fsmooth._machine import machine
 from fsmooth.evaluation import evaluate
 from fsmooth.evaluation import resumable
-from fsmooth.evaluation.attacks import APGD, EOTPGD, Square
+from fsmooth.evaluation.attacks import APGD, EOTPGD, AdaptiveAPGD, APGDTargeted, Square, TorchattacksEOTPGD
 from fsmooth.evaluation.resumable import batch_slices, run_attack
 from fsmooth.evaluation.store import ChunkProgress
 
@@ -116,11 +116,36 @@ def test_progress_of_another_attack_or_images_is_not_used(setup, tmp_path, monke
         _run(_attack(model, "ce", seed=6), x[:10], y[:10], progress)  # the same attack, other images
 
 
+@pytest.mark.parametrize("make", [
+    lambda m, base: APGD(m, eps=3 / 255, n_iter=8, n_restarts=2, loss="dlr", seed=3),
+    lambda m, base: APGDTargeted(m, eps=3 / 255, n_iter=8, n_target_classes=2, seed=3),
+    lambda m, base: AdaptiveAPGD(m, base, eps=3 / 255, lam=1.0, delta=0.0, n_iter=8, seed=3),
+], ids=["apgd-dlr", "apgd-t", "adaptive"])
+def test_apgd_resumes_at_its_iteration(setup, tmp_path, monkeypatch, make):
+    model, x, y = setup
+    monkeypatch.setattr(resumable, "SAVE_EVERY_S", 0.0)
+    noisy = NoisyKillable(model, 0.05)
+    attack = make(noisy, model)
+    straight, _ = _run(attack, x, y, ChunkProgress(tmp_path / "straight", 0, "d"))
+    total = noisy.calls
+    for limit in (total // 3, 2 * total // 3, total - 2):
+        progress = ChunkProgress(tmp_path / f"killed{limit}", 0, "d")
+        noisy.limit, noisy.calls = limit, 0
+        with pytest.raises(SimulatedKill):
+            _run(attack, x, y, progress)
+        meta = progress.load()[1]
+        noisy.limit, noisy.calls = None, 0
+        resumed, info = _run(attack, x, y, progress, rng=123)
+        assert torch.equal(resumed, straight) and info["resumed_at"]["step"] == meta["state"], (limit, meta)
+        assert noisy.calls < total - limit // 2                 # the work before the save did not run again
+    assert meta["state"]["iter"] is not None                    # the last kill came inside an iteration
+
+
 def test_only_a_resumable_attack_takes_resume_or_checkpoint(setup):
     model, x, y = setup
-    with pytest.raises(TypeError, match="APGD cannot save or resume"):
-        APGD(model, eps=EPS, n_iter=2)(x, y, checkpoint=lambda make: None)
-    assert EOTPGD.resumable and not APGD.resumable
+    with pytest.raises(TypeError, match="TorchattacksEOTPGD cannot save or resume"):
+        TorchattacksEOTPGD(model, eps=EPS, steps=2)(x, y, checkpoint=lambda make: None)
+    assert EOTPGD.resumable and APGD.resumable and not TorchattacksEOTPGD.resumable
     empty, info = run_attack(_attack(model, "ce"), x[:0], y[:0], batch_size=4)
     assert empty.shape == (0, *x.shape[1:]) and info["resumed_at"] is None
 

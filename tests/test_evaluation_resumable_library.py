@@ -1,11 +1,15 @@
-"""ResumableSquare and ResumableFAB: pyautoattack's Square and FAB-T draw for draw; a run stopped part-way goes on."""
+"""ResumableSquare, ResumableFAB, ResumableAPGD and ResumableAPGDT: pyautoattack's Square, FAB-T, APGD and
+APGD-T draw for draw; a run stopped part-way goes on."""
 import pytest
 import torch
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
 from evaluation_helpers import NoisyKillable, SimulatedKill, separable_data, trained_tiny_net
-from fsmooth.evaluation.resumable_library import ResumableFAB, ResumableSquare
+from fsmooth.evaluation.attacks import _FeatureLossOracle
+from fsmooth.models.prefix import prefix as network_prefix
+from fsmooth.evaluation.resumable_library import ResumableAPGD, ResumableAPGDT, ResumableFAB, ResumableSquare
 
 EPS = 16 / 255  # some images fooled within the queries, some not
 
@@ -148,3 +152,97 @@ def test_like_takes_only_the_library_attack_it_resumes(setup):
     assert square.n_queries == 60 and square.eps == EPS and square.seed == 2   # every setting carried over
     with pytest.raises(TypeError, match="ResumableFAB.like takes a FABAttack_PT, got ResumableSquare"):
         ResumableFAB.like(square)
+
+
+def _apgd(model, loss="ce", n_restarts=1, eot_iter=1, n_iter=12, seed=2, eps=EPS):
+    # AutoAttack's own APGD (pyautoattack.AutoAttack builds it so), with a small budget.
+    attack = APGDAttack(model, n_restarts=n_restarts, n_iter=n_iter, verbose=False, eps=eps, norm="Linf",
+                        eot_iter=eot_iter, rho=.75, seed=seed, device=torch.device("cpu"))
+    attack.loss = loss
+    return attack
+
+
+def _apgd_t(model, n_target_classes=3, n_restarts=1, n_iter=12, seed=2, eps=EPS):
+    return APGDAttack_targeted(model, n_restarts=n_restarts, n_iter=n_iter, verbose=False, eps=eps, norm="Linf",
+                               eot_iter=1, rho=.75, seed=seed, device=torch.device("cpu"),
+                               n_target_classes=n_target_classes)
+
+
+def _apgd_oracle(model, n_restarts=1, n_iter=12, seed=2, eps=EPS):
+    # The adaptive attack's APGD: CE + lam * max(L_F, delta) through the library's oracle (TF-model) interface.
+    oracle = _FeatureLossOracle(model, network_prefix(model.net, None), lam=2.0, delta=0.0)
+    return APGDAttack(oracle, n_restarts=n_restarts, n_iter=n_iter, verbose=False, eps=eps, norm="Linf",
+                      eot_iter=1, rho=.75, seed=seed, loss="ce", device=torch.device("cpu"), is_tf_model=True)
+
+
+APGD_CASES = [  # (make, resumable class, settings): CE and DLR, restarts, EOT draws, APGD-T's target classes
+    (_apgd, ResumableAPGD, {"loss": "ce"}),
+    (_apgd_oracle, ResumableAPGD, {"n_restarts": 2}),
+    (_apgd, ResumableAPGD, {"loss": "dlr", "n_restarts": 2}),
+    (_apgd, ResumableAPGD, {"loss": "ce", "n_restarts": 2, "eot_iter": 2}),
+    (_apgd_t, ResumableAPGDT, {}),
+    (_apgd_t, ResumableAPGDT, {"n_target_classes": 2, "n_restarts": 2}),
+]
+
+
+@pytest.mark.parametrize("make, resumable, settings", APGD_CASES)
+def test_apgd_points_are_the_librarys(setup, make, resumable, settings):
+    model, x, y = setup
+    lib = make(model, eps=4 / 255, **settings)
+    torch.manual_seed(0)
+    expected = lib.perturb(x, y)
+    torch.manual_seed(0)
+    got = resumable.like(lib).perturb(x, y)
+    assert torch.equal(got, expected)
+    fooled = (model.net(expected).argmax(1) != y).sum().item()
+    assert 0 < fooled < len(y)                                   # some fooled, some survived
+    assert (expected - x).abs().amax() <= 4 / 255 + 1e-6
+
+
+@pytest.mark.parametrize("make, resumable, settings", APGD_CASES)
+def test_apgd_killed_part_way_goes_on_with_the_same_points(setup, make, resumable, settings):
+    model, x, y = setup
+    attack = resumable.like(make(model, eps=3 / 255, **settings))  # later restarts and targets have work
+    saved, calls_at = [], []
+
+    def checkpoint(make_state):
+        tensors, meta = make_state()
+        saved.append(({k: v.clone() for k, v in tensors.items()}, dict(meta), torch.get_rng_state()))
+        calls_at.append(model.calls)
+
+    model.calls = 0
+    torch.manual_seed(0)
+    straight = attack.perturb(x, y, checkpoint=checkpoint)
+    total = model.calls
+    iters = [m["iter"] for _, m, _ in saved]
+    assert None in iters and set(range(12)) <= set(iters)      # before each restart and each iteration
+    places = {tuple(m.get(k) for k in ("target_class", "restart")) for _, m, _ in saved}
+    assert len(places) == attack.n_restarts * getattr(attack, "n_target_classes", 1)
+    last = next(t for t, m, _ in reversed(saved) if m["iter"] is None)
+    assert 0 < last["acc"].sum() < len(y) or len(places) == 1  # the last restart (or target) attacks some
+    for limit in (3, total // 3, total // 2, total - 4, total - 1):
+        calls_at.clear()
+        resumed, meta = _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved)
+        assert torch.equal(resumed, straight), (limit, meta)
+        # The resumed run makes exactly the calls the straight run made after that save: nothing done twice,
+        # nothing extra.
+        assert model.calls == total - calls_at[len(saved) - 1], (limit, meta)
+
+
+def test_apgd_what_cannot_resume_runs_whole_and_refuses_a_resume(setup):
+    model, x, y = setup
+    lib = _apgd(model, eps=4 / 255)
+    torch.manual_seed(0)
+    expected = lib.perturb(x, y, best_loss=True)                 # the library's best-loss run
+    torch.manual_seed(0)
+    assert torch.equal(ResumableAPGD.like(lib).perturb(x, y, best_loss=True, checkpoint=_never), expected)
+    with pytest.raises(ValueError, match="only the L-inf APGD attack"):
+        ResumableAPGD.like(lib).perturb(x, y, best_loss=True, resume=({}, {}))
+    lib_t = _apgd_t(model, eps=4 / 255)
+    lib_t.norm = "L2"                                            # another norm: the library's run
+    torch.manual_seed(0)
+    expected = lib_t.perturb(x, y)
+    torch.manual_seed(0)
+    assert torch.equal(ResumableAPGDT.like(lib_t).perturb(x, y, checkpoint=_never), expected)
+    with pytest.raises(ValueError, match="only the L-inf APGD-T attack"):
+        ResumableAPGDT.like(lib_t).perturb(x, y, resume=({}, {}))

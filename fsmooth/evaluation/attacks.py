@@ -14,13 +14,13 @@ import math
 
 import torch
 import torch.nn.functional as F
-from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.autopgd_base import APGDAttack
 from pyautoattack.square import SquareAttack
 
 from .._validation import check_positive_int
 from ..functional import feature_loss
 from ..models.prefix import prefix as network_prefix
-from .resumable_library import ResumableSquare
+from .resumable_library import ResumableAPGD, ResumableAPGDT, ResumableSquare
 
 __all__ = ["Attack", "APGD", "APGDTargeted", "AdaptiveAPGD", "EOTPGD", "Square", "TorchattacksEOTPGD",
            "dlr_loss", "dlr_loss_targeted", "AA_LOGGER"]
@@ -96,13 +96,13 @@ class APGD(Attack):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
         self.n_iter, self.n_restarts, self.eot_iter, self.loss, self.rho = n_iter, n_restarts, eot_iter, loss, rho
 
-    def _library_attack(self, x):
-        return APGDAttack(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts, eps=self.eps,
-                          seed=self.seed, loss=self.loss, eot_iter=self.eot_iter, rho=self.rho, device=x.device,
-                          logger=_logger())
+    resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
 
-    def perturb(self, x, y):
-        return self._library_attack(x).perturb(x, y)
+    def perturb(self, x, y, *, resume=None, checkpoint=None):
+        attack = ResumableAPGD(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts,
+                               eps=self.eps, seed=self.seed, loss=self.loss, eot_iter=self.eot_iter, rho=self.rho,
+                               device=x.device, logger=_logger())
+        return attack.perturb(x, y, resume=resume, checkpoint=checkpoint)
 
 
 class APGDTargeted(Attack):
@@ -116,11 +116,13 @@ class APGDTargeted(Attack):
         self.n_iter, self.n_restarts, self.n_target_classes = n_iter, n_restarts, n_target_classes
         self.eot_iter, self.rho = eot_iter, rho
 
-    def perturb(self, x, y):
-        attack = APGDAttack_targeted(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts,
-                                     eps=self.eps, seed=self.seed, eot_iter=self.eot_iter, rho=self.rho,
-                                     n_target_classes=self.n_target_classes, device=x.device, logger=_logger())
-        return attack.perturb(x, y)
+    resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGDT)
+
+    def perturb(self, x, y, *, resume=None, checkpoint=None):
+        attack = ResumableAPGDT(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts,
+                                eps=self.eps, seed=self.seed, eot_iter=self.eot_iter, rho=self.rho,
+                                n_target_classes=self.n_target_classes, device=x.device, logger=_logger())
+        return attack.perturb(x, y, resume=resume, checkpoint=checkpoint)
 
 
 class _FeatureLossOracle:
@@ -182,12 +184,14 @@ class AdaptiveAPGD(Attack):
         self.n_iter, self.n_restarts, self.eot_iter, self.rho = n_iter, n_restarts, eot_iter, rho
         self._feature_net = network_prefix(base_model, layer)
 
-    def perturb(self, x, y):
+    resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
+
+    def perturb(self, x, y, *, resume=None, checkpoint=None):
         oracle = _FeatureLossOracle(self.model, self._feature_net, self.lam, self.delta)
-        attack = APGDAttack(oracle, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts, eps=self.eps,
-                            seed=self.seed, loss="ce", eot_iter=self.eot_iter, rho=self.rho, device=x.device,
-                            is_tf_model=True, logger=_logger())
-        return attack.perturb(x, y)
+        attack = ResumableAPGD(oracle, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts, eps=self.eps,
+                               seed=self.seed, loss="ce", eot_iter=self.eot_iter, rho=self.rho, device=x.device,
+                               is_tf_model=True, logger=_logger())
+        return attack.perturb(x, y, resume=resume, checkpoint=checkpoint)
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

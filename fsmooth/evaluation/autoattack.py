@@ -30,7 +30,7 @@ from pyautoattack import checks as aa_checks
 from .._machine import machines_with
 from .attacks import AA_LOGGER, set_apgd_iterations
 from .resumable import Checkpoint
-from .resumable_library import ResumableFAB, ResumableSquare
+from .resumable_library import ResumableAPGD, ResumableAPGDT, ResumableFAB, ResumableSquare
 from .store import json_value, rng_state, set_rng_state
 
 _log = logging.getLogger(__name__)
@@ -139,15 +139,16 @@ def autoattack_settings(aa: AutoAttack) -> dict:
 
 def _perturb(aa: AutoAttack, attack: str, x: torch.Tensor, y: torch.Tensor, *, resume=None,
              checkpoint=None) -> torch.Tensor:
-    """One attack of ``run_standard_evaluation`` on one batch, set up as it sets it up. Square and FAB-T
-    (:mod:`fsmooth.evaluation.resumable_library`) take ``resume`` and ``checkpoint``; the others run whole."""
+    """One attack of ``run_standard_evaluation`` on one batch, set up as it sets it up. APGD, APGD-T, Square
+    and FAB-T (:mod:`fsmooth.evaluation.resumable_library`) take ``resume`` and ``checkpoint``; untargeted FAB
+    runs whole."""
     if attack in ("apgd-ce", "apgd-dlr"):
         aa.apgd.loss = "ce" if attack == "apgd-ce" else "dlr"
         aa.apgd.seed = aa.get_seed()
-        return aa.apgd.perturb(x, y)
+        return aa.apgd.perturb(x, y, resume=resume, checkpoint=checkpoint)
     if attack == "apgd-t":
         aa.apgd_targeted.seed = aa.get_seed()
-        return aa.apgd_targeted.perturb(x, y)
+        return aa.apgd_targeted.perturb(x, y, resume=resume, checkpoint=checkpoint)
     if attack in ("fab", "fab-t"):
         aa.fab.targeted = attack == "fab-t"
         if aa.fab.targeted:
@@ -182,11 +183,16 @@ def run_autoattack(aa: AutoAttack, x: torch.Tensor, y: torch.Tensor, *, batch_si
 
     The points are those of ``aa.run_standard_evaluation(x, y, batch_size=batch_size)``. ``progress`` (a
     :class:`~fsmooth.evaluation.store.ChunkProgress`, or ``None``) keeps the work after the clean pass, after
-    each attack, after each batch of an attack, and inside Square (between queries) and FAB-T (between target
-    classes) every :data:`~fsmooth.evaluation.resumable.SAVE_EVERY_S` seconds; a run that finds work saved by
-    the same AutoAttack on the same images goes on from there, with the random state it was saved with.
-    ``aa.square`` and ``aa.fab`` are replaced by their resumable copies (same settings, same points).
+    each attack, after each batch of an attack, and inside APGD and APGD-T (between iterations), Square
+    (between queries) and FAB-T (between target classes) every :data:`~fsmooth.evaluation.resumable.SAVE_EVERY_S`
+    seconds; a run that finds work saved by the same AutoAttack on the same images goes on from there, with the
+    random state it was saved with. ``aa.apgd``, ``aa.apgd_targeted``, ``aa.square`` and ``aa.fab`` are replaced
+    by their resumable copies (same settings, same points).
     """
+    if not isinstance(aa.apgd, ResumableAPGD):
+        aa.apgd = ResumableAPGD.like(aa.apgd)  # the library's APGD, able to stop between iterations
+    if not isinstance(aa.apgd_targeted, ResumableAPGDT):
+        aa.apgd_targeted = ResumableAPGDT.like(aa.apgd_targeted)
     if not isinstance(aa.square, ResumableSquare):
         aa.square = ResumableSquare.like(aa.square)  # the library's Square, able to stop between queries
     if not isinstance(aa.fab, ResumableFAB):

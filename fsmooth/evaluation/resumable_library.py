@@ -1,22 +1,29 @@
-"""pyautoattack's Square and FAB-T attacks, able to stop part-way and go on later with the same points.
+"""pyautoattack's APGD, APGD-T, Square and FAB-T attacks, able to stop part-way and go on with the same points.
 
-Square's 5,000 queries are each a forward through the defense for every image not yet fooled, and FAB-T runs
-100 iterations for each of 9 target classes: on one CPU core a chunk takes hours, on a GPU more than a device
-call. :class:`ResumableSquare` runs the library's L-inf loop (pyautoattack 0.2.0's ``SquareAttack.perturb`` and
+Square's 5,000 queries are each a forward through the defense for every image not yet fooled, FAB-T runs
+100 iterations for each of 9 target classes, and APGD with 20 EOT draws (AutoAttack rand) makes 2,000 defended
+passes per restart: on one CPU core a chunk takes hours, on a GPU more than a device call.
+:class:`ResumableSquare` runs the library's L-inf loop (pyautoattack 0.2.0's ``SquareAttack.perturb`` and
 ``attack_single_run``) draw for draw and hands its state to a ``checkpoint`` before each query;
-:class:`ResumableFAB` runs ``FABAttack.perturb``'s targeted loop and does so before each target class. ``resume``
-goes on from such a state (the caller restores the global random state saved with it: the attacks and the
-defense's noise draw from it). The points equal the library's (``tests/test_evaluation_resumable_library.py``).
+:class:`ResumableFAB` runs ``FABAttack.perturb``'s targeted loop and does so before each target class;
+:class:`ResumableAPGD` and :class:`ResumableAPGDT` run ``APGDAttack.perturb``'s restarts (``APGDAttack_targeted``'s
+target classes and restarts) and ``attack_single_run``'s L-inf loop, and do so before each restart and each
+iteration. ``resume`` goes on from such a state (the caller restores the global random state saved with it:
+the attacks and the defense's noise draw from it). The points equal the library's
+(``tests/test_evaluation_resumable_library.py``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
+from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+from pyautoattack.checks import check_zero_gradients
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
-__all__ = ["ResumableFAB", "ResumableSquare"]
+__all__ = ["ResumableAPGD", "ResumableAPGDT", "ResumableFAB", "ResumableSquare"]
 
 
 class _Like:
@@ -194,6 +201,223 @@ class ResumableFAB(_Like, FABAttack_PT):
                     ind_curr = (acc_curr == 0).nonzero().squeeze()
                     acc[ind_to_fool[ind_curr]] = 0
                     adv[ind_to_fool[ind_curr]] = adv_curr[ind_curr].clone()
+        return adv
+
+
+# attack_single_run's state at the start of an iteration (its other tensors only record the run's history)
+# ("acc_run": the run's own flags; "acc" is the restart loop's, saved beside them)
+_APGD_RUN_TENSORS = ("x_adv", "x_adv_old", "grad", "grad_best", "x_best", "x_best_adv", "loss_best", "acc_run",
+                     "step_size", "loss_steps", "loss_best_last_check", "reduced_last_check")
+
+
+class _ResumableAPGDRun:
+    """``APGDAttack.attack_single_run``'s L-inf branch (its printing and its unread step records left out),
+    saving its state before each iteration; shared by :class:`ResumableAPGD` and :class:`ResumableAPGDT`."""
+
+    def _runs_whole(self, y, best_loss, x_init) -> bool:
+        return (self.norm != "Linf" or best_loss or x_init is not None or self.use_largereps or y is None
+                or y.dim() == 0)
+
+    def _predict(self, x):
+        return self.model.predict(x) if self.is_tf_model else self.model(x)
+
+    def _criterion(self):
+        if self.is_tf_model:
+            table = {"ce": "get_logits_loss_grad_xent", "dlr": "get_logits_loss_grad_dlr",
+                     "dlr-targeted": "get_logits_loss_grad_target"}
+            return getattr(self.model, table[self.loss])
+        if self.loss == "ce":
+            return lambda logits, y: F.cross_entropy(logits, y, reduction="none")
+        return self.dlr_loss if self.loss == "dlr" else self.dlr_loss_targeted
+
+    def _eot_gradient(self, x_adv, y, criterion):
+        """The library's EOT loop: the logits and losses of the last draw, and the mean input gradient."""
+        x_adv.requires_grad_()
+        grad = torch.zeros_like(x_adv)
+        for _ in range(self.eot_iter):
+            if not self.is_tf_model:
+                with torch.enable_grad():
+                    logits = self.model(x_adv)
+                    loss_indiv = criterion(logits, y)
+                    loss = loss_indiv.sum()
+                grad += torch.autograd.grad(loss, [x_adv])[0].detach()
+            else:
+                args = (x_adv, y) if self.y_target is None else (x_adv, y, self.y_target)
+                logits, loss_indiv, grad_curr = criterion(*args)
+                grad += grad_curr
+        grad /= float(self.eot_iter)
+        return logits, loss_indiv, grad
+
+    def _linf_run(self, x, y, resume, checkpoint):
+        """``(x_best, acc, loss_best, x_best_adv)`` as ``attack_single_run`` returns them; ``checkpoint`` is
+        called before each iteration, ``resume`` (a state it saved) goes on from there."""
+        criterion = self._criterion()
+        if resume is None:
+            t = 2 * torch.rand(x.shape).to(self.device).detach() - 1
+            x_adv = (x + self.eps * torch.ones_like(x).detach() * self.normalize(t)).clamp(0., 1.)
+            x_best, x_best_adv = x_adv.clone(), x_adv.clone()
+            loss_steps = torch.zeros([self.n_iter, x.shape[0]]).to(self.device)
+            logits, loss_indiv, grad = self._eot_gradient(x_adv, y, criterion)
+            grad_best = grad.clone()
+            if self.loss in ("dlr", "dlr-targeted"):
+                check_zero_gradients(grad, logger=self.logger)
+            acc = logits.detach().max(1)[1] == y
+            loss_best = loss_indiv.detach().clone()
+            step_size = 2. * self.eps * torch.ones([x.shape[0], *([1] * self.ndims)]).to(self.device).detach()
+            x_adv_old = x_adv.clone()
+            k, counter3, first = self.n_iter_2 + 0, 0, 0
+            loss_best_last_check = loss_best.clone()
+            reduced_last_check = torch.ones_like(loss_best)
+        else:
+            tensors, meta = resume
+            (x_adv, x_adv_old, grad, grad_best, x_best, x_best_adv, loss_best, acc, step_size, loss_steps,
+             loss_best_last_check, reduced_last_check) = (tensors[name].to(self.device) for name in _APGD_RUN_TENSORS)
+            k, counter3, first = meta["k"], meta["counter3"], meta["iter"]
+        for i in range(first, self.n_iter):
+            if checkpoint is not None:
+                values = (x_adv, x_adv_old, grad, grad_best, x_best, x_best_adv, loss_best, acc, step_size,
+                          loss_steps, loss_best_last_check, reduced_last_check)
+                checkpoint(lambda values=values, i=i, k=k, counter3=counter3: (
+                    {name: v.detach() for name, v in zip(_APGD_RUN_TENSORS, values)},
+                    {"iter": i, "k": k, "counter3": counter3}))
+            with torch.no_grad():
+                x_adv = x_adv.detach()
+                grad2 = x_adv - x_adv_old
+                x_adv_old = x_adv.clone()
+                a = 0.75 if i > 0 else 1.0
+                x_adv_1 = x_adv + step_size * torch.sign(grad)
+                x_adv_1 = torch.clamp(torch.min(torch.max(x_adv_1, x - self.eps), x + self.eps), 0.0, 1.0)
+                x_adv_1 = torch.clamp(torch.min(torch.max(x_adv + (x_adv_1 - x_adv) * a + grad2 * (1 - a),
+                                                          x - self.eps), x + self.eps), 0.0, 1.0)
+                x_adv = x_adv_1 + 0.
+            logits, loss_indiv, grad = self._eot_gradient(x_adv, y, criterion)
+            pred = logits.detach().max(1)[1] == y
+            acc = torch.min(acc, pred)
+            ind_pred = (pred == 0).nonzero().squeeze()
+            x_best_adv[ind_pred] = x_adv[ind_pred] + 0.
+            with torch.no_grad():
+                y1 = loss_indiv.detach().clone()
+                loss_steps[i] = y1 + 0
+                ind = (y1 > loss_best).nonzero().squeeze()
+                x_best[ind] = x_adv[ind].clone()
+                grad_best[ind] = grad[ind].clone()
+                loss_best[ind] = y1[ind] + 0
+                counter3 += 1
+                if counter3 == k:
+                    fl_oscillation = self.check_oscillation(loss_steps, i, k, loss_best, k3=self.thr_decr)
+                    fl_reduce_no_impr = (1. - reduced_last_check) * (loss_best_last_check >= loss_best).float()
+                    fl_oscillation = torch.max(fl_oscillation, fl_reduce_no_impr)
+                    reduced_last_check = fl_oscillation.clone()
+                    loss_best_last_check = loss_best.clone()
+                    if fl_oscillation.sum() > 0:
+                        ind_fl_osc = (fl_oscillation > 0).nonzero().squeeze()
+                        step_size[ind_fl_osc] /= 2.0
+                        x_adv[ind_fl_osc] = x_best[ind_fl_osc].clone()
+                        grad[ind_fl_osc] = grad_best[ind_fl_osc].clone()
+                    k = max(k - self.size_decr, self.n_iter_min)
+                    counter3 = 0
+        return x_best, acc, loss_best, x_best_adv
+
+    def _start(self, x, y, resume):
+        """The restart loop's starting state: ``(x, y, adv, acc, where it resumes or None)``."""
+        self.init_hyperparam(x)
+        x = x.detach().clone().float().to(self.device)
+        if resume is None:
+            y_pred = self._predict(x).max(1)[1]
+            y = y.detach().clone().long().to(self.device)
+            adv, acc = x.clone(), y_pred == y
+            torch.random.manual_seed(self.seed)
+            torch.cuda.random.manual_seed(self.seed)
+            return x, y, adv, acc, None
+        tensors, meta = resume
+        y = y.detach().clone().long().to(self.device)
+        return x, y, tensors["adv"].to(self.device, x.dtype), tensors["acc"].to(self.device), meta
+
+    def _restart(self, x, y, adv, acc, where, resume, checkpoint, before_run=None):
+        """One restart on the images ``acc`` still counts robust (``where``: its place in the loops, saved with
+        each state); updates ``adv`` and ``acc`` in place. ``before_run(x_to_fool)`` sets up a fresh run (APGD-T's
+        target labels) and returns the extra tensors to save with its states."""
+        if checkpoint is not None:
+            checkpoint(lambda: ({"adv": adv, "acc": acc}, {**where, "iter": None}))
+        ind_to_fool = _to_fool(acc)
+        if ind_to_fool is None:
+            return
+        x_to_fool, y_to_fool = x[ind_to_fool].clone(), y[ind_to_fool].clone()
+        run_resume = None
+        if resume is not None and resume[1].get("iter") is not None:
+            run_resume = resume
+            extra = {k: v.to(self.device) for k, v in resume[0].items() if k == "y_target"}
+        else:
+            extra = before_run(x_to_fool) if before_run is not None else {}
+        if "y_target" in extra:
+            self.y_target = extra["y_target"]
+
+        def with_outer(make):  # a run's state, with the restart loop's around it
+            tensors, meta = make()
+            return {**tensors, **extra, "adv": adv, "acc": acc}, {**meta, **where}
+
+        inner = None if checkpoint is None else (lambda make: checkpoint(lambda: with_outer(make)))
+        _, acc_curr, _, adv_curr = self._linf_run(x_to_fool, y_to_fool, run_resume, inner)
+        ind_curr = (acc_curr == 0).nonzero().squeeze()
+        acc[ind_to_fool[ind_curr]] = 0
+        adv[ind_to_fool[ind_curr]] = adv_curr[ind_curr].clone()
+
+
+class ResumableAPGD(_Like, _ResumableAPGDRun, APGDAttack):
+    """:class:`pyautoattack.autopgd_base.APGDAttack` (APGD-CE, APGD-DLR) whose L-inf ``perturb`` can save and
+    resume.
+
+    ``perturb(x, y, resume=None, checkpoint=None)``: ``checkpoint(make_state)`` is called before each restart
+    and each iteration; ``resume`` is such a state, from which the run goes on (the caller restores the global
+    random state saved with it). Other norms, ``best_loss``, ``x_init``, the large-eps schedule and ``y=None``
+    are the library's whole run: ``checkpoint`` is not called, and ``resume`` is refused.
+    """
+
+    _library = APGDAttack
+
+    def perturb(self, x, y=None, best_loss=False, x_init=None, *, resume=None, checkpoint=None):
+        if self._runs_whole(y, best_loss, x_init):
+            if resume is not None:
+                raise ValueError("only the L-inf APGD attack with labels y, without best_loss, x_init or the "
+                                 "large-eps schedule, can resume")
+            return super().perturb(x, y, best_loss=best_loss, x_init=x_init)
+        if self.loss not in ("ce", "dlr"):
+            raise ValueError(f"APGD's loss must be 'ce' or 'dlr', got {self.loss!r}")
+        x, y, adv, acc, at = self._start(x, y, resume)
+        for counter in range(at["restart"] if at else 0, self.n_restarts):
+            self._restart(x, y, adv, acc, {"restart": counter}, resume, checkpoint)
+            resume = None
+        return adv
+
+
+class ResumableAPGDT(_Like, _ResumableAPGDRun, APGDAttack_targeted):
+    """:class:`pyautoattack.autopgd_base.APGDAttack_targeted` (APGD-T) whose L-inf ``perturb`` can save and
+    resume, before each target class, restart and iteration (as :class:`ResumableAPGD`)."""
+
+    _library = APGDAttack_targeted
+
+    def perturb(self, x, y=None, x_init=None, *, resume=None, checkpoint=None):
+        if self._runs_whole(y, False, x_init):
+            if resume is not None:
+                raise ValueError("only the L-inf APGD-T attack with labels y, without x_init or the large-eps "
+                                 "schedule, can resume")
+            return super().perturb(x, y, x_init=x_init)
+        if self.loss != "dlr-targeted":
+            raise ValueError(f"APGD-T's loss must be 'dlr-targeted', got {self.loss!r}")
+        x, y, adv, acc, at = self._start(x, y, resume)
+
+        def targets(target_class):
+            def before_run(x_to_fool):  # the library's choice of target: the target_class-th most likely class
+                return {"y_target": self._predict(x_to_fool).sort(dim=1)[1][:, -target_class]}
+            return before_run
+
+        for target_class in range(2, self.n_target_classes + 2):
+            for counter in range(self.n_restarts):
+                if at is not None and (target_class, counter) < (at["target_class"], at["restart"]):
+                    continue
+                self._restart(x, y, adv, acc, {"target_class": target_class, "restart": counter}, resume,
+                              checkpoint, targets(target_class))
+                resume = None
         return adv
 
 
