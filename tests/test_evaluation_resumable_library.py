@@ -97,6 +97,15 @@ def test_what_cannot_resume_runs_whole_and_refuses_a_resume(setup):
         ResumableSquare.like(lib).perturb(x, y, resume=({}, {}))
 
 
+def _agrees_with_library(lib, resumable, x, y):
+    """``lib``'s points from seed 0, once ``resumable``'s copy of it has drawn the same ones from the same seed."""
+    torch.manual_seed(0)
+    expected = lib.perturb(x, y)
+    torch.manual_seed(0)
+    assert torch.equal(resumable.like(lib).perturb(x, y), expected)
+    return expected
+
+
 def _fab(model, n_target_classes=3, n_iter=6, seed=2):
     # AutoAttack's own FAB (pyautoattack.AutoAttack builds it so), made FAB-T as run_standard_evaluation does.
     fab = FABAttack_PT(model, n_restarts=5, n_iter=n_iter, eps=EPS, seed=seed, norm="Linf", verbose=False,
@@ -108,11 +117,7 @@ def _fab(model, n_target_classes=3, n_iter=6, seed=2):
 def test_fab_t_points_are_the_librarys(setup):
     model, x, y = setup
     lib = _fab(model)
-    torch.manual_seed(0)
-    expected = lib.perturb(x, y)
-    torch.manual_seed(0)
-    got = ResumableFAB.like(lib).perturb(x, y)
-    assert torch.equal(got, expected)
+    expected = _agrees_with_library(lib, ResumableFAB, x, y)
     fooled = (model.net(expected).argmax(1) != y).sum().item()
     assert 0 < fooled < len(y)                                   # some fooled, some survived every target
     lib.targeted = False                                         # untargeted FAB: the library's own run
@@ -188,12 +193,7 @@ APGD_CASES = [  # (make, resumable class, settings): CE and DLR, restarts, EOT d
 @pytest.mark.parametrize("make, resumable, settings", APGD_CASES)
 def test_apgd_points_are_the_librarys(setup, make, resumable, settings):
     model, x, y = setup
-    lib = make(model, eps=4 / 255, **settings)
-    torch.manual_seed(0)
-    expected = lib.perturb(x, y)
-    torch.manual_seed(0)
-    got = resumable.like(lib).perturb(x, y)
-    assert torch.equal(got, expected)
+    expected = _agrees_with_library(make(model, eps=4 / 255, **settings), resumable, x, y)
     fooled = (model.net(expected).argmax(1) != y).sum().item()
     assert 0 < fooled < len(y)                                   # some fooled, some survived
     assert (expected - x).abs().amax() <= 4 / 255 + 1e-6
