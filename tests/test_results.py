@@ -3,11 +3,15 @@ hand comes from a committed report (``python results/make_results.py --check``).
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import warnings
 from pathlib import Path
 
 import pytest
+
+from fsmooth.evaluation.report import markdown
+from fsmooth.evaluation.summary import summarize
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -86,11 +90,10 @@ def test_make_results_writes_what_check_then_accepts(make_results, copied):
 
 def test_a_report_whose_device_text_named_torch_names_it_once():
     """fs-rand-mixed's report.json was written while the device text still carried torch's version."""
-    import json
-
-    from fsmooth.evaluation.report import markdown
-
-    report = json.loads((ROOT / "results" / "eval" / "fs-rand-mixed" / "report.json").read_text())
+    folder = ROOT / "results" / "eval" / "fs-rand-mixed"
+    report = json.loads((folder / "report.json").read_text())
     assert "torch" in report["info"]["environment"]["device"]
     header = markdown(report).splitlines()[2]
     assert header.count("torch ") == 1 and "(AVX512, 1 threads), torch 2.14.1" in header
+    devices = {c["device"] for c in summarize([folder])["clean"]}
+    assert devices == {"Intel(R) Xeon(R) Processor (AVX512, 1 threads)"}   # the cost table's device column

@@ -155,8 +155,7 @@ def _budget_text(budget: dict) -> str:
 def markdown(report: dict) -> str:
     info = report["info"]
     env = info["environment"]
-    # from the machine record where there is one (an older report's "device" text also named torch's version)
-    device = machine_text(env["machine"], versions=False) if env.get("machine") else env["device"]
+    device = device_text(env)
     lines = [f"# Robustness evaluation ({info.get('dataset', 'dataset not recorded')})", "",
              f"n = {info['n']}, seed {info['seed']}, protocols {', '.join(info['protocols'])}, "
              f"{info['started']} - {info['finished']}, {device}, torch {env['torch']}, "
@@ -225,6 +224,13 @@ def markdown(report: dict) -> str:
     if not grouped:
         lines.append("- none")
     return "\n".join(lines) + "\n"
+
+
+def device_text(environment: dict) -> str:
+    """A report's machine in words, from its machine record where it has one (an older report's ``device`` text
+    also named torch's version, which the report names on its own)."""
+    m = environment.get("machine")
+    return machine_text(m, versions=False) if m else environment["device"]
 
 
 def machine_text(m: dict | None, versions: bool = True) -> str:

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from .protocols import Setting
+from .report import device_text
 from .scoring import accuracy_summary
 
 __all__ = ["summarize", "summary_markdown"]
@@ -76,7 +77,7 @@ def summarize(folders, names: dict | None = None) -> dict:
             raise ValueError(f"two different models are both named {model!r} ({folder}); name them apart")
         known["reports"].append(str(folder))
         source = {"report": str(folder), "command": info.get("command"), "dataset": info.get("dataset"),
-                  "device": info["environment"]["device"]}
+                  "device": device_text(info["environment"])}
         for s in report["settings"]:
             setting = Setting(s["target"], s["outer_loops"], s["eps"])
             robust = tensors[f"robust/{setting.id}"].bool()
