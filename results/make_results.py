@@ -226,8 +226,10 @@ def outputs(res: dict, readme_text: str | None = None) -> dict[Path, str]:
                for j in sorted((RESULTS / "eval").rglob("report.json"))}}
 
 
-# "81.3% [78.8, 83.6]" or "81.25 [78.80, 83.60]": an accuracy with its 95% interval, in prose or a report.
-INTERVAL = re.compile(r"(?<![\d.])(\d+(?:\.\d+)?)%? ?\[(\d+(?:\.\d+)?), ?(\d+(?:\.\d+)?)\]")
+# "81.3% [78.8, 83.6]" or "81.25 [78.80, 83.60]": an accuracy with its 95% interval, in prose or a report (a
+# quote may wrap across lines: any white space around the %, the bracket and the comma).
+_NUMBER = r"(\d+(?:\.\d+)?)\s*%?\s*"
+INTERVAL = re.compile(rf"(?<![\d.]){_NUMBER}\[\s*{_NUMBER},\s*{_NUMBER}\]")
 # The hand-written texts whose quoted intervals must come from a committed report.
 PROSE = ("README.md", "results/README.md", "results/PLAN.md")
 
@@ -242,11 +244,13 @@ def _decimals(number: str) -> int:
 
 def unsourced(prose: str, evidence: str) -> list[str]:
     """Each "a% [lo, hi]" in ``prose`` that no "a [lo, hi]" of ``evidence`` rounds to (all three numbers to
-    the prose's decimals, allowing for the evidence's own rounding to two decimals)."""
+    the prose's decimals, allowing for the evidence's own rounding to two decimals: a quote with two decimals
+    must be the evidence's exactly). It checks that a quote can be found in a report, not that it is quoted
+    for the right setting: an interval like "0.0 [0.0, 3.7]" is in many."""
     found = [tuple(float(v) for v in t) for t in _triples(evidence)]
     missing = []
     for t in _triples(prose):
-        tol = [0.5 * 10 ** -_decimals(v) + 0.005 + 1e-9 for v in t]
+        tol = [0.5 * 10 ** -_decimals(v) + (0.005 if _decimals(v) < 2 else 0.0) + 1e-9 for v in t]
         vals = [float(v) for v in t]
         if not any(all(abs(e - v) <= d for e, v, d in zip(ev, vals, tol)) for ev in found):
             missing.append(f"{t[0]}% [{t[1]}, {t[2]}]")

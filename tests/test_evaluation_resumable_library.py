@@ -41,9 +41,10 @@ def test_the_points_are_the_librarys(setup, n_restarts):
     assert (expected - x).abs().amax() <= EPS + 1e-6
 
 
-def _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved):
-    """Run killed at ``model``'s call ``limit``, then resumed from its last save with that save's random state:
-    ``(points, saved meta)``, or ``None`` when it was killed before anything was saved."""
+def _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved, fresh=None):
+    """Run killed at ``model``'s call ``limit``, then resumed from its last save with that save's random state
+    (by ``fresh()``, a new attack as a new process would build it, when given): ``(points, saved meta)``, or
+    ``None`` when it was killed before anything was saved."""
     saved.clear()
     model.limit, model.calls = limit, 0
     torch.manual_seed(0)
@@ -55,7 +56,7 @@ def _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved):
     tensors, meta, rng = saved[-1]
     torch.set_rng_state(rng)
     model.calls = 0
-    return attack.perturb(x, y, resume=(tensors, meta)), meta
+    return (fresh() if fresh else attack).perturb(x, y, resume=(tensors, meta)), meta
 
 
 @pytest.mark.parametrize("n_restarts", [1, 2])
@@ -202,7 +203,11 @@ def test_apgd_points_are_the_librarys(setup, make, resumable, settings):
 @pytest.mark.parametrize("make, resumable, settings", APGD_CASES)
 def test_apgd_killed_part_way_goes_on_with_the_same_points(setup, make, resumable, settings):
     model, x, y = setup
-    attack = resumable.like(make(model, eps=3 / 255, **settings))  # later restarts and targets have work
+
+    def fresh():  # nothing carried over from the killed run's attack object (APGD-T's y_target, say)
+        return resumable.like(make(model, eps=3 / 255, **settings))  # later restarts and targets have work
+
+    attack = fresh()
     saved, calls_at = [], []
 
     def checkpoint(make_state):
@@ -222,7 +227,7 @@ def test_apgd_killed_part_way_goes_on_with_the_same_points(setup, make, resumabl
     assert 0 < last["acc"].sum() < len(y) or len(places) == 1  # the last restart (or target) attacks some
     for limit in (3, total // 3, total // 2, total - 4, total - 1):
         calls_at.clear()
-        resumed, meta = _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved)
+        resumed, meta = _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved, fresh)
         assert torch.equal(resumed, straight), (limit, meta)
         # The resumed run makes exactly the calls the straight run made after that save: nothing done twice,
         # nothing extra.

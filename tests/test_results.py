@@ -42,6 +42,10 @@ def test_committed_results_are_current_and_every_quoted_interval_has_a_report(ma
     ("2.5% [1.1, 5.7] in all runs", ["2.5% [1.1, 5.7]"]),        # worked out by hand: in no report
     ("0.5% [0.1, 2.8] (n = 200), 81% [79, 84]", []),           # fewer decimals in prose
     ("no intervals here: 85.54% and [1, 2]", []),
+    ("81.3%\n  [78.8, 83.6], wrapped", []),                  # a quote wrapped across lines is checked
+    ("81.3%\n  [99.9, 83.6]", ["81.3% [99.9, 83.6]"]),
+    ("81.3 % [78.8 , 83.7]", ["81.3% [78.8, 83.7]"]),         # spaced out
+    ("81.26 [78.80, 83.60]", ["81.26% [78.80, 83.60]"]),      # two decimals: the report's exactly
 ])
 def test_unsourced_finds_each_interval_no_report_states(make_results, prose, missing):
     evidence = "| 81.25 [78.80, 83.60] | 0.50 [0.09, 2.78] |"

@@ -28,7 +28,10 @@ SAVE_EVERY_S = 60.0  # between saves of an attack's state: a few MB each, neglig
 
 class Checkpoint:
     """What a resumable attack calls before each step: ``checkpoint(make_state)`` saves ``make_state()`` through
-    ``save`` once :data:`SAVE_EVERY_S` seconds have passed since the last save (:meth:`save` saves at once)."""
+    ``save`` once :data:`SAVE_EVERY_S` seconds have passed since the last save (:meth:`save` saves at once).
+
+    ``make_state()`` hands over the attack's own tensors, not copies, which the attack goes on changing in
+    place: a checkpoint must serialise them before it returns (``save`` writes them at once)."""
 
     def __init__(self, save):
         self._save, self._last = save, time.perf_counter()
