@@ -207,17 +207,21 @@ def tables(res: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def outputs(res: dict, readme_text: str | None = None) -> dict[Path, str]:
+def _around_tables(text: str, name: str) -> tuple[str, str]:
+    """The hand-written text before and after the generated tables' markers."""
+    if BEGIN not in text or END not in text:
+        raise SystemExit(f"{name} lacks the {BEGIN} / {END} markers")
+    head, rest = text.split(BEGIN, 1)
+    return head, rest.split(END, 1)[1]
+
+
+def outputs(res: dict) -> dict[Path, str]:
     """The files ``res`` makes, by path: summary.md, results.json and results/README.md (its text between
-    the markers replaced; ``readme_text`` is the README as it stands, read from disk when not given), and
-    every report's ``report.md`` rendered again from its ``report.json`` by today's renderer."""
+    the markers replaced), and every report's ``report.md`` rendered again from its ``report.json`` by today's
+    renderer."""
     readme = RESULTS / "README.md"
-    if readme_text is None:
-        readme_text = readme.read_text() if readme.exists() else f"# CPU reproduction\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in readme_text or END not in readme_text:
-        raise SystemExit(f"{readme} lacks the {BEGIN} / {END} markers")
-    head, rest = readme_text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    text = readme.read_text() if readme.exists() else f"# CPU reproduction\n\n{BEGIN}\n{END}\n"
+    head, tail = _around_tables(text, str(readme))
     return {RESULTS / "summary.md": "# All ten classes\n\n" + summary_markdown(res["ten_classes"]["summary"])
             + "\n# Airplanes only (superseded)\n\n" + summary_markdown(res["airplanes_only"]["summary"]),
             RESULTS / "results.json": json_text(res),
@@ -234,10 +238,6 @@ INTERVAL = re.compile(rf"(?<![\d.]){_NUMBER}\[\s*{_NUMBER},\s*{_NUMBER}\]")
 PROSE = ("README.md", "results/README.md", "results/PLAN.md")
 
 
-def _triples(text: str) -> list[tuple[str, str, str]]:
-    return INTERVAL.findall(text)
-
-
 def _decimals(number: str) -> int:
     return len(number.split(".")[1]) if "." in number else 0
 
@@ -247,9 +247,9 @@ def unsourced(prose: str, evidence: str) -> list[str]:
     the prose's decimals, allowing for the evidence's own rounding to two decimals: a quote with two decimals
     must be the evidence's exactly). It checks that a quote can be found in a report, not that it is quoted
     for the right setting: an interval like "0.0 [0.0, 3.7]" is in many."""
-    found = [tuple(float(v) for v in t) for t in _triples(evidence)]
+    found = [tuple(float(v) for v in t) for t in INTERVAL.findall(evidence)]
     missing = []
-    for t in _triples(prose):
+    for t in INTERVAL.findall(prose):
         tol = [0.5 * 10 ** -_decimals(v) + (0.005 if _decimals(v) < 2 else 0.0) + 1e-9 for v in t]
         vals = [float(v) for v in t]
         if not any(all(abs(e - v) <= d for e, v, d in zip(ev, vals, tol)) for ev in found):
@@ -260,23 +260,22 @@ def unsourced(prose: str, evidence: str) -> list[str]:
 def check() -> list[str]:
     """What is out of date or unsourced: each generated file (``outputs``) that differs from what the committed
     reports make now (the generation time aside), and each interval quoted in the hand-written texts (``PROSE``,
-    outside the generated tables) that no committed report (``report.md``) or ``summary.md`` states."""
+    outside the generated tables) that no report (``report.md``) or ``summary.md`` states."""
     problems = []
     committed = RESULTS / "results.json"
     res = build()
     if committed.is_file():
         res["generated_utc"] = json.loads(committed.read_text()).get("generated_utc")
-    for path, text in outputs(res).items():
+    made = outputs(res)
+    for path, text in made.items():
         if not path.is_file() or path.read_text() != text:
             problems.append(f"{path.relative_to(ROOT)} is not what the committed reports make: "
                             "run python results/make_results.py")
-    evidence = "\n".join(p.read_text() for p in sorted((RESULTS / "eval").rglob("report.md")))
-    evidence += (RESULTS / "summary.md").read_text() if (RESULTS / "summary.md").is_file() else ""
+    evidence = "\n".join(text for path, text in made.items() if path.name in ("report.md", "summary.md"))
     for name in PROSE:
         text = (ROOT / name).read_text()
-        if BEGIN in text and END in text:  # the generated tables are checked above
-            head, rest = text.split(BEGIN, 1)
-            text = head + rest.split(END, 1)[1]
+        if BEGIN in text:  # the generated tables are checked above
+            text = "".join(_around_tables(text, name))
         problems += [f"{name}: {q} is in no committed report" for q in unsourced(text, evidence)]
     return problems
 

@@ -405,18 +405,15 @@ class ResumableAPGDT(_Like, _ResumableAPGDRun, APGDAttack_targeted):
         if self.loss != "dlr-targeted":
             raise ValueError(f"APGD-T's loss must be 'dlr-targeted', got {self.loss!r}")
         x, y, adv, acc, at = self._start(x, y, resume)
-
-        def targets(target_class):
-            def before_run(x_to_fool):  # the library's choice of target: the target_class-th most likely class
-                return {"y_target": self._predict(x_to_fool).sort(dim=1)[1][:, -target_class]}
-            return before_run
-
         for target_class in range(2, self.n_target_classes + 2):
+            def pick(x_to_fool, t=target_class):  # the library's choice of target: the t-th most likely class
+                return {"y_target": self._predict(x_to_fool).sort(dim=1)[1][:, -t]}
+
             for counter in range(self.n_restarts):
                 if at is not None and (target_class, counter) < (at["target_class"], at["restart"]):
                     continue
                 self._restart(x, y, adv, acc, {"target_class": target_class, "restart": counter}, resume,
-                              checkpoint, targets(target_class))
+                              checkpoint, pick)
                 resume = None
         return adv
 
