@@ -4,19 +4,23 @@
 :func:`init_from_env` joins that process group (NCCL on ``cuda:LOCAL_RANK`` when
 CUDA is available, otherwise gloo). Before a group exists, :func:`env_ranks` reads
 the environment; once it does, :func:`rank_and_world` asks the group. An
-evaluation shards as rank r running chunks r, r + W, ...; every rank ends with
-the full merged results and rank 0 writes the report.
+evaluation shares its chunks out through :class:`Claims` (a rank that finishes
+early takes the next chunk); every rank ends with the full merged results and
+rank 0 writes the report.
 """
 from __future__ import annotations
 
+import itertools
 import os
+import warnings
+from collections.abc import Iterator
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 __all__ = ["env_ranks", "rank_and_world", "is_main_process", "init_from_env", "collective_timeout",
-           "all_gather_object", "barrier", "local_device"]
+           "all_gather_object", "barrier", "local_device", "Claims"]
 
 
 def env_ranks() -> tuple[int, int, int]:
@@ -96,3 +100,55 @@ def all_gather_object(obj) -> list:
 def barrier() -> None:
     if rank_and_world()[1] > 1:
         dist.barrier()
+
+
+_claim_rounds = itertools.count()  # one number per Claims made in this process: the same on every rank
+
+
+class Claims:
+    """Items ``0 .. n - 1`` shared out over the ranks, each to exactly one, as the ranks become free.
+
+    Iterating yields this rank's items: in a process group the ranks draw from one counter in the group's
+    store (an atomic add), so a rank that finishes early takes the next item instead of idling while another
+    works through a slow one (the fixed shares r, r + W, ... left one of two cores idle for an hour when one
+    chunk's images survived an attack much longer than the other's). Every rank must make its ``Claims``
+    with the same ``n``, in the same order. Without a group: every item, in order. Where the group's store
+    cannot be used: the fixed shares, with a warning. :meth:`done` counts the items finished (marked with
+    :meth:`finish`) on all ranks, for a progress bar.
+    """
+
+    def __init__(self, n: int):
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.n = n
+        self.rank, self.world = rank_and_world()
+        self._store = None
+        self._finished = 0
+        if self.world > 1:
+            key = f"fsmooth/claims/{next(_claim_rounds)}/{n}"
+            try:
+                from torch.distributed.distributed_c10d import _get_default_store
+                self._store = _get_default_store()
+            except (ImportError, RuntimeError, ValueError) as e:
+                warnings.warn(f"the process group's store is not usable ({e}): each rank takes the fixed share "
+                              "r, r + W, ... of the items", RuntimeWarning, stacklevel=2)
+            self._next_key, self._done_key = key + "/next", key + "/done"
+
+    def __iter__(self) -> Iterator[int]:
+        if self.world == 1:
+            yield from range(self.n)
+        elif self._store is None:
+            yield from range(self.rank, self.n, self.world)
+        else:
+            while (item := self._store.add(self._next_key, 1) - 1) < self.n:
+                yield item
+
+    def finish(self) -> None:
+        """Count one item of this rank's as finished."""
+        if self._store is not None:
+            self._store.add(self._done_key, 1)
+        self._finished += 1
+
+    def done(self) -> int:
+        """Items finished on all ranks (this rank's alone with the fixed shares)."""
+        return self._store.add(self._done_key, 0) if self._store is not None else self._finished

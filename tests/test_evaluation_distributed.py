@@ -49,7 +49,7 @@ def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
     assert ranks[0]["summary"] == expected and ranks[1]["summary"] == expected
     merged = json.loads((tmp_path / "sharded" / "report.json").read_text())
     assert merged["info"]["world_size"] == 2 and merged["info"]["n"] == 12
-    # Each rank ran its own chunks: 3 chunks of 4 images -> rank 0 has chunks 0 and 2, rank 1 chunk 1.
+    # Every chunk was run once, by whichever rank was free: 3 chunks of 4 images.
     folder = tmp_path / "sharded" / "state" / "defended_ol1_eps8_eot-pgd-ce"
     chunks = sorted(p.name for p in folder.glob("chunk?????.json"))
     assert chunks == ["chunk00000.json", "chunk00001.json", "chunk00002.json"]
@@ -127,3 +127,62 @@ def test_fsmooth_eval_waits_days_for_its_slowest_rank(monkeypatch):
     with pytest.raises(Joined) as got:
         cli.run(object())
     assert got.value.args[0] >= 7 * 24 * 3600
+
+
+def _claims_worker(rank, world, init_file, results):
+    import time
+    import warnings
+    import torch.distributed.distributed_c10d as c10d
+    from fsmooth.distributed import Claims
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        got = {}
+        for round_ in ("first", "second"):
+            claims, mine = Claims(12), []
+            for item in claims:
+                mine.append(item)
+                time.sleep(0.01 if rank == 0 else 0.4)  # rank 1's items are slow ones
+                claims.finish()
+            dist.barrier()
+            got[round_] = {"items": mine, "done": claims.done()}
+        got["empty"] = list(Claims(0))
+
+        def unusable():
+            raise RuntimeError("no store here")
+        c10d._get_default_store, kept = unusable, c10d._get_default_store
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got["fixed"] = list(Claims(5))
+        c10d._get_default_store = kept
+        got["warned"] = any("fixed share" in str(w.message) for w in caught)
+        with open(os.path.join(results, f"claims{rank}.json"), "w") as f:
+            json.dump(got, f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_a_rank_that_is_free_takes_the_next_chunk(tmp_path):
+    """Claims hands each item to exactly one rank, as the ranks become free: the fast rank takes most of
+    them (fixed shares would give each rank 6 of 12). Each Claims has a counter of its own, so a second
+    round starts again at item 0; where the group's store is unusable, the fixed shares, with a warning."""
+    mp.spawn(_claims_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"claims{r}.json").read_text()) for r in range(2)]
+    for round_ in ("first", "second"):
+        fast, slow = ranks[0][round_]["items"], ranks[1][round_]["items"]
+        assert sorted(fast + slow) == list(range(12)), (fast, slow)
+        assert fast == sorted(fast) and slow == sorted(slow)
+        assert len(fast) >= 9, (fast, slow)
+        assert ranks[0][round_]["done"] == ranks[1][round_]["done"] == 12
+    assert ranks[0]["empty"] == ranks[1]["empty"] == []
+    assert ranks[0]["fixed"] == [0, 2, 4] and ranks[1]["fixed"] == [1, 3] and ranks[0]["warned"]
+
+
+def test_claims_without_a_group_are_every_item_in_order():
+    from fsmooth.distributed import Claims
+    claims = Claims(4)
+    assert list(claims) == [0, 1, 2, 3] and list(Claims(0)) == []
+    claims.finish()
+    assert claims.done() == 1
+    with pytest.raises(ValueError, match="n must be"):
+        Claims(-1)

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._machine import machine
-from ..distributed import all_gather_object
+from ..distributed import Claims, all_gather_object
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
 from .protocols import Budget, RunSpec
@@ -201,11 +201,11 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
         raise ValueError("a rescore run, and only a rescore run, takes candidates")
     sources = sources or {}
     n_chunks = max(math.ceil(ctx.n / ctx.chunk_size), 1) if ctx.n else 0
-    mine = [c for c in range(n_chunks) if c % ctx.world == ctx.rank]
+    claims = Claims(n_chunks)  # this rank's chunks: whichever are next when it is free
     clf = ctx.classifier(spec.target, spec.outer_loops)
     local = {}
-    bar = tqdm(mine, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
-    for c in bar:
+    bar = tqdm(total=n_chunks, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
+    for c in claims:
         got = ctx.store.load(spec.run_id, c)
         if got is None and ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
             raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
@@ -231,6 +231,9 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
             ctx.store.save(spec.run_id, c, tensors, meta)
             got = (tensors, meta)
         local[c] = got
+        claims.finish()
+        bar.update(claims.done() - bar.n)
+    bar.close()
     if ctx.world > 1:
         merged = {}
         for part in all_gather_object(local):
