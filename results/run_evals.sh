@@ -95,6 +95,10 @@ case "${1:-}" in
         # every minute since 2026-11-27 and resumes there): each restart is 101 defended passes of 20 copies (the
         # EOT draws) of every image; later restarts and targets attack only the images still robust
         ev fs-eot-mixed "$FS" --protocol eot --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        # row 6 within reach of a CPU: the same folder, its K = 1 points scored through the defense at K = 10 (a
+        # transfer across K, which does not adapt to K: EOT-PGD through 10 defense runs costs 10 times the above)
+        ev fs-eot-mixed "$FS" --protocol eot-transfer --num-images 100 --eps 8 --outer-loops 1 10 --chunk-size 10 \
+            --batch-size 10
         ;;
     g)  # row 7's white-box part on CPU: the standard model with its own Active Defense (its calibration) under
         # queue f's EOT-PGD (CE, and targeted DLR), eps 8, n = 100 in chunks of 10 (the issue asks n >= 200, which

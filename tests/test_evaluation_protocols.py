@@ -517,3 +517,41 @@ def test_summarize_refuses_reports_taken_in_another_image_order(setup, tmp_path)
     assert summarize([tmp_path / "a", tmp_path / "a"])["clean"]
     with pytest.raises(ValueError, match="other images.*image order"):
         summarize([tmp_path / "a", tmp_path / "b"])
+
+
+def test_eot_transfer_attacks_the_first_k_and_scores_its_points_at_the_others():
+    specs = {s.run_id: s for s in plan(["eot-transfer"], (8 / 255, 16 / 255), (1, 10), tiny_budget())}
+    eot = {s.run_id: s for s in plan(["eot"], (8 / 255, 16 / 255), (1,), tiny_budget())}
+    attacks = sorted(r for r, s in specs.items() if s.kind == "attack")
+    assert attacks == sorted(r for r, s in eot.items() if s.kind == "attack")  # EOT-PGD through K = 1 only
+    for run_id in attacks:  # the eot protocol's own runs: an eot run's finished chunks serve both
+        assert specs[run_id].options == eot[run_id].options
+    for eps in (8, 16):
+        for loss in ("ce", "dlr-targeted"):
+            t = specs[f"defended/ol10/eps{eps}/eot-pgd-{loss}-from-ol1"]
+            assert (t.kind, t.threat, t.outer_loops) == ("transfer", "transfer", 10)
+            assert t.source == f"defended/ol1/eps{eps}/eot-pgd-{loss}"
+    assert not any(s.kind == "transfer" for s in plan(["eot-transfer"], (8 / 255,), (1,), tiny_budget()))
+
+
+def test_eot_transfer_reuses_an_eot_run_and_scores_its_points_at_k(setup, tmp_path):
+    """Run in the folder of a finished `eot` evaluation, eot-transfer adds the further K without attacking
+    again: the K = 1 chunks stay as they were, and each K = 2 row scores the K = 1 points."""
+    model, x, y = setup
+    kwargs = dict(eps=EPS, defense=TINY_DEFENSE, budget=tiny_budget(), chunk_size=4, batch_size=4, quiet=True,
+                  defended_factory=tiny_factory, seed=5, out=tmp_path)
+    evaluate(model, x[:8], y[:8], protocol="eot", outer_loops=(1,), **kwargs)
+    chunks = sorted((tmp_path / "state" / "defended_ol1_eps8_eot-pgd-ce").glob("chunk?????.*"))
+    before = {p: p.read_bytes() for p in chunks}
+    report = evaluate(model, x[:8], y[:8], protocol="eot-transfer", outer_loops=(1, 2), **kwargs)
+    assert {p: p.read_bytes() for p in chunks} == before
+    runs = {r["run_id"]: r for r in report["runs"]}
+    for loss in ("ce", "dlr-targeted"):
+        row = runs[f"defended/ol2/eps8/eot-pgd-{loss}-from-ol1"]
+        assert row["settings"]["source"] == f"defended/ol1/eps8/eot-pgd-{loss}" and row["n"] == 8
+        assert row["perturbation"]["ok"]
+    k2 = next(s for s in report["settings"] if s["target"] == "defended" and s["outer_loops"] == 2)
+    assert set(k2["columns"]) >= {"eot-pgd-ce-from-ol1", "eot-pgd-dlr-targeted-from-ol1"}
+    assert "rescore" in k2
+    header = next(line for line in markdown(report).splitlines() if line.startswith("| model | K |"))
+    assert "| eot-pgd-ce | eot-pgd-ce-from-ol1 | eot-pgd-dlr-targeted | eot-pgd-dlr-targeted-from-ol1 |" in header

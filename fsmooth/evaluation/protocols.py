@@ -15,6 +15,9 @@ Protocols
   adaptive     APGD-CE on CE + lam * max(L_F, delta), lam = 0 and +-``Budget.lambdas`` (Table 3).
   rand         AutoAttack rand (APGD-CE, APGD-DLR, EOT over ``eot_draws``).
   eot          PGD with EOT through the straight-through gradient: CE and targeted DLR.
+  eot-transfer eot at the first K only; at each further K, those points scored through the defense with K
+               runs (``eot-pgd-*-from-ol<first K>``, a transfer across K: it does not adapt to K, and costs
+               a defended forward per point instead of an attack through K defense runs).
   transfer     AutoAttack standard on the undefended model, scored on the defended one.
   square       Square alone (gradient-masking check against the white-box attacks).
   eps-sweep    APGD-CE at 2, 4, 8, 16, 32 / 255: accuracy must fall towards 0.
@@ -31,7 +34,9 @@ from dataclasses import dataclass, field
 __all__ = ["Budget", "RunSpec", "Setting", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key",
            "clean_run_id"]
 
-PROTOCOLS = ("clean", "paper", "autoattack", "adaptive", "rand", "eot", "transfer", "square", "eps-sweep", "torchattacks", "baselines")
+PROTOCOLS = ("clean", "paper", "autoattack", "adaptive", "rand", "eot", "eot-transfer", "transfer", "square", "eps-sweep",
+             "torchattacks", "baselines")
+EOT_LOSSES = ("ce", "dlr-targeted")
 GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"),
           "all": PROTOCOLS[1:]}
 
@@ -201,6 +206,12 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
         add(RunSpec(Setting(target, k, eps, column).id, protocol, column, "attack", target, k, eps,
                     {"name": name, "kwargs": kwargs}))
 
+    def eot(protocol, k, eps, loss) -> str:
+        column = f"eot-pgd-{loss}"
+        attack(protocol, "defended", k, eps, column, "EOTPGD", loss=loss, steps=budget.pgd_steps,
+               eot_iter=budget.eot_draws, n_restarts=budget.pgd_restarts, n_target_classes=budget.pgd_targets)
+        return Setting("defended", k, eps, column).id
+
     clean("undefended", 0)
     for k in outer_loops:
         clean("defended", k)
@@ -224,10 +235,15 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                 elif protocol == "rand":
                     autoattack(protocol, "defended", k, eps, version="rand")
                 elif protocol == "eot":
-                    for loss in ("ce", "dlr-targeted"):
-                        attack(protocol, "defended", k, eps, f"eot-pgd-{loss}", "EOTPGD", loss=loss,
-                               steps=budget.pgd_steps, eot_iter=budget.eot_draws, n_restarts=budget.pgd_restarts,
-                               n_target_classes=budget.pgd_targets)
+                    for loss in EOT_LOSSES:
+                        eot(protocol, k, eps, loss)
+                elif protocol == "eot-transfer":
+                    for loss in EOT_LOSSES:
+                        source = eot(protocol, first_k, eps, loss)
+                        if k != first_k:
+                            column = f"eot-pgd-{loss}-from-ol{first_k}"
+                            add(RunSpec(Setting("defended", k, eps, column).id, protocol, column, "transfer",
+                                        "defended", k, eps, source=source, threat="transfer"))
                 elif protocol == "transfer":
                     autoattack(protocol, "undefended", 0, eps)
                     add(RunSpec(Setting("defended", k, eps, "transfer").id, protocol, "transfer", "transfer",

@@ -174,7 +174,10 @@ def markdown(report: dict) -> str:
                       + ", ".join(f"`{r}`" for r in part["left_out"]) + ".", ""]
     if info.get("command"):
         lines += [f"Command: `{info['command']}`", ""]
-    present = [c for c in TABLE_COLUMNS + ("adaptive-min",) if any(c in s["columns"] for s in report["settings"])]
+    # An attack's points scored at another K (eot-transfer: "eot-pgd-ce-from-ol1") stand after the attack.
+    carried = sorted({c for s in report["settings"] for c in s["columns"] if "-from-ol" in c})
+    columns = [x for c in TABLE_COLUMNS for x in (c, *(d for d in carried if d.split("-from-ol")[0] == c))]
+    present = [c for c in columns + ["adaptive-min"] if any(c in s["columns"] for s in report["settings"])]
     head = ["model", "K", "eps", "clean"] + present + ["worst case [95% CI]", "re-scored mean ± std",
                                                        "correct in all runs [95% CI]", "defense iters clean/adv"]
     if report["settings"]:
