@@ -110,8 +110,8 @@ class Claims:
 
     Iterating yields this rank's items: in a process group the ranks draw from one counter in the group's
     store (an atomic add), so a rank that finishes early takes the next item instead of idling while another
-    works through a slow one (the fixed shares r, r + W, ... left one of two cores idle for an hour when one
-    chunk's images survived an attack much longer than the other's). Every rank must make its ``Claims``
+    works through a slow one (with the fixed shares r, r + W, ..., a rank whose chunks' images fall quickly
+    waits for one whose images survive an attack for hours). Every rank must make its ``Claims``
     with the same ``n``, in the same order. Without a group: every item, in order. Where the group's store
     cannot be used: the fixed shares, with a warning. :meth:`done` counts the items finished (marked with
     :meth:`finish`) on all ranks, for a progress bar.

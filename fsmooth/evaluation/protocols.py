@@ -32,10 +32,10 @@ import math
 from dataclasses import dataclass, field
 
 __all__ = ["Budget", "RunSpec", "Setting", "PROTOCOLS", "GROUPS", "plan", "parse_protocols", "setting_key",
-           "clean_run_id"]
+           "clean_run_id", "carried_column", "carried_from"]
 
-PROTOCOLS = ("clean", "paper", "autoattack", "adaptive", "rand", "eot", "eot-transfer", "transfer", "square", "eps-sweep",
-             "torchattacks", "baselines")
+PROTOCOLS = ("clean", "paper", "autoattack", "adaptive", "rand", "eot", "eot-transfer", "transfer", "square",
+             "eps-sweep", "torchattacks", "baselines")
 EOT_LOSSES = ("ce", "dlr-targeted")
 GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"),
           "all": PROTOCOLS[1:]}
@@ -165,6 +165,20 @@ def clean_run_id(target: str, outer_loops: int) -> str:
     return f"clean/{target}/ol{outer_loops}"
 
 
+_CARRIED = "-from-ol"
+
+
+def carried_column(column: str, outer_loops: int) -> str:
+    """The column of attack ``column``'s points (found at ``outer_loops``) scored at another K (eot-transfer)."""
+    return f"{column}{_CARRIED}{outer_loops}"
+
+
+def carried_from(column: str) -> str | None:
+    """The attack column a :func:`carried_column` came from; ``None`` for any other column."""
+    base, sep, _ = column.partition(_CARRIED)
+    return base if sep else None
+
+
 def parse_protocols(spec) -> list[str]:
     """``"paper,adaptive"`` / a list -> protocol names, groups expanded, order kept."""
     names = spec.split(",") if isinstance(spec, str) else list(spec)
@@ -241,7 +255,7 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                     for loss in EOT_LOSSES:
                         source = eot(protocol, first_k, eps, loss)
                         if k != first_k:
-                            column = f"eot-pgd-{loss}-from-ol{first_k}"
+                            column = carried_column(f"eot-pgd-{loss}", first_k)
                             add(RunSpec(Setting("defended", k, eps, column).id, protocol, column, "transfer",
                                         "defended", k, eps, source=source, threat="transfer"))
                 elif protocol == "transfer":

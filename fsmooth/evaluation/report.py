@@ -11,7 +11,7 @@ import torch
 from .._machine import machine
 from .._version import __version__
 from ..io import write_safetensors_atomic, write_text_atomic
-from .protocols import clean_run_id
+from .protocols import carried_from, clean_run_id
 from .scoring import (accuracy_summary, eps_sweep_flag, gradient_masking_flag, perturbation_check,
                       rescore_summary)
 from .store import json_value, write_json
@@ -175,8 +175,8 @@ def markdown(report: dict) -> str:
     if info.get("command"):
         lines += [f"Command: `{info['command']}`", ""]
     # An attack's points scored at another K (eot-transfer: "eot-pgd-ce-from-ol1") stand after the attack.
-    carried = sorted({c for s in report["settings"] for c in s["columns"] if "-from-ol" in c})
-    columns = [x for c in TABLE_COLUMNS for x in (c, *(d for d in carried if d.split("-from-ol")[0] == c))]
+    carried = sorted({c for s in report["settings"] for c in s["columns"] if carried_from(c)})
+    columns = [x for c in TABLE_COLUMNS for x in (c, *(d for d in carried if carried_from(d) == c))]
     present = [c for c in columns + ["adaptive-min"] if any(c in s["columns"] for s in report["settings"])]
     head = ["model", "K", "eps", "clean"] + present + ["worst case [95% CI]", "re-scored mean ± std",
                                                        "correct in all runs [95% CI]", "defense iters clean/adv"]
