@@ -9,6 +9,8 @@ extension build included), most important first::
     bash bench/gpu_suite.sh third    # early exit (compaction vs masking) at 512, the 10,000-input workload
     bash bench/gpu_suite.sh fourth   # after a first run: GPU tests again, BatchNorm A/B, kernel profile,
                                      # compiled prefix, what was skipped
+    bash bench/gpu_suite.sh fifth    # after fourth: graph-bf16-compiled's kernel profile, torch.compile
+                                     # bf16 max-autotune beside it at 512
 
 ``first`` is the one command that checks the whole GPU side of fsmooth and shows the headline numbers.
 Also: ``setup`` (install, and rebuild ``fsmooth._C`` when ``csrc/`` changed or it was built for another
@@ -144,6 +146,21 @@ BATCHNORM = Step(
      "--providers", "graph-bf16-bn", "graph-bf16", "graph-bf16-compiled-bn", "graph-bf16-compiled",
      "chunked-bf16-bn", "chunked-bf16", "--compile-modes", "default", "--compile-allowance", "default=40",
      "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=180)
+PROFILE_COMPILED = Step(
+    "profile-compiled", "bench", "kernel breakdown at batch 512, 20 fixed iterations: graph-bf16-compiled (the "
+    "headline engine, not profiled before) beside torch.compile bf16 (default mode): what is left between it and "
+    "the bf16 matmul rate",
+    ("--sections", "profile", "--profile-batch", "512", "--profile-iters", "20",
+     "--profile-providers", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "default",
+     "--compile-allowance", "default=40"),
+    cap_s=150)
+COMPILE_512_BF16 = Step(
+    "compile-512-bf16", "bench", "torch.compile bf16 in max-autotune mode (falling back to default) beside "
+    "graph-bf16-compiled at batch 512: the strongest torch.compile at the headline precision (compile-512 without "
+    "its fp32 rows, which never fitted a call)",
+    ("--sections", "throughput", "--batches", "512", "--iters", "50",
+     "--providers", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "max-autotune", "default",
+     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))
 QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
 
 CALLS: dict[str, tuple[Step, ...]] = {
@@ -152,6 +169,9 @@ CALLS: dict[str, tuple[Step, ...]] = {
     "third": (SETUP, EXTENSION, EARLY_EXIT, WORKLOAD, EARLY_EXIT_FP32),
     # After a first run: the GPU tests again (fixes since), the profile, and what the three calls skipped.
     "fourth": (SETUP, EXTENSION, TESTS, BATCHNORM, PROFILE, COMPILED_PREFIX, EARLY_EXIT_FP32, COMPILE_512),
+    # After fourth (2026-11-27): the headline engine's own profile, then the max-autotune comparison that
+    # fourth's budget never reached.
+    "fifth": (SETUP, EXTENSION, PROFILE_COMPILED, COMPILE_512_BF16),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
     "quick": (SETUP, EXTENSION, QUICK),

@@ -15,7 +15,9 @@
 # session, which copies them into its evaluation folder and resumes: a finished chunk is not redone, an
 # unfinished one goes on from its last save (only an APGD run is redone whole). A finished run's
 # adversarial images stay on the device; its report is written only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
-# (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200). A
+# (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200), and
+# gpu-adaptive's chunks of 250 took 27.7-30.6 s per lambda (2026-11-27: cut at 22 of 24, see
+# bench/results/gpu-runs-20261127.md; its state, 61 MB of images, came back without tensors). A
 # chunk's time is set by the attack's steps in sequence, not by its images: each defended step took about
 # 0.33 s there at batch 200 (and, we infer, at any batch up to the engine's 256 slots), the slowest image running the defense's 1000 iterations (34-36 s per
 # 100-step APGD run in fs-adaptive-gpu-200/report.json). So an attack of S sequential steps needs about

@@ -111,7 +111,9 @@ case "${1:-}" in
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
             --chunk-size 200 --batch-size 200
         ;;
-    gpu-adaptive)  # issue 10's GPU evaluation: row 5 (Table 3) at n = 1000
+    gpu-adaptive)  # issue 10's GPU evaluation: row 5 (Table 3) at n = 1000. On the H200 (2026-11-27) a chunk of 250
+                   # took 27.7-30.6 s per lambda, 104-109 s per lambda in all: some 9-10 minutes with the
+                   # re-scoring (estimate), one session's device time; its state (61 MB of images) cannot travel
         ev fs-adaptive-gpu "$FS" --protocol adaptive --lambdas 1 10 --num-images 1000 --eps 8 --outer-loops 1 \
             --chunk-size 250 --batch-size 250
         ;;

@@ -84,6 +84,19 @@ def test_fourth_call_reruns_the_tests_then_profiles(suite):
     assert _values(compiled, "--providers") == ["graph-bf16", "graph-bf16-compiled", "compile-bf16"]
 
 
+def test_fifth_call_profiles_the_headline_engine_then_max_autotune(suite):
+    steps = _bench_steps(suite, "fifth")
+    assert [s.name for s in suite.CALLS["fifth"]] == ["setup", "extension", "profile-compiled", "compile-512-bf16"]
+    profile = steps["profile-compiled"].bench_args
+    assert _values(profile, "--profile-providers") == ["graph-bf16-compiled", "compile-bf16"]
+    assert _values(profile, "--profile-batch") == ["512"]
+    compiled = steps["compile-512-bf16"].bench_args
+    # The ratio's numerator first, then the strongest torch.compile mode at the same precision.
+    assert _values(compiled, "--providers") == ["graph-bf16-compiled", "compile-bf16"]
+    assert _values(compiled, "--compile-modes")[0] == "max-autotune"
+    assert _values(compiled, "--batches") == ["512"]
+
+
 def test_summary_puts_the_profile_in_its_own_table_and_headline(suite):
     rows = [{"section": "profile", "provider": "graph-bf16", "status": "ok", "batch": 512, "iters": 20,
              "category": "total", "device_ms": 100.0, "share": 1.0},
