@@ -10,10 +10,15 @@
 # less 40 s for packing: the device command may run 600), then packs each run's report, per-image results,
 # log and chunk records (JSON) into $OUT/eval-<queue>.tar.gz; for a run that has not finished, also its
 # chunks' tensors and saved progress (saved as a chunk goes: AutoAttack after each attack and batch; EOT-PGD,
-# APGD, APGD-T, Square and FAB-T every minute inside the attack), as long as the archive stays under 15 MiB (else they stay
+# APGD, APGD-T, Square and FAB-T every minute inside the attack). An archive over 15 MiB comes back in parts
+# (eval-<queue>.tar.gz.part0, .part1, ...: at most 4, 60 MiB; beyond that without the tensors, which then stay
 # there, with a warning). Committed to results/eval/<run>/state, they travel with the tree to the next device
 # session, which copies them into its evaluation folder and resumes: a finished chunk is not redone, an
-# unfinished one goes on from its last save (only an APGD run is redone whole). A finished run's
+# unfinished one goes on from its last save (only an APGD run is redone whole). That holds only for state that
+# fits what a call carries (below): a chunk's adversarial images weigh 12 KiB per image and attack, so 61 MB
+# for gpu-adaptive's 1000 images and 5 lambdas. Larger state, unpacked here but not committed, still gives a
+# report of the chunks it holds: the queue's line of results/run_evals.sh with --out at the unpacked folder
+# and --partial (its re-scoring then runs here). A finished run's
 # adversarial images stay on the device; its report is written only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
 # (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200), and
 # gpu-adaptive's chunks of 250 took 27.7-30.6 s per lambda (2026-11-27: cut at 22 of 24, see
@@ -31,9 +36,10 @@
 # session leaves unfinished resumes in the next from its last save, except an APGD run, which must finish
 # within one session's device time (15 minutes): gpu-rand's APGD-CE takes about 11 minutes (estimate). Exit status 3: cut at the
 # deadline, or still running detached (not 124, the device tool's own).
-# The working tree and .carry travel together, 64 MiB at most (on 2026-11-26 the tree was about 19 MB and
+# The working tree and .carry travel together, 64 MiB at most (on 2026-11-27 the tree was about 34 MB and
 # .carry 20 MB). Unpack with
 #   tar xzf <files_at>/eval-<queue>.tar.gz -C results/eval      (eval-<q1>+<q2>.tar.gz for several queues)
+#   cat <files_at>/eval-<queue>.tar.gz.part* | tar xz -C results/eval      (an archive in parts)
 # and commit results/eval/<run>/ (report.{json,md}, the chunk JSON) and results/eval/<run>.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -166,11 +172,25 @@ pack() {  # pack [tensors]: the runs' records; with "tensors", also the state te
         fi
     done | tar czf "$out/eval-$name.tar.gz" -T -)
 }
+# The device tool brings back at most 8 files of at most 16 MiB: an archive larger than a part comes back in
+# parts (eval-<name>.tar.gz.part0, .part1, ...), at most max_parts of them; beyond that, without the tensors.
+part_bytes=${FSMOOTH_EVAL_PART_BYTES:-$(( 15 * 1024 * 1024 ))}
+max_parts=${FSMOOTH_EVAL_MAX_PARTS:-4}   # with setup/'s 3 files and a log of the call: 8
+archive=$out/eval-$name.tar.gz
 pack tensors
-if [ "$(stat -c %s "$out/eval-$name.tar.gz")" -gt $(( 15 * 1024 * 1024 )) ]; then
-    echo "warning: with the unfinished runs' state tensors the archive exceeds 15 MiB: packed without them," \
-        "so a later session redoes those chunks" >&2
-    pack
+size=$(stat -c %s "$archive")
+if [ "$size" -gt "$part_bytes" ]; then
+    parts=$(( (size + part_bytes - 1) / part_bytes ))
+    if [ "$parts" -le "$max_parts" ]; then
+        rm -f "$archive".part*
+        split -b "$part_bytes" -d -a 1 "$archive" "$archive.part" && rm "$archive"
+        echo "== the archive with the unfinished runs' state tensors is $(( size / 1024 / 1024 )) MiB: in $parts" \
+            "parts; reassemble with: cat eval-$name.tar.gz.part* | tar xz -C results/eval"
+    else
+        echo "warning: with the unfinished runs' state tensors the archive is $(( size / 1024 / 1024 )) MiB," \
+            "more than $max_parts parts: packed without them, so a later session redoes those chunks" >&2
+        pack
+    fi
 fi
 ls -l "$out"
 exit "$rc"

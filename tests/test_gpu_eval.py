@@ -119,6 +119,37 @@ def test_an_unfinished_run_brings_its_state_back_and_the_next_session_resumes_fr
     assert not any("/state/" in name and (name.endswith(".safetensors") or ".progress." in name) for name in names)
 
 
+def test_an_archive_larger_than_a_part_comes_back_in_parts_or_without_the_tensors(tmp_path):
+    """The device tool brings back files of at most 16 MiB: an unfinished run's state that packs larger comes
+    back in parts that reassemble into the whole archive; with more parts than allowed, without the tensors."""
+    script = str(ROOT / "results" / "gpu_eval.sh")
+    env = _stub_env(tmp_path, STUB_EXIT_BEFORE_REPORT="1", FSMOOTH_EVAL_PART_BYTES="200",
+                    FSMOOTH_EVAL_MAX_PARTS="100")
+    proc = subprocess.run(["bash", script, "gpu-rand"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    out = tmp_path / "out"
+    parts = sorted(out.glob("eval-gpu-rand.tar.gz.part*"), key=lambda p: int(p.name.rsplit("part", 1)[1]))
+    assert len(parts) >= 2 and not (out / "eval-gpu-rand.tar.gz").exists()
+    assert all(p.stat().st_size <= 200 for p in parts)
+    assert f"in {len(parts)} parts" in proc.stdout and "cat eval-gpu-rand.tar.gz.part*" in proc.stdout
+    whole = tmp_path / "whole.tar.gz"
+    whole.write_bytes(b"".join(p.read_bytes() for p in parts))
+    with tarfile.open(whole) as tar:
+        names = set(tar.getnames())
+    state = "fs-rand-gpu/state/run/"
+    assert {state + "chunk00000.safetensors", state + "chunk00001.progress.safetensors", "fs-rand-gpu.log"} <= names
+
+    env.update(FSMOOTH_EVAL_MAX_PARTS="1", OUT=str(tmp_path / "out2"), FSMOOTH_EVAL_DIR=str(tmp_path / "eval2"))
+    proc = subprocess.run(["bash", script, "gpu-rand"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "packed without them" in proc.stderr
+    assert not list((tmp_path / "out2").glob("*.part*"))
+    with tarfile.open(tmp_path / "out2" / "eval-gpu-rand.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert state + "chunk00000.json" in names and state + "chunk00000.safetensors" not in names
+
+
 def test_gpu_eval_runs_several_queues_in_turn_into_one_archive(tmp_path):
     env = _stub_env(tmp_path)
     proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), "gpu-rand", "gpu-paper"], cwd=ROOT,
