@@ -9,8 +9,8 @@ extension build included), most important first::
     bash bench/gpu_suite.sh third    # early exit (compaction vs masking) at 512, the 10,000-input workload
     bash bench/gpu_suite.sh fourth   # after a first run: GPU tests again, BatchNorm A/B, kernel profile,
                                      # compiled prefix, what was skipped
-    bash bench/gpu_suite.sh fifth    # after fourth: graph-bf16-compiled's kernel profile, torch.compile
-                                     # bf16 max-autotune beside it at 512
+    bash bench/gpu_suite.sh fifth    # after fourth: graph-bf16-compiled's kernel profile, batch-1 latency,
+                                     # torch.compile bf16 max-autotune beside it at 512
 
 ``first`` is the one command that checks the whole GPU side of fsmooth and shows the headline numbers.
 Also: ``setup`` (install, and rebuild ``fsmooth._C`` when ``csrc/`` changed or it was built for another
@@ -154,6 +154,12 @@ PROFILE_COMPILED = Step(
      "--profile-providers", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "default",
      "--compile-allowance", "default=40"),
     cap_s=150)
+LATENCY_1 = Step(
+    "latency-1", "bench", "ms per call at batch 1, 300 fixed iterations: eager fp32, graph-bf16 and "
+    "graph-bf16-compiled with the affine BatchNorms (the batch-1 target, 9.39x before them)",
+    ("--sections", "latency", "--latency-batches", "1", "--latency-iters", "300",
+     "--providers", "eager", *GRAPH_BF16, "--compile-allowance", "default=40", "--repeats", "5", "--warmup", "1"),
+    cap_s=150)
 COMPILE_512_BF16 = Step(
     "compile-512-bf16", "bench", "torch.compile bf16 in max-autotune mode (falling back to default) beside "
     "graph-bf16-compiled at batch 512: the strongest torch.compile at the headline precision (compile-512 without "
@@ -169,9 +175,9 @@ CALLS: dict[str, tuple[Step, ...]] = {
     "third": (SETUP, EXTENSION, EARLY_EXIT, WORKLOAD, EARLY_EXIT_FP32),
     # After a first run: the GPU tests again (fixes since), the profile, and what the three calls skipped.
     "fourth": (SETUP, EXTENSION, TESTS, BATCHNORM, PROFILE, COMPILED_PREFIX, EARLY_EXIT_FP32, COMPILE_512),
-    # After fourth (2026-11-27): the headline engine's own profile, then the max-autotune comparison that
-    # fourth's budget never reached.
-    "fifth": (SETUP, EXTENSION, PROFILE_COMPILED, COMPILE_512_BF16),
+    # After fourth (2026-11-27): the headline engine's own profile, batch-1 latency with the affine BatchNorms,
+    # then the max-autotune comparison that fourth's budget never reached.
+    "fifth": (SETUP, EXTENSION, PROFILE_COMPILED, LATENCY_1, COMPILE_512_BF16),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
     "quick": (SETUP, EXTENSION, QUICK),
