@@ -9,8 +9,8 @@ extension build included), most important first::
     bash bench/gpu_suite.sh third    # early exit (compaction vs masking) at 512, the 10,000-input workload
     bash bench/gpu_suite.sh fourth   # after a first run: GPU tests again, BatchNorm A/B, kernel profile,
                                      # compiled prefix, what was skipped
-    bash bench/gpu_suite.sh fifth    # after fourth: graph-bf16-compiled's kernel profile, batch-1 latency,
-                                     # torch.compile bf16 max-autotune beside it at 512
+    bash bench/gpu_suite.sh fifth    # after fourth: GPU tests, the affine kernel's A/B, graph-bf16-compiled's
+                                     # profile, batch-1 latency, torch.compile bf16 max-autotune at 512
 
 ``first`` is the one command that checks the whole GPU side of fsmooth and shows the headline numbers.
 Also: ``setup`` (install, and rebuild ``fsmooth._C`` when ``csrc/`` changed or it was built for another
@@ -61,7 +61,8 @@ BENCH_START_MARGIN_S = 20.0      # interpreter and torch start, model build, las
 TEST_TIMEOUT_S = 120             # per GPU test
 # The test files that hold the GPU tests (``pytest.mark.cuda``); tests/test_gpu_suite.py checks the list
 # is complete and that collecting it imports neither pyautoattack nor torchattacks.
-GPU_TEST_FILES = ("tests/test_csrc.py", "tests/test_defense_cuda.py", "tests/test_feature_loss.py")
+GPU_TEST_FILES = ("tests/test_csrc.py", "tests/test_defense_cuda.py", "tests/test_feature_loss.py",
+                  "tests/test_channel_affine.py")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +147,12 @@ BATCHNORM = Step(
      "--providers", "graph-bf16-bn", "graph-bf16", "graph-bf16-compiled-bn", "graph-bf16-compiled",
      "chunked-bf16-bn", "chunked-bf16", "--compile-modes", "default", "--compile-allowance", "default=40",
      "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=180)
+AFFINE_KERNEL = Step(
+    "affine-kernel", "bench", "graph-bf16 and chunked-bf16 at batch 512 with the affine BatchNorms run by the "
+    "Triton channel-affine kernel (the default since 2026-11-27) vs addcmul (-addcmul), each pair back to back",
+    ("--sections", "throughput", "--batches", "512", "--iters", "50",
+     "--providers", "graph-bf16-addcmul", "graph-bf16", "chunked-bf16-addcmul", "chunked-bf16",
+     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=120)
 PROFILE_COMPILED = Step(
     "profile-compiled", "bench", "kernel breakdown at batch 512, 20 fixed iterations: graph-bf16-compiled (the "
     "headline engine, not profiled before) beside torch.compile bf16 (default mode): what is left between it and "
@@ -175,9 +182,9 @@ CALLS: dict[str, tuple[Step, ...]] = {
     "third": (SETUP, EXTENSION, EARLY_EXIT, WORKLOAD, EARLY_EXIT_FP32),
     # After a first run: the GPU tests again (fixes since), the profile, and what the three calls skipped.
     "fourth": (SETUP, EXTENSION, TESTS, BATCHNORM, PROFILE, COMPILED_PREFIX, EARLY_EXIT_FP32, COMPILE_512),
-    # After fourth (2026-11-27): the headline engine's own profile, batch-1 latency with the affine BatchNorms,
-    # then the max-autotune comparison that fourth's budget never reached.
-    "fifth": (SETUP, EXTENSION, PROFILE_COMPILED, LATENCY_1, COMPILE_512_BF16),
+    # After fourth (2026-11-27): the GPU tests (the channel-affine kernel's among them), its A/B, the headline
+    # engine's own profile, batch-1 latency, then the max-autotune comparison fourth's budget never reached.
+    "fifth": (SETUP, EXTENSION, TESTS, AFFINE_KERNEL, PROFILE_COMPILED, LATENCY_1, COMPILE_512_BF16),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
     "quick": (SETUP, EXTENSION, QUICK),

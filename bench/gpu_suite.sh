@@ -8,8 +8,8 @@
 #   bash bench/gpu_suite.sh fourth   # after a first run: the GPU tests again, BatchNorm A/B, the kernel profile (graph-bf16,
 #                                    # eager-bf16, torch.compile at 512), the compiled prefix inside the graphs,
 #                                    # fp32 early exit, compile max-autotune
-#   bash bench/gpu_suite.sh fifth    # after fourth: graph-bf16-compiled's kernel profile, batch-1 latency,
-#                                    # torch.compile bf16 max-autotune beside graph-bf16-compiled at 512
+#   bash bench/gpu_suite.sh fifth    # after fourth: GPU tests, the affine kernel's A/B, graph-bf16-compiled's
+#                                    # profile, batch-1 latency, torch.compile bf16 max-autotune at 512
 #   bash bench/gpu_suite.sh setup    # install; rebuild fsmooth._C if csrc/ changed or it was built for another torch
 #   bash bench/gpu_suite.sh tests    # setup + the GPU tests only
 #

@@ -308,6 +308,10 @@ def _provider_table(compile_modes: tuple[str, ...]) -> dict:
             bn = f"{engine}-{suffix}"
             table[bn] = (lambda e=engine, n=bn, o=options: EngineProvider(n, e, "bf16", o,
                                                                         {"affine_batchnorms": False}))
+        # bf16 with the affine BatchNorms run by addcmul, not the Triton kernel (the code before 2026-11-27):
+        # the kernel's A/B baseline (the compiled prefix never runs the kernel: Inductor fuses the map).
+        ac = f"{engine}-bf16-addcmul"
+        table[ac] = (lambda e=engine, n=ac: EngineProvider(n, e, "bf16", None, {"affine_kernel": False}))
     return table
 
 

@@ -1,5 +1,8 @@
 """Triton kernels of fsmooth, installed as ``fsmooth.kernels``.
 
-Importing this package imports Triton; :mod:`fsmooth.functional` does so lazily
-and falls back to :mod:`fsmooth.reference` when Triton is unavailable.
+* :mod:`.feature_loss`: the fused feature-smoothing loss and its factored gradient;
+* :mod:`.channel_affine`: the per-channel affine map that a bf16 prefix copy's eval BatchNorms run as.
+
+Importing them imports Triton; :mod:`fsmooth.functional` and :mod:`fsmooth.defense.prefix_state` do so lazily
+and fall back to PyTorch (:mod:`fsmooth.reference`, ``addcmul``) when Triton is unavailable.
 """

@@ -86,8 +86,11 @@ def test_fourth_call_reruns_the_tests_then_profiles(suite):
 
 def test_fifth_call_profiles_the_headline_engine_then_max_autotune(suite):
     steps = _bench_steps(suite, "fifth")
-    assert [s.name for s in suite.CALLS["fifth"]] == ["setup", "extension", "profile-compiled", "latency-1",
-                                                      "compile-512-bf16"]
+    assert [s.name for s in suite.CALLS["fifth"]] == ["setup", "extension", "tests", "affine-kernel",
+                                                      "profile-compiled", "latency-1", "compile-512-bf16"]
+    # Baseline first at each engine: each A/B pair is measured back to back.
+    assert _values(steps["affine-kernel"].bench_args, "--providers") == [
+        "graph-bf16-addcmul", "graph-bf16", "chunked-bf16-addcmul", "chunked-bf16"]
     latency = steps["latency-1"].bench_args
     assert _values(latency, "--latency-batches") == ["1"] and _values(latency, "--latency-iters") == ["300"]
     assert _values(latency, "--providers")[0] == "eager"  # the baseline of "x lower than eager"

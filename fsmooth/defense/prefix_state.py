@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import types
 
 import torch
@@ -50,13 +51,37 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-# The buffers an affine BatchNorm of the copy gets (refreshed in place: captured graphs keep their addresses).
-_SCALE, _SHIFT = "fsmooth_affine_scale", "fsmooth_affine_shift"
+# The buffers an affine BatchNorm of the copy gets (refreshed in place: captured graphs keep their addresses),
+# and the attribute that lets it run the Triton kernel.
+_SCALE, _SHIFT, _KERNEL = "fsmooth_affine_scale", "fsmooth_affine_shift", "fsmooth_affine_kernel"
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_affine_module():
+    """:mod:`fsmooth.kernels.channel_affine`, or ``None`` where Triton cannot be imported."""
+    try:
+        from ..kernels import channel_affine
+    except Exception:  # ImportError, or a Triton without a usable backend: addcmul does the same, slower
+        return None
+    return channel_affine
+
+
+def _kernel_runs(x: torch.Tensor) -> bool:
+    """The Triton kernel takes ``x``: a CUDA tensor (or CPU under ``TRITON_INTERPRET=1``, for tests) in a
+    layout it reads."""
+    from ..functional import _interpret_requested
+    if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpret_requested()):
+        return False
+    module = _channel_affine_module()
+    return module is not None and module.supports(x)
 
 
 def _affine_forward(self: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    scale, shift = getattr(self, _SCALE), getattr(self, _SHIFT)
+    if getattr(self, _KERNEL) and _kernel_runs(x):
+        return _channel_affine_module().channel_affine_function(x, scale, shift)
     shape = (1, -1) + (1,) * (x.dim() - 2)
-    return torch.addcmul(getattr(self, _SHIFT).view(shape), x, getattr(self, _SCALE).view(shape))
+    return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
 
 def runs_affine(module: nn.Module) -> bool:
@@ -85,7 +110,8 @@ def _refresh_affine(copy_bn: nn.Module, source_bn: nn.modules.batchnorm._BatchNo
     getattr(copy_bn, _SHIFT).copy_(shift)
 
 
-def _make_affine(copy_bn: nn.modules.batchnorm._BatchNorm, source_bn: nn.modules.batchnorm._BatchNorm) -> None:
+def _make_affine(copy_bn: nn.modules.batchnorm._BatchNorm, source_bn: nn.modules.batchnorm._BatchNorm, *,
+                 kernel: bool = False) -> None:
     """Make the copy's BatchNorm ``copy_bn`` run as the affine map it is in eval mode, in place.
 
     Why: the input gradient of ``x * scale + shift`` is one elementwise product that keeps the gradient's
@@ -95,11 +121,16 @@ def _make_affine(copy_bn: nn.modules.batchnorm._BatchNorm, source_bn: nn.modules
     device time) per iteration of the WRN-28-10 prefix to block1 in bf16 on an H200
     (``bench/results/gpu-copy-sources-20261126-0545/``; ``bench/results/gpu-runs-20261126.md``). The module
     stays what it was (its class, attributes and hooks); only its forward is replaced, on this instance.
+
+    ``kernel``: run the map with the Triton kernel (:mod:`fsmooth.kernels.channel_affine`) where it applies
+    (a channels-last CUDA tensor), not with ``addcmul``, which ATen runs through its strided, non-vectorized
+    loop for a per-channel operand, forward and backward.
     """
     kw = dict(dtype=copy_bn.running_mean.dtype, device=copy_bn.running_mean.device)
     copy_bn.register_buffer(_SCALE, torch.empty(copy_bn.num_features, **kw))
     copy_bn.register_buffer(_SHIFT, torch.empty(copy_bn.num_features, **kw))
     _refresh_affine(copy_bn, source_bn)
+    setattr(copy_bn, _KERNEL, bool(kernel))
     copy_bn.forward = types.MethodType(_affine_forward, copy_bn)
 
 
@@ -112,7 +143,9 @@ class PrefixState:
     from the model at the start of every call (cheap next to hundreds of
     iterations, and never stale after training). In bf16 the copy's stock
     BatchNorms run as the affine maps they are in eval mode (:func:`_make_affine`;
-    ``affine_batchnorms = False`` keeps them, for A/B benchmarks). The loop state ``t`` and the
+    ``affine_batchnorms = False`` keeps them, for A/B benchmarks), on channels-last CUDA tensors with a
+    Triton kernel unless the prefix is compiled (Inductor fuses the map itself) or ``affine_kernel = False``
+    (``addcmul``, for A/B benchmarks). The loop state ``t`` and the
     loss stay fp32 (fp64 when the prefix is fp64).
 
     ``compile_prefix``: run the prefix (forward, and its backward through
@@ -144,6 +177,7 @@ class PrefixState:
                                  f"not 'cudagraphs': the engines capture graphs themselves), got {compile_prefix!r}")
         self.compile_prefix = compile_prefix
         self._affine_batchnorms = True
+        self._affine_kernel = True
         self._compiled: tuple[nn.Module, object] | None = None  # (module, its compiled callable)
 
     @property
@@ -158,6 +192,19 @@ class PrefixState:
             raise TypeError(f"affine_batchnorms must be a bool, got {type(value).__name__}")
         if value != self._affine_batchnorms:
             self._affine_batchnorms, self._shadow, self._compiled = value, None, None
+
+    @property
+    def affine_kernel(self) -> bool:
+        """The affine BatchNorms run the Triton kernel where it applies (default; never with ``compile_prefix``);
+        False runs them with ``addcmul``. Changing it drops the copy, rebuilt at the next call."""
+        return self._affine_kernel
+
+    @affine_kernel.setter
+    def affine_kernel(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"affine_kernel must be a bool, got {type(value).__name__}")
+        if value != self._affine_kernel:
+            self._affine_kernel, self._shadow, self._compiled = value, None, None
 
     @property
     def runs_copy(self) -> bool:
@@ -175,7 +222,8 @@ class PrefixState:
                 if self._affine_batchnorms and self.dtype == torch.bfloat16:
                     for name, m in shadow.named_modules():  # an aliased module comes once, with its first name
                         if _affine_candidate(m):
-                            _make_affine(m, self.module.get_submodule(name))
+                            _make_affine(m, self.module.get_submodule(name),
+                                         kernel=self._affine_kernel and not self.compile_prefix)
             for p in shadow.parameters():
                 p.requires_grad_(False)
             self._shadow = shadow
