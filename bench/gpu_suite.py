@@ -93,6 +93,17 @@ TESTS = Step("tests", "tests", f"pytest -m cuda on {' '.join(GPU_TEST_FILES)}, {
 # torch.compile at batch 512 on the H200, 2026-11-26, where the first alone ran 0.75x).
 GRAPH_BF16 = ("graph-bf16", "graph-bf16-compiled")
 _EXIT = ("--exit-batches", "512", "--exit-iters", "300", "--repeats", "3", "--warmup", "0")
+# Throughput at the headline batch, 50 fixed iterations, rows in the order given; and the kernel profile there.
+_AT_512 = ("--sections", "throughput", "--batches", "512", "--iters", "50")
+_AT_512_TAIL = ("--max-batch-probe", "", "--repeats", "3", "--warmup", "0")
+_COMPILE_DEFAULT = ("--compile-modes", "default", "--compile-allowance", "default=40")
+
+
+def _profile_args(*providers: str) -> tuple[str, ...]:
+    return ("--sections", "profile", "--profile-batch", "512", "--profile-iters", "20",
+            "--profile-providers", *providers, *_COMPILE_DEFAULT)
+
+
 # Benchmark steps. Within each, rows run in the order given: batch 512 first, eager first at each batch
 # (the baseline of "x eager"), masking before compaction (the saving is computed on the compaction row).
 THROUGHPUT = Step(
@@ -112,9 +123,8 @@ LOSS_KERNEL = Step(
     ("--sections", "loss-kernel"), min_s=45)
 COMPILE_512 = Step(
     "compile-512", "bench", "torch.compile max-autotune (falling back to default) vs graph-bf16 at batch 512",
-    ("--sections", "throughput", "--batches", "512", "--iters", "50",
-     "--providers", "graph-bf16", "compile-bf16", "compile", "--compile-modes", "max-autotune", "default",
-     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))
+    (*_AT_512, "--providers", "graph-bf16", "compile-bf16", "compile", "--compile-modes", "max-autotune", "default",
+     *_AT_512_TAIL))
 EARLY_EXIT = Step(
     "early-exit", "bench", "synthetic exit schedule at batch 512: masking vs compaction, bf16 engines",
     ("--sections", "early-exit", "--exit-providers", "graph-bf16-nocompact", "graph-bf16",
@@ -129,38 +139,28 @@ EARLY_EXIT_FP32 = Step(
 PROFILE = Step(
     "profile", "bench", "kernel breakdown at batch 512, 20 fixed iterations: chunked-bf16, graph-bf16, eager-bf16, "
     "torch.compile bf16 (default mode): which kernels dominate",
-    ("--sections", "profile", "--profile-batch", "512", "--profile-iters", "20",
-     "--profile-providers", "chunked-bf16", "graph-bf16", "eager-bf16", "compile-bf16", "--compile-modes", "default",
-     "--compile-allowance", "default=40"),
-    cap_s=200)
+    _profile_args("chunked-bf16", "graph-bf16", "eager-bf16", "compile-bf16"), cap_s=200)
 COMPILED_PREFIX = Step(
     "compiled-prefix", "bench", "graph-bf16 with its prefix torch.compile-d inside the graphs vs graph-bf16 and "
     "torch.compile bf16 at batch 512 (the lever the first run's 0.74x points to)",
-    ("--sections", "throughput", "--batches", "512", "--iters", "50",
-     "--providers", "graph-bf16", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "default",
-     "--compile-allowance", "default=40",  # compile-bf16 compiled in 8.6 s on the H200 (2026-11-26)
-     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=240)
+    # compile-bf16 compiled in 8.6 s on the H200 (2026-11-26)
+    (*_AT_512, "--providers", "graph-bf16", "graph-bf16-compiled", "compile-bf16", *_COMPILE_DEFAULT, *_AT_512_TAIL),
+    cap_s=240)
 BATCHNORM = Step(
     "batchnorm", "bench", "graph-bf16 (uncompiled and compiled prefix) and chunked-bf16 at batch 512 with the "
     "bf16 copy's BatchNorms run as affine maps (the default since 2026-11-26) vs kept as BatchNorms (-bn)",
-    ("--sections", "throughput", "--batches", "512", "--iters", "50",
-     "--providers", "graph-bf16-bn", "graph-bf16", "graph-bf16-compiled-bn", "graph-bf16-compiled",
-     "chunked-bf16-bn", "chunked-bf16", "--compile-modes", "default", "--compile-allowance", "default=40",
-     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=180)
+    (*_AT_512, "--providers", "graph-bf16-bn", "graph-bf16", "graph-bf16-compiled-bn", "graph-bf16-compiled",
+     "chunked-bf16-bn", "chunked-bf16", *_COMPILE_DEFAULT, *_AT_512_TAIL), cap_s=180)
 AFFINE_KERNEL = Step(
     "affine-kernel", "bench", "graph-bf16 and chunked-bf16 at batch 512 with the affine BatchNorms run by the "
     "Triton channel-affine kernel (the default since 2026-11-27) vs addcmul (-addcmul), each pair back to back",
-    ("--sections", "throughput", "--batches", "512", "--iters", "50",
-     "--providers", "graph-bf16-addcmul", "graph-bf16", "chunked-bf16-addcmul", "chunked-bf16",
-     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"), cap_s=120)
+    (*_AT_512, "--providers", "graph-bf16-addcmul", "graph-bf16", "chunked-bf16-addcmul", "chunked-bf16",
+     *_AT_512_TAIL), cap_s=120)
 PROFILE_COMPILED = Step(
     "profile-compiled", "bench", "kernel breakdown at batch 512, 20 fixed iterations: graph-bf16-compiled (the "
     "headline engine, not profiled before) beside torch.compile bf16 (default mode): what is left between it and "
     "the bf16 matmul rate",
-    ("--sections", "profile", "--profile-batch", "512", "--profile-iters", "20",
-     "--profile-providers", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "default",
-     "--compile-allowance", "default=40"),
-    cap_s=150)
+    _profile_args("graph-bf16-compiled", "compile-bf16"), cap_s=150)
 LATENCY_1 = Step(
     "latency-1", "bench", "ms per call at batch 1, 300 fixed iterations: eager fp32, graph-bf16 and "
     "graph-bf16-compiled with the affine BatchNorms (the batch-1 target, 9.39x before them)",
@@ -171,9 +171,8 @@ COMPILE_512_BF16 = Step(
     "compile-512-bf16", "bench", "torch.compile bf16 in max-autotune mode (falling back to default) beside "
     "graph-bf16-compiled at batch 512: the strongest torch.compile at the headline precision (compile-512 without "
     "its fp32 rows, which never fitted a call)",
-    ("--sections", "throughput", "--batches", "512", "--iters", "50",
-     "--providers", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "max-autotune", "default",
-     "--max-batch-probe", "", "--repeats", "3", "--warmup", "0"))
+    (*_AT_512, "--providers", "graph-bf16-compiled", "compile-bf16", "--compile-modes", "max-autotune", "default",
+     *_AT_512_TAIL))
 QUICK = Step("quick", "bench", "the CPU smoke configuration, on the GPU machine", ("--quick",))
 
 CALLS: dict[str, tuple[Step, ...]] = {

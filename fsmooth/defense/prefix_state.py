@@ -180,6 +180,15 @@ class PrefixState:
         self._affine_kernel = True
         self._compiled: tuple[nn.Module, object] | None = None  # (module, its compiled callable)
 
+    def _switch_copy(self, name: str, value: bool) -> None:
+        """Set the copy-building switch ``name``; a change drops the copy (and its compilation), rebuilt at the
+        next call."""
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if value != getattr(self, "_" + name):
+            setattr(self, "_" + name, value)
+            self._shadow = self._compiled = None
+
     @property
     def affine_batchnorms(self) -> bool:
         """bf16 copies run their stock BatchNorms as affine maps (default); False keeps them (the behaviour
@@ -188,10 +197,7 @@ class PrefixState:
 
     @affine_batchnorms.setter
     def affine_batchnorms(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"affine_batchnorms must be a bool, got {type(value).__name__}")
-        if value != self._affine_batchnorms:
-            self._affine_batchnorms, self._shadow, self._compiled = value, None, None
+        self._switch_copy("affine_batchnorms", value)
 
     @property
     def affine_kernel(self) -> bool:
@@ -201,10 +207,7 @@ class PrefixState:
 
     @affine_kernel.setter
     def affine_kernel(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"affine_kernel must be a bool, got {type(value).__name__}")
-        if value != self._affine_kernel:
-            self._affine_kernel, self._shadow, self._compiled = value, None, None
+        self._switch_copy("affine_kernel", value)
 
     @property
     def runs_copy(self) -> bool:
