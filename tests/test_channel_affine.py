@@ -66,6 +66,22 @@ def test_kernel_is_addcmul_bit_for_bit_in_bf16(interpret_triton):
     torch.testing.assert_close(y, expected, rtol=2 ** -7, atol=2 ** -7)
 
 
+def test_bf16_rounding_is_to_nearest_even_and_keeps_inf_and_nan(interpret_triton):
+    """The kernel's own fp32 -> bf16 rounding (the interpreter would truncate) against torch's cast of the
+    same fp32 result, on values that cross many rounding boundaries, ties included, and on inf and NaN."""
+    g = torch.Generator().manual_seed(26)
+    x = (torch.randn(1, 64, 8, 8, generator=g) * 4).to(torch.bfloat16)
+    x[0, 0, 0, :4] = torch.tensor([float("inf"), -float("inf"), float("nan"), 3.0e38])  # the last: bf16's top
+    x = x.to(DEVICE).contiguous(memory_format=torch.channels_last)
+    scale = (1 + torch.arange(64) * 2 ** -9).to(DEVICE, torch.float32)  # products land between bf16 values
+    shift = torch.zeros(64, device=DEVICE)
+    y = channel_affine.channel_affine(x, scale, shift)
+    expected = (x.float() * scale.view(1, -1, 1, 1)).to(torch.bfloat16)
+    torch.testing.assert_close(y, expected, rtol=0, atol=0, equal_nan=True)
+    assert torch.isposinf(y[0, 0, 0, 0]) and torch.isneginf(y[0, 0, 0, 1]) and torch.isnan(y[0, 0, 0, 2])
+    assert (y != x.float().to(torch.bfloat16)).any()  # the scales did move values across bf16 boundaries
+
+
 def test_function_gradient_is_the_scale_in_the_gradient_layout(interpret_triton):
     x = _channels_last((2, 21, 3, 4), torch.float32, seed=13).requires_grad_()
     scale, shift = _params(21, torch.float32, seed=14)
