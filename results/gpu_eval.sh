@@ -21,7 +21,7 @@
 # and --partial (its re-scoring then runs here). A finished run's
 # adversarial images stay on the device; its report is written only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
 # (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200), and
-# gpu-adaptive's chunks of 250 took 27.7-30.6 s per lambda (2026-11-27: cut at 22 of 24, see
+# gpu-adaptive's chunks of 250 took 27.7-30.6 s per lambda (2026-11-27: cut at 18 of 20, see
 # bench/results/gpu-runs-20261127.md; its state, 61 MB of images, came back without tensors). A
 # chunk's time is set by the attack's steps in sequence, not by its images: each defended step took about
 # 0.33 s there at batch 200 (and, we infer, at any batch up to the engine's 256 slots), the slowest image running the defense's 1000 iterations (34-36 s per
@@ -177,12 +177,12 @@ pack() {  # pack [tensors]: the runs' records; with "tensors", also the state te
 part_bytes=${FSMOOTH_EVAL_PART_BYTES:-$(( 15 * 1024 * 1024 ))}
 max_parts=${FSMOOTH_EVAL_MAX_PARTS:-4}   # with setup/'s 3 files and a log of the call: 8
 archive=$out/eval-$name.tar.gz
+rm -f "$archive".part*   # parts of an earlier pack into the same folder
 pack tensors
 size=$(stat -c %s "$archive")
 if [ "$size" -gt "$part_bytes" ]; then
     parts=$(( (size + part_bytes - 1) / part_bytes ))
     if [ "$parts" -le "$max_parts" ]; then
-        rm -f "$archive".part*
         split -b "$part_bytes" -d -a 1 "$archive" "$archive.part" && rm "$archive"
         echo "== the archive with the unfinished runs' state tensors is $(( size / 1024 / 1024 )) MiB: in $parts" \
             "parts; reassemble with: cat eval-$name.tar.gz.part* | tar xz -C results/eval"
