@@ -16,6 +16,7 @@ import types
 import torch
 from torch import nn
 
+from ..functional import _interpret_requested
 from ..models.prefix import prefix as build_prefix
 from ..models.prefix import resolve_layer
 
@@ -69,7 +70,6 @@ def _channel_affine_module():
 def _kernel_runs(x: torch.Tensor) -> bool:
     """The Triton kernel takes ``x``: a CUDA tensor (or CPU under ``TRITON_INTERPRET=1``, for tests) in a
     layout it reads."""
-    from ..functional import _interpret_requested
     if x.device.type != "cuda" and not (x.device.type == "cpu" and _interpret_requested()):
         return False
     module = _channel_affine_module()
