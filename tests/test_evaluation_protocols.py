@@ -492,6 +492,14 @@ def test_summarize_joins_reports_into_one_worst_case(setup, tmp_path):
                                              b["settings"][0]["worst_case"]["correct"])
     assert s["strict"]["correct"] <= s["worst_case"]["correct"]
     assert {(c["target"], c["n"]) for c in summary["clean"]} >= {("defended", 12), ("defended", 8), ("defended", 4)}
+    # One attack in two reports (here the eot protocol again on the first 4 images): its column is the run on
+    # more images, whichever order the reports come in; the worst case still joins both.
+    evaluate(model, x[:4], y[:4], protocol="eot", out=tmp_path / "d", meta={"checkpoint": "runs/fs/checkpoints/e1"},
+             **kwargs)
+    for order in (["a", "d"], ["d", "a"]):
+        (s2,) = summarize([tmp_path / f for f in order])["settings"]
+        assert s2["columns"]["eot-pgd-ce"]["n"] == 12 and s2["columns"]["eot-pgd-ce"]["report"] == str(tmp_path / "a")
+        assert s2["worst_case"]["n"] == 4
     # The command writes both files; a folder without a report is named.
     assert main(["summarize", str(tmp_path / "a"), str(tmp_path / "b"), "--name", "fs=feature-smoothed",
                  "--out", str(tmp_path / "summary")]) == 0

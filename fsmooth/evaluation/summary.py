@@ -93,7 +93,9 @@ def summarize(folders, names: dict | None = None) -> dict:
                 clean.append({"model": model, "target": run["target"], "outer_loops": run["outer_loops"], **row,
                               **source})
                 continue
-            groups[(model, Setting(run["target"], run["outer_loops"], run["eps"]))]["columns"][run["column"]] = row
+            columns = groups[(model, Setting(run["target"], run["outer_loops"], run["eps"]))]["columns"]
+            if run["column"] not in columns or row["n"] >= columns[run["column"]]["n"]:
+                columns[run["column"]] = row  # an attack run in two reports: the one on more images
             if run["column"].startswith("adaptive"):
                 adaptive.append({"model": model, "outer_loops": run["outer_loops"], "eps_255": run["eps_255"],
                                  "lam": run["settings"].get("lam"), **_pct_ci(run), **source})
