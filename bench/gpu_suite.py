@@ -161,6 +161,11 @@ PROFILE_COMPILED = Step(
     "headline engine, not profiled before) beside torch.compile bf16 (default mode): what is left between it and "
     "the bf16 matmul rate",
     _profile_args("graph-bf16-compiled", "compile-bf16"), cap_s=150)
+PROFILE_COMPILED_CHUNKED = Step(
+    "profile-compiled-chunked", "bench", "kernel breakdown at batch 512, 20 fixed iterations: the compiled prefix "
+    "through the chunked engine (its graph replays start from the host, so the profiler sees every trip: "
+    "graph-bf16-compiled's WHILE loop showed it one trip of 20 on the H100, 2026-11-27) beside torch.compile bf16",
+    _profile_args("chunked-bf16-compiled", "compile-bf16"), cap_s=150)
 LATENCY_1 = Step(
     "latency-1", "bench", "ms per call at batch 1, 300 fixed iterations: eager fp32, graph-bf16 and "
     "graph-bf16-compiled with the affine BatchNorms (the batch-1 target, 9.39x before them)",
@@ -184,6 +189,9 @@ CALLS: dict[str, tuple[Step, ...]] = {
     # After fourth (2026-11-27): the GPU tests (the channel-affine kernel's among them), its A/B, the headline
     # engine's own profile, batch-1 latency, then the max-autotune comparison fourth's budget never reached.
     "fifth": (SETUP, EXTENSION, TESTS, AFFINE_KERNEL, PROFILE_COMPILED, LATENCY_1, COMPILE_512_BF16),
+    # After fifth (2026-11-27, H100): what its budget skipped, the batch-1 target (missed narrowly) first, and the
+    # compiled prefix's whole profile, which graph-bf16-compiled's WHILE loop hid from the profiler.
+    "sixth": (SETUP, EXTENSION, TESTS, LATENCY_1, PROFILE_COMPILED_CHUNKED, COMPILE_512_BF16),
     "setup": (SETUP, EXTENSION),
     "tests": (SETUP, EXTENSION, TESTS),
     "quick": (SETUP, EXTENSION, QUICK),

@@ -104,6 +104,18 @@ def test_fifth_call_profiles_the_headline_engine_then_max_autotune(suite):
     assert _values(compiled, "--batches") == ["512"]
 
 
+def test_sixth_call_takes_what_fifth_skipped_and_profiles_through_the_chunked_engine(suite):
+    steps = _bench_steps(suite, "sixth")
+    assert [s.name for s in suite.CALLS["sixth"]] == ["setup", "extension", "tests", "latency-1",
+                                                      "profile-compiled-chunked", "compile-512-bf16"]
+    assert steps["latency-1"] is _bench_steps(suite, "fifth")["latency-1"]
+    assert steps["compile-512-bf16"] is _bench_steps(suite, "fifth")["compile-512-bf16"]
+    profile = steps["profile-compiled-chunked"].bench_args
+    # The compiled prefix without a WHILE loop first (every trip a host-side replay), then the comparison.
+    assert _values(profile, "--profile-providers") == ["chunked-bf16-compiled", "compile-bf16"]
+    assert _values(profile, "--profile-batch") == ["512"] and _values(profile, "--profile-iters") == ["20"]
+
+
 def test_summary_puts_the_profile_in_its_own_table_and_headline(suite):
     rows = [{"section": "profile", "provider": "graph-bf16", "status": "ok", "batch": 512, "iters": 20,
              "category": "total", "device_ms": 100.0, "share": 1.0},
