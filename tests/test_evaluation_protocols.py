@@ -79,8 +79,9 @@ def test_every_protocol_runs_end_to_end(full_report):
     assert md == markdown(json.loads((out / "report.json").read_text()))  # report.json alone renders it again
     for s in report["settings"]:  # the fraction correct in every re-scoring run, with its interval
         if "rescore" in s:
-            a = s["rescore"]["correct_in_all_runs"]
-            assert f"| {100 * a['accuracy']:.2f} [{100 * a['ci95'][0]:.2f}, {100 * a['ci95'][1]:.2f}] |" in md
+            a, b = s["rescore"]["correct_in_all_runs"], s["rescore"]["strict_robust"]  # then the strict one
+            assert (f"| {100 * a['accuracy']:.2f} [{100 * a['ci95'][0]:.2f}, {100 * a['ci95'][1]:.2f}] | "
+                    f"{100 * b['accuracy']:.2f} [{100 * b['ci95'][0]:.2f}, {100 * b['ci95'][1]:.2f}] |") in md
     assert json.loads((out / "report.json").read_text())["info"]["n"] == 6
     tensors = load_file(str(out / "per_image.safetensors"))
     assert tensors["rescore_correct/defended/ol1/eps8"].shape == (tiny_budget().rescore_runs, 6)

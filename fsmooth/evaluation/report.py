@@ -179,7 +179,8 @@ def markdown(report: dict) -> str:
     columns = [x for c in TABLE_COLUMNS for x in (c, *(d for d in carried if carried_from(d) == c))]
     present = [c for c in columns + ["adaptive-min"] if any(c in s["columns"] for s in report["settings"])]
     head = ["model", "K", "eps", "clean"] + present + ["worst case [95% CI]", "re-scored mean ± std",
-                                                       "correct in all runs [95% CI]", "defense iters clean/adv"]
+                                                       "correct in all runs [95% CI]", "strict [95% CI]",
+                                                       "defense iters clean/adv"]
     if report["settings"]:
         lines += ["## Robust accuracy (%)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in report["settings"]:
@@ -189,12 +190,14 @@ def markdown(report: dict) -> str:
         row.append(_pct_ci(wc))
         r = s.get("rescore")
         if r:
-            row += [f"{_pct(r['mean'])} ± {_pct(r['std'])}", _pct_ci(r["correct_in_all_runs"])]
+            # strict: in the worst case and also correct in every re-scoring run (older reports lack it).
+            row += [f"{_pct(r['mean'])} ± {_pct(r['std'])}", _pct_ci(r["correct_in_all_runs"]),
+                    _pct_ci(r["strict_robust"]) if "strict_robust" in r else "-"]
             it = s.get("defense_iterations") or {}
             c, a = it.get("clean"), it.get("adversarial")
             row.append(f"{c['mean']:.0f}/{a['mean']:.0f}" if c and a else "-")
         else:
-            row += ["-", "-", "-"]
+            row += ["-", "-", "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     adaptive = [r for r in report["runs"] if r["column"].startswith("adaptive")]
     if adaptive:
