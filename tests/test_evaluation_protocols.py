@@ -87,6 +87,42 @@ def test_every_protocol_runs_end_to_end(full_report):
     assert tensors["rescore_correct/defended/ol1/eps8"].shape == (tiny_budget().rescore_runs, 6)
 
 
+def test_the_report_counts_the_images_whose_defense_diverged(setup, tmp_path):
+    """A step far too large moves a defended input beyond the guard's L-inf bound: the report counts those
+    images per run, from the scoring forward's own verdict (per image in per_image.safetensors); an undefended
+    run has none to report. A chunk saved before the count existed is left out of it, not counted as fine."""
+    from dataclasses import replace
+
+    from safetensors.torch import save_file
+
+    model, x, y = setup
+    # sigma small, one step of size beta * gradient: with beta = 1e6 most inputs jump far past the bound.
+    wild = replace(TINY_DEFENSE, beta=1e6, max_iters=1)
+    kwargs = dict(protocol="clean", eps=EPS, outer_loops=(1, 2), defense=wild, budget=tiny_budget(), chunk_size=4,
+                  quiet=True, defended_factory=tiny_factory)
+    with pytest.warns(Warning):
+        report = evaluate(model, x, y, out=tmp_path / "wild", **kwargs)
+    runs = {r["run_id"]: r for r in report["runs"]}
+    assert runs["clean/undefended/ol0"]["defense_diverged"] is None
+    tensors = load_file(str(tmp_path / "wild" / "per_image.safetensors"))
+    for run_id in ("clean/defended/ol1", "clean/defended/ol2"):
+        per_image = tensors[f"diverged/{run_id}"]
+        assert per_image.shape == (12,) and set(per_image.tolist()) <= {0.0, 1.0}
+        assert runs[run_id]["defense_diverged"] == {"images": int(per_image.sum()), "of": 12}
+        assert 0 < runs[run_id]["defense_diverged"]["images"]
+    md = (tmp_path / "wild" / "report.md").read_text()
+    assert f"| {runs['clean/defended/ol1']['defense_diverged']['images']} of 12 |" in md
+    # An evaluation resumed from chunks saved before the count: those chunks' images are not known.
+    chunk = tmp_path / "wild" / "state" / "clean_defended_ol1" / "chunk00001.safetensors"
+    old = {k: v for k, v in load_file(str(chunk)).items() if k != "diverged"}
+    save_file(old, str(chunk))
+    again = evaluate(model, x, y, out=tmp_path / "wild", **kwargs)  # every chunk read back, none computed
+    counted = {r["run_id"]: r["defense_diverged"] for r in again["runs"]}["clean/defended/ol1"]
+    assert counted["of"] == 8
+    per_image = load_file(str(tmp_path / "wild" / "per_image.safetensors"))["diverged/clean/defended/ol1"]
+    assert per_image[4:8].eq(-1).all() and counted["images"] == int(per_image.clamp(min=0).sum())
+
+
 class _ShatteredGradients(torch.nn.Module):
     """Quantises its input (zero gradient everywhere): the textbook case of gradient masking."""
 

@@ -45,6 +45,18 @@ def _iteration_stats(iterations: torch.Tensor) -> dict | None:
     return {"mean": float(it.mean()), "max": float(it.max())}
 
 
+def _diverged_stats(diverged: torch.Tensor | None) -> dict | None:
+    """How many images' scoring forward tripped the defense's divergence guard, of those that report it (a
+    re-scoring's ``(runs, n)``: in any run)."""
+    if diverged is None:
+        return None
+    d = diverged.float().reshape(-1, diverged.shape[-1])
+    known = (d >= 0).all(0)
+    if not bool(known.any()):
+        return None
+    return {"images": int(((d > 0).any(0) & known).sum()), "of": int(known.sum())}
+
+
 def _run_row(ctx, result) -> dict:
     spec = result.spec
     n = int(result.correct.numel())
@@ -52,7 +64,8 @@ def _run_row(ctx, result) -> dict:
            "target": spec.target, "outer_loops": spec.outer_loops, "eps": spec.eps, "eps_255": spec.eps * 255,
            **accuracy_summary(result.correct), "wall_s": result.wall_s,
            "wall_per_image_s": result.wall_s / n if n else math.nan,
-           "defense_iterations": _iteration_stats(result.iterations), "settings": result.settings,
+           "defense_iterations": _iteration_stats(result.iterations),
+           "defense_diverged": _diverged_stats(result.diverged), "settings": result.settings,
            "seeds": result.seeds, "machines": result.machines, "autoattack_flags": result.flags}
     if spec.kind != "clean" and result.x_adv is not None:
         row["perturbation"] = perturbation_check(ctx.images.cpu(), result.x_adv, spec.eps)
@@ -90,6 +103,7 @@ def build_report(ctx, specs, results, rescored, info) -> dict:
             s["rescore"]["strict_robust"] = accuracy_summary(entry["robust"] & r.correct_runs.all(0))
             s["defense_iterations"] = {"clean": _iteration_stats(results[clean_run_id(target, k)].iterations),
                                        "adversarial": _iteration_stats(r.iterations)}
+            s["defense_diverged"] = _diverged_stats(r.diverged)  # in any of the re-scoring runs
         threat = {row["run_id"]: results[row["run_id"]].spec.threat for row in group}
         white = {row["column"]: row["accuracy"] for row in group if threat[row["run_id"]] == "white-box"}
         black = {row["column"]: row["accuracy"] for row in group
@@ -210,14 +224,16 @@ def markdown(report: dict) -> str:
         sw = report["eps_sweep"]
         lines += ["", f"## Eps sweep (APGD-CE, K = {sw['outer_loops']})", "", "| eps | accuracy |", "|---|---|"]
         lines += [f"| {p['eps_255']:g}/255 | {_pct(p['accuracy'])} |" for p in sw["points"]]
-    lines += ["", "## Runs", "", "| run | n | accuracy [95% CI] | s/image | defense iters mean/max | max L-inf*255 |",
-              "|---|---|---|---|---|---|"]
+    # diverged: images whose scoring forward tripped the defense's divergence guard (DefenseDivergedWarning).
+    lines += ["", "## Runs", "", "| run | n | accuracy [95% CI] | s/image | defense iters mean/max | diverged | "
+              "max L-inf*255 |", "|---|---|---|---|---|---|---|"]
     for r in report["runs"]:
-        it, p = r["defense_iterations"], r.get("perturbation")
+        it, p, dv = r["defense_iterations"], r.get("perturbation"), r.get("defense_diverged")
         iters = f"{it['mean']:.1f}/{it['max']:.0f}" if it else "-"
+        diverged = f"{dv['images']} of {dv['of']}" if dv else "-"
         linf = f"{255 * p['max_linf']:.3f}" if p else "-"
         lines.append(f"| {r['run_id']} | {r['n']} | {_pct_ci(r)} | {r['wall_per_image_s']:.4g} | "
-                     f"{iters} | {linf} |")
+                     f"{iters} | {diverged} | {linf} |")
     cost = {k: v.get("cost_vs_undefended") for k, v in report["timing"].items()}
     lines += ["", "Inference cost relative to the undefended model (clean pass): " +
               ", ".join(f"{k}: {v:.1f}x" for k, v in cost.items() if v is not None), ""]
@@ -292,12 +308,16 @@ def write_outputs(report: dict, results: dict, rescored: dict, out: Path, ctx) -
     for run_id, r in results.items():
         tensors[f"pred/{run_id}"] = r.pred
         tensors[f"iterations/{run_id}"] = r.iterations.float()
+        if r.diverged is not None:
+            tensors[f"diverged/{run_id}"] = r.diverged.float()
     for setting, entry in rescored.items():
         key = setting.id
         tensors[f"robust/{key}"] = entry["robust"]
         if "rescore" in entry:
             tensors[f"rescore_correct/{key}"] = entry["rescore"].correct_runs
             tensors[f"rescore_iterations/{key}"] = entry["rescore"].iterations.float()
+            if entry["rescore"].diverged is not None:
+                tensors[f"rescore_diverged/{key}"] = entry["rescore"].diverged.float()
             tensors[f"candidates/{key}"] = entry["candidates"][:16].contiguous()
     for run_id, r in results.items():  # a few adversarial examples for the Figure 4/5 panels
         if r.spec.column in ("apgd-ce", "apgd-t") and r.x_adv is not None:

@@ -95,6 +95,10 @@ class RunResult:
     pred: torch.Tensor
     correct: torch.Tensor
     iterations: torch.Tensor          # mean defense iterations per image; -1 where not measured
+    # per image: 1 where the defense's divergence guard fired in the forward that scored it (in any of the K
+    # copies; AutoAttack's own verdict stands, so there the fresh forward on its points), 0 where not, -1 where
+    # not reported (an undefended classifier, a chunk saved before 2026-11-27)
+    diverged: torch.Tensor | None = None
     x_adv: torch.Tensor | None = None
     correct_runs: torch.Tensor | None = None   # rescoring: (runs, n)
     wall_s: float = 0.0
@@ -104,21 +108,33 @@ class RunResult:
     machines: list = field(default_factory=list)  # [{"machine": ..., "chunks": [...]}], see _machines
 
 
-def _iterations(clf, batch: int) -> torch.Tensor:
-    """Mean defense iterations per image over the K copies of the last forward; -1 when not reported."""
-    info = getattr(clf, "last_info", None)
-    it = getattr(info, "iterations", None)
-    if not isinstance(it, torch.Tensor) or it.numel() == 0 or it.numel() % max(batch, 1):
+def _per_image(info, name: str, batch: int, reduce) -> torch.Tensor:
+    """``reduce`` over the K copies of the last forward's ``name`` per image; -1 when not reported."""
+    value = getattr(info, name, None)
+    if not isinstance(value, torch.Tensor) or value.numel() == 0 or value.numel() % max(batch, 1):
         return torch.full((batch,), -1.0)
-    return it.detach().float().cpu().reshape(-1, batch).mean(0)
+    return reduce(value.detach().float().cpu().reshape(-1, batch))
 
+
+def _scored(clf, x: torch.Tensor) -> dict:
+    """Predicted labels, and from the defense's report of that forward (``clf.last_info``), per image: the mean
+    defense iterations over the K copies and whether the divergence guard fired in any (``-1``: not reported)."""
+    with torch.no_grad():
+        pred = clf(x).argmax(1)
+    info, b = getattr(clf, "last_info", None), x.shape[0]
+    return {"pred": pred.cpu(), "iterations": _per_image(info, "iterations", b, lambda v: v.mean(0)),
+            "diverged": _per_image(info, "diverged", b, lambda v: v.amax(0))}
+
+
+def _scored_batched(clf, x: torch.Tensor, batch: int) -> dict:
+    parts = [_scored(clf, x[s]) for s in batch_slices(x.shape[0], batch)]
+    return {key: torch.cat([p[key] for p in parts]) for key in ("pred", "iterations", "diverged")}
 
 
 def predict(clf, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted labels and mean defense iterations per image (``-1`` for a classifier without ``last_info``)."""
-    with torch.no_grad():
-        pred = clf(x).argmax(1)
-    return pred.cpu(), _iterations(clf, x.shape[0])
+    got = _scored(clf, x)
+    return got["pred"], got["iterations"]
 
 
 def _attack(ctx: Context, spec: RunSpec, clf, seed: int):
@@ -132,8 +148,8 @@ def _attack(ctx: Context, spec: RunSpec, clf, seed: int):
 
 
 def predict_batched(clf, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    parts = [predict(clf, x[s]) for s in batch_slices(x.shape[0], batch)]
-    return torch.cat([p for p, _ in parts]), torch.cat([i for _, i in parts])
+    got = _scored_batched(clf, x, batch)
+    return got["pred"], got["iterations"]
 
 
 def _note_resumed(meta: dict, info: dict, keys: tuple, device) -> None:
@@ -152,8 +168,7 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
     meta: dict = {}
     batch = ctx.batch_for(spec.target, spec.outer_loops)
     if spec.kind == "clean":
-        pred, iters = predict_batched(clf, x, batch)
-        return {"pred": pred, "iterations": iters}, meta
+        return _scored_batched(clf, x, batch), meta
     if spec.kind == "autoattack":
         aa = build_autoattack(clf, spec.eps, version=spec.options["version"], attacks=spec.options["attacks"],
                               budget=ctx.budget, num_classes=ctx.num_classes, seed=seed, device=x.device)
@@ -162,8 +177,8 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
         meta.update(settings=autoattack_settings(aa), flags=flags)
         _note_resumed(meta, info, ("resumed_after", "resumed_in"), x.device)
         # AutoAttack's verdict stands; one fresh forward on its points measures the defense iterations.
-        _, iters = predict_batched(clf, x_adv, batch)
-        return {"pred": y_adv.cpu(), "iterations": iters, "x_adv": x_adv.cpu()}, meta
+        got = _scored_batched(clf, x_adv, batch)
+        return {**got, "pred": y_adv.cpu(), "x_adv": x_adv.cpu()}, meta
     if spec.kind == "attack":
         attack = _attack(ctx, spec, clf, seed)
         x_adv, info = run_attack(attack, x, y, batch_size=batch, progress=ctx.store.progress(spec.run_id, chunk))
@@ -175,19 +190,17 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
     elif spec.kind == "rescore":
         candidates = candidates[lo:hi].to(x.device)
         runs = spec.options["runs"]
-        preds, iters = [], []
+        got = []
         for r in range(runs):
             torch.manual_seed(chunk_seed(seed, f"run{r}", chunk))
-            p, it = predict_batched(clf, candidates, batch)
-            preds.append(p)
-            iters.append(it)
+            got.append(_scored_batched(clf, candidates, batch))
         meta["settings"] = {"runs": runs}
-        pred = torch.stack(preds)
-        return {"pred": pred[0].clone(), "iterations": torch.stack(iters), "pred_runs": pred}, meta
+        pred = torch.stack([g["pred"] for g in got])
+        return {"pred": pred[0].clone(), "iterations": torch.stack([g["iterations"] for g in got]),
+                "diverged": torch.stack([g["diverged"] for g in got]), "pred_runs": pred}, meta
     else:
         raise ValueError(f"unknown run kind {spec.kind!r}")
-    pred, iters = predict_batched(clf, x_adv, batch)
-    return {"pred": pred, "iterations": iters, "x_adv": x_adv.detach().cpu()}, meta
+    return {**_scored_batched(clf, x_adv, batch), "x_adv": x_adv.detach().cpu()}, meta
 
 
 def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
@@ -264,6 +277,14 @@ def _merge(ctx: Context, spec: RunSpec, chunks: list) -> RunResult:
         parts = [t[key] for t, _ in chunks if key in t]
         return torch.cat(parts, dim) if parts else None
 
+    def cat_or_unknown(key):
+        """Along the images (the last dim); -1 for a chunk saved before it held ``key``."""
+        if not any(key in t for t, _ in chunks):
+            return None
+        like = next(t[key] for t, _ in chunks if key in t)
+        return torch.cat([t[key] if key in t else torch.full((*like.shape[:-1], t["pred"].shape[-1]), -1.0)
+                          for t, _ in chunks], -1)
+
     metas = [m for _, m in chunks]
     labels = ctx.labels.cpu()
     pred = cat("pred") if chunks else torch.zeros(0, dtype=torch.int64)
@@ -274,6 +295,7 @@ def _merge(ctx: Context, spec: RunSpec, chunks: list) -> RunResult:
                 flags.append(f)
     result = RunResult(spec=spec, pred=pred, correct=pred == labels,
                        iterations=cat("iterations", -1) if chunks else torch.zeros(0),
+                       diverged=cat_or_unknown("diverged"),
                        wall_s=sum(m["wall_s"] for m in metas), flags=flags,
                        settings=metas[0].get("settings", {}) if metas else {},
                        seeds=[m["seed"] for m in metas], machines=_machines(metas))
