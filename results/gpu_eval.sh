@@ -22,7 +22,9 @@
 # adversarial images stay on the device; its report is written only when it finishes. Cost: on one CPU core the adaptive protocol took 18.5-21.1 s per image and lambda
 # (fs-adaptive); gpu-adaptive-200 took 190 s on an H200 (0.17-0.18 s per image and lambda at batch 200), and
 # gpu-adaptive's chunks of 250 took 27.7-30.6 s per lambda (2026-11-27: cut at 18 of 20, see
-# bench/results/gpu-runs-20261127.md; its state, 61 MB of images, came back without tensors). A
+# bench/results/gpu-runs-20261127.md; its state, 61 MB of images, came back without tensors); run again
+# alone in the next session, on an H100, it finished in 9 min 22 s (28.6-31.3 s per chunk and lambda;
+# results/eval/fs-adaptive-gpu), its first call's state coming back in three parts. A
 # chunk's time is set by the attack's steps in sequence, not by its images: each defended step took about
 # 0.33 s there at batch 200 (and, we infer, at any batch up to the engine's 256 slots), the slowest image running the defense's 1000 iterations (34-36 s per
 # 100-step APGD run in fs-adaptive-gpu-200/report.json). So an attack of S sequential steps needs about
