@@ -107,6 +107,16 @@ case "${1:-}" in
         # (an estimate from queue f; the standard model's defense stops sooner, 75 iterations on average against 88)
         ev std-eot-mixed "$STD" --protocol eot --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
+    h)  # row 2's EOT-PGD at eps 16 too, on CPU, in queue f's folder: the state's fingerprint holds neither eps nor
+        # protocol, so the eps-8 runs' finished chunks are read back and only the eps-16 runs are computed (queue
+        # f's eps 8 took about 10 core-hours for n = 100; eps 16 should cost no more: later restarts and targets
+        # attack only the images still robust). Then the eot-transfer line again, so that the folder's report
+        # keeps row 6's K = 10 scoring, at both eps.
+        ev fs-eot-mixed "$FS" --protocol eot --num-images 100 --eps 8 16 --outer-loops 1 --chunk-size 10 \
+            --batch-size 10
+        ev fs-eot-mixed "$FS" --protocol eot-transfer --num-images 100 --eps 8 16 --outer-loops 1 10 \
+            --chunk-size 10 --batch-size 10
+        ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
             --chunk-size 200 --batch-size 200
@@ -147,6 +157,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac
