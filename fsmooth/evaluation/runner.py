@@ -24,7 +24,7 @@ from .protocols import Budget, RunSpec
 from .resumable import batch_slices, run_attack
 from .store import ChunkStore
 
-__all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed", "predict", "predict_batched"]
+__all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed"]
 
 
 def chunk_seed(seed: int, run_id: str, chunk: int) -> int:
@@ -131,12 +131,6 @@ def _scored_batched(clf, x: torch.Tensor, batch: int) -> dict:
     return {key: torch.cat([p[key] for p in parts]) for key in ("pred", "iterations", "diverged")}
 
 
-def predict(clf, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted labels and mean defense iterations per image (``-1`` for a classifier without ``last_info``)."""
-    got = _scored(clf, x)
-    return got["pred"], got["iterations"]
-
-
 def _attack(ctx: Context, spec: RunSpec, clf, seed: int):
     options = dict(spec.options.get("kwargs", {}))
     cls = getattr(attack_classes, spec.options["name"])
@@ -145,11 +139,6 @@ def _attack(ctx: Context, spec: RunSpec, clf, seed: int):
         options.setdefault("layer", ctx.layer)
         return cls(clf, ctx.base_model(spec.target), eps=spec.eps, seed=seed, **options)
     return cls(clf, eps=spec.eps, seed=seed, **options)
-
-
-def predict_batched(clf, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    got = _scored_batched(clf, x, batch)
-    return got["pred"], got["iterations"]
 
 
 def _note_resumed(meta: dict, info: dict, keys: tuple, device) -> None:
