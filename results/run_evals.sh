@@ -117,6 +117,12 @@ case "${1:-}" in
         ev fs-eot-mixed "$FS" --protocol eot-transfer --num-images 100 --eps 8 16 --outer-loops 1 10 \
             --chunk-size 10 --batch-size 10
         ;;
+    i)  # row 7 at the n = 200 on CPU: std-eot-mixed's first 100 images are read back (since 2026-11-27
+        # each chunk's stamp covers its own images, so a larger --num-images reuses every finished chunk) and
+        # images 100-199 are attacked: some 9-10 core-hours (an estimate from queue g's first 100 images, 5.1
+        # core-hours for CE and 4.2 for targeted DLR)
+        ev std-eot-mixed "$STD" --protocol eot --num-images 200 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
             --chunk-size 200 --batch-size 200

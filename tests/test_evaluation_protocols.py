@@ -1,5 +1,6 @@
 """End to end: every protocol runs on a tiny defended model; reports, resume, CLI and figures."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,22 +88,32 @@ def test_every_protocol_runs_end_to_end(full_report):
     assert tensors["rescore_correct/defended/ol1/eps8"].shape == (tiny_budget().rescore_runs, 6)
 
 
-def test_the_report_counts_the_images_whose_defense_diverged(setup, tmp_path):
+def test_the_report_counts_the_images_whose_defense_diverged(setup, tmp_path, caplog):
     """A step far too large moves a defended input beyond the guard's L-inf bound: the report counts those
     images per run, from the scoring forward's own verdict (per image in per_image.safetensors); an undefended
-    run has none to report. A chunk saved before the count existed is left out of it, not counted as fine."""
+    run has none to report. A chunk saved before the count existed is left out of it, not counted as fine.
+    The defense's warning, one per forward pass, is replaced by one log line per chunk."""
+    import logging
+    import warnings
     from dataclasses import replace
 
     from safetensors.torch import save_file
+
+    from fsmooth.defense import DefenseDivergedWarning
 
     model, x, y = setup
     # sigma small, one step of size beta * gradient: with beta = 1e6 most inputs jump far past the bound.
     wild = replace(TINY_DEFENSE, beta=1e6, max_iters=1)
     kwargs = dict(protocol="clean", eps=EPS, outer_loops=(1, 2), defense=wild, budget=tiny_budget(), chunk_size=4,
                   quiet=True, defended_factory=tiny_factory)
-    with pytest.warns(Warning):
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, "fsmooth.evaluation"):
+        warnings.simplefilter("always")
         report = evaluate(model, x, y, out=tmp_path / "wild", **kwargs)
+    assert not [w for w in caught if issubclass(w.category, DefenseDivergedWarning)]
+    lines = [r.getMessage() for r in caplog.records if "divergence guard" in r.getMessage()]
     runs = {r["run_id"]: r for r in report["runs"]}
+    logged = sum(int(line.split(": ")[1].split(" of ")[0]) for line in lines if "'clean/defended/ol1'" in line)
+    assert lines and logged == runs["clean/defended/ol1"]["defense_diverged"]["images"]
     assert runs["clean/undefended/ol0"]["defense_diverged"] is None
     tensors = load_file(str(tmp_path / "wild" / "per_image.safetensors"))
     for run_id in ("clean/defended/ol1", "clean/defended/ol2"):
@@ -250,6 +261,94 @@ def test_no_resume_clears_the_state_so_a_later_resume_never_mixes_runs(setup, tm
     assert resumed["info"]["seed"] == 1
     assert _strip(resumed) == _strip(reference)                         # every chunk is seed 1's
     assert _same_outputs(tmp_path / "straight", out)
+
+
+def _chunk_walls(out: Path) -> dict:
+    """Each finished chunk's ``wall_s`` (a recomputed chunk gets a new one)."""
+    return {(path.parent.name, path.name): json.loads(path.read_text())["wall_s"]
+            for path in (out / "state").glob("*/chunk?????.json")}
+
+
+GROWN_KWARGS = {**RESUME_KWARGS, "protocol": "transfer"}  # an attack run, its re-scoring and clean passes
+
+
+@pytest.mark.parametrize("first_n", [8, 10])
+def test_more_images_reuse_every_chunk_whose_images_are_unchanged(setup, tmp_path, first_n):
+    model, x, y = setup
+    reference = evaluate(model, x, y, out=tmp_path / "straight", seed=5, **GROWN_KWARGS)
+    out = tmp_path / "grown"
+    evaluate(model, x[:first_n], y[:first_n], out=out, seed=5, **GROWN_KWARGS)
+    before = _chunk_walls(out)
+    grown = evaluate(model, x, y, out=out, seed=5, **GROWN_KWARGS)
+    after = _chunk_walls(out)
+    # Chunks 0 and 1 (images 0-7) are read back; chunk 2 is computed, or recomputed when it held 2 images.
+    kept = {key for key in before if after[key] == before[key]}
+    assert {name for _, name in kept} == {"chunk00000.json", "chunk00001.json"}
+    assert {name for _, name in after} == {"chunk00000.json", "chunk00001.json", "chunk00002.json"}
+    assert _strip(grown) == _strip(reference) and _same_outputs(tmp_path / "straight", out)
+    # Fewer images again: nothing is computed.
+    evaluate(model, x[:8], y[:8], out=out, seed=5, **GROWN_KWARGS)
+    assert _chunk_walls(out) == after
+    # Other images in a chunk they share (not only the last) are another evaluation's.
+    with pytest.raises(ValueError, match="different evaluation"):
+        evaluate(model, x.flip(0), y.flip(0), out=out, seed=5, **GROWN_KWARGS)
+
+
+def _as_legacy(out: Path, images, labels) -> None:
+    """Rewrite ``out``'s state as fsmooth wrote it before per-chunk stamps: one data checksum over all images,
+    one digest in every chunk and progress file."""
+    from fsmooth.evaluation.api import _as_images, _checksum
+    from fsmooth.evaluation.store import FINGERPRINT_KEY, _digest
+
+    marker = out / "state" / "fingerprint.json"
+    legacy = {**json.loads(marker.read_text()), "data": _checksum(*_as_images(images, labels, None, "cpu"))}
+    marker.write_text(json.dumps(legacy))
+    for path in (out / "state").glob("*/chunk*.json"):
+        meta = json.loads(path.read_text())
+        meta[FINGERPRINT_KEY] = _digest(legacy)
+        path.write_text(json.dumps(meta))
+
+
+def test_state_written_before_per_chunk_stamps_is_adopted_and_grows(setup, tmp_path):
+    model, x, y = setup
+    reference = evaluate(model, x, y, out=tmp_path / "straight", seed=6, **GROWN_KWARGS)
+    out = tmp_path / "legacy"
+    evaluate(model, x[:8], y[:8], out=out, seed=6, **GROWN_KWARGS)
+    _as_legacy(out, x[:8], y[:8])
+    before = _chunk_walls(out)
+    grown = evaluate(model, x, y, out=out, seed=6, **GROWN_KWARGS)
+    after = _chunk_walls(out)
+    assert all(after[key] == before[key] for key in before)             # chunks 0 and 1 were read back
+    assert len(after) == len(before) + len({folder for folder, _ in before})
+    assert _strip(grown) == _strip(reference) and _same_outputs(tmp_path / "straight", out)
+    marker = json.loads((out / "state" / "fingerprint.json").read_text())
+    assert [len(entry["chunks"]) for entry in marker["legacy_stamps"]] == [2]
+    # The marker keeps the old stamps: a later run still reads those chunks back.
+    evaluate(model, x, y, out=out, seed=6, **GROWN_KWARGS)
+    assert _chunk_walls(out) == after
+    # Legacy state whose images are not the first ones is another evaluation's.
+    other = tmp_path / "other"
+    evaluate(model, x[4:12], y[4:12], out=other, seed=6, **GROWN_KWARGS)
+    _as_legacy(other, x[4:12], y[4:12])
+    with pytest.raises(ValueError, match="different evaluation"):
+        evaluate(model, x, y, out=other, seed=6, **GROWN_KWARGS)
+
+
+def test_a_rank_that_does_not_own_the_state_reads_the_legacy_stamps(tmp_path):
+    from fsmooth.evaluation.store import ChunkedData, ChunkStore, _digest
+
+    data = ChunkedData(checksums=("a", "b"), bounds=((0, 4), (4, 6)), prefix_checksum=lambda k: f"prefix{k}")
+    legacy = {"data": "prefix6", "seed": 0}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "fingerprint.json").write_text(json.dumps(legacy))
+    (tmp_path / "run" / "chunk00001.json").write_text(json.dumps({"hi": 6, "fingerprint_sha256": _digest(legacy)}))
+    fingerprint = {"data": ["a", "b"], "seed": 0}
+    follower = ChunkStore(tmp_path, fingerprint, owner=False, data=data)  # built before the owner, as in torchrun
+    owner = ChunkStore(tmp_path, fingerprint, data=data)
+    assert owner.finished("run", 1) and follower.finished("run", 1)
+    assert _digest(legacy) in follower.accepted(0) and owner.stamp(0) != owner.stamp(1)
+    with pytest.raises(ValueError, match="checksums"):
+        ChunkStore(tmp_path, {"data": ["a"], "seed": 0}, data=data)
 
 
 def test_a_rerun_that_computes_nothing_keeps_the_reports_times(setup, tmp_path):

@@ -220,6 +220,7 @@ def test_gpu_eval_detached_run_that_fails_reports_its_status(tmp_path):
     ("f", ["fs-eot-mixed"]),
     ("g", ["std-eot-mixed"]),
     ("h", ["fs-eot-mixed"]),
+    ("i", ["std-eot-mixed"]),
 ])
 def test_every_cpu_queue_parses_and_runs_each_of_its_evaluations(tmp_path, queue, runs):
     env = _stub_env(tmp_path)

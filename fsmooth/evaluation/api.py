@@ -18,7 +18,7 @@ from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, 
 from .report import build_report, write_outputs
 from .runner import Context, RunResult, execute, rescore
 from .scoring import choose_candidates, worst_case
-from .store import ChunkStore, OverlayStore
+from .store import ChunkedData, ChunkStore, OverlayStore
 
 __all__ = ["evaluate", "default_defended_factory"]
 
@@ -75,6 +75,15 @@ def _checksum(*tensors) -> str:
     return h.hexdigest()[:16]
 
 
+def _chunked_data(images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> ChunkedData:
+    """Each chunk's checksum (what its stored results are stamped with), and the whole-prefix checksum that state
+    written before per-chunk stamps recorded."""
+    n = int(labels.shape[0])
+    bounds = tuple((lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size))
+    return ChunkedData(checksums=tuple(_checksum(images[lo:hi], labels[lo:hi]) for lo, hi in bounds),
+                       bounds=bounds, prefix_checksum=lambda k: _checksum(images[:k], labels[:k]))
+
+
 def _model_checksum(model) -> str:
     return _checksum(*[t.float() for t in model.state_dict().values()]) if model is not None else "none"
 
@@ -123,7 +132,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         batch_size: images per forward pass / attack call for K = 1; divided by K for outer_loops K
             (the defended batch holds K copies). Lower it if the GPU runs out of memory.
         out: folder for ``report.json``, ``report.md``, per-image tensors and resumable state.
-        resume: reuse finished chunks under ``out/state``.
+        resume: reuse finished chunks under ``out/state``, also after ``n`` changed: every chunk whose images
+            are unchanged (each chunk's stamp covers its own images).
         defended_factory: ``(model, config, outer_loops, layer) -> nn.Module``; default
             :class:`fsmooth.defense.DefendedClassifier`.
         meta: extra fields recorded in the report (command line, dataset label, ...).
@@ -163,6 +173,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     with torch.no_grad():
         num_classes = int(model(images[:1]).shape[1])
     rank, world = rank_and_world()
+    data = _chunked_data(images, labels, chunk_size)
     fingerprint = {"data": _checksum(images, labels), "model": _model_checksum(model),
                    "baseline_model": _model_checksum(baseline_model), "seed": seed, "chunk_size": chunk_size,
                    "batch_size": batch_size,
@@ -171,7 +182,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     out = Path(out) if out is not None else None
     if partial:
         _check_partial(out, resume, world)
-    store = ChunkStore(out / "state" if out is not None else None, fingerprint, resume, owner=rank == 0)
+    stamped = {**fingerprint, "data": list(data.checksums)}  # the state's: each chunk's stamp covers its own images
+    store = ChunkStore(out / "state" if out is not None else None, stamped, resume, owner=rank == 0, data=data)
     barrier()  # no rank reads or writes chunks before rank 0 has checked (or, resume=False, cleared) the state
     specs = plan(protocols, eps, outer_loops, budget, has_baseline=baseline_model is not None)
     planned_n = int(labels.shape[0])
@@ -180,7 +192,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         done, left_out = _finished_prefix(store, specs, planned_n, chunk_size)
         specs = [spec for spec in specs if spec.run_id not in left_out]
         images, labels = images[:done], labels[:done]
-        store = OverlayStore(store, ChunkStore(out / "partial" / "state", fingerprint, resume))
+        store = OverlayStore(store, ChunkStore(out / "partial" / "state", stamped, resume, data=data))
     ctx = Context(model=model, images=images, labels=labels, defense_config=config,
                   defended_factory=defended_factory or default_defended_factory, budget=budget,
                   baseline_model=baseline_model, baseline_config=baseline_config, layer=layer, seed=seed,

@@ -83,7 +83,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=250,
                    help="images per forward/attack call at K=1 (divided by K); lower it on out-of-memory")
     p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse finished chunks in OUT/state and go on from the work a killed chunk saved "
+                   help="reuse finished chunks in OUT/state (also with another --num-images: every chunk whose "
+                        "images are unchanged) and go on from the work a killed chunk saved "
                         "(default on; --no-resume deletes the state first)")
     p.add_argument("--partial", action="store_true",
                    help="report on the images a running or interrupted evaluation in --out has finished, "

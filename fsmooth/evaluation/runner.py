@@ -7,6 +7,7 @@ or on whether the evaluation was interrupted and resumed.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 import warnings
@@ -17,12 +18,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .._machine import machine
+from ..defense import DefenseDivergedWarning
 from ..distributed import Claims, all_gather_object
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
 from .protocols import Budget, RunSpec
 from .resumable import batch_slices, run_attack
 from .store import ChunkStore
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed"]
 
@@ -220,11 +224,16 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
                 torch.cuda.manual_seed_all(seed)
             start = time.perf_counter()
             with warnings.catch_warnings():
-                # Counted from the defense's own report instead (iterations in the report); one per forward
-                # pass would drown the log.
+                # Counted from the defense's own report instead (iterations and the diverged column in the
+                # report, a line per chunk below); one per forward pass would drown the log.
                 warnings.filterwarnings("ignore", message=r".*reached max_iters.*")
+                warnings.filterwarnings("ignore", category=DefenseDivergedWarning)
                 tensors, meta = _run_chunk(ctx, spec, clf, ctx.images[lo:hi], ctx.labels[lo:hi], seed, sources,
                                            lo, hi, c, candidates)
+            tripped = int((tensors["diverged"] > 0).sum()) if "diverged" in tensors else 0
+            if tripped:
+                _log.info("chunk %d of %r: %d of its %d scoring forwards tripped the defense's divergence guard "
+                          "(the report's diverged column)", c, spec.run_id, tripped, tensors["diverged"].numel())
             if ctx.device.type == "cuda":
                 torch.cuda.synchronize(ctx.device)
             # A chunk resumed from its saved progress also counts the time spent before the interruption.

@@ -8,7 +8,9 @@ import math
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file
@@ -17,12 +19,13 @@ from ..io import write_safetensors_atomic, write_text_atomic
 
 atomic_write_text = write_text_atomic  # the old name, kept for callers
 
-__all__ = ["ChunkStore", "ChunkProgress", "OverlayStore", "atomic_write_text", "write_json", "json_text",
-           "rng_state", "set_rng_state"]
+__all__ = ["ChunkStore", "ChunkProgress", "ChunkedData", "OverlayStore", "atomic_write_text", "write_json",
+           "json_text", "rng_state", "set_rng_state"]
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
 _TENSORS_KEY = "tensors_file"  # in a progress JSON: which of its two tensor files it goes with
+_LEGACY_KEY = "legacy_stamps"  # in fingerprint.json: stamps of chunks written before per-chunk stamps, still good
 
 
 def _json_default(value):
@@ -88,11 +91,11 @@ def _read_json_object(path: Path) -> dict:
     return meta
 
 
-def _read_stamped(tensor_path, meta_path: Path, digest: str | None, why: str):
-    """``(tensors, meta)`` written with ``digest``, or ``None``: missing, unreadable (zero-byte, truncated, torn
-    JSON: a warning, never an error that fails every rerun) or stamped by another evaluation (a warning).
-    ``tensor_path``: a path, or a function of the JSON that names it. ``why`` starts each warning: what happens
-    instead."""
+def _read_stamped(tensor_path, meta_path: Path, accepted: tuple, why: str):
+    """``(tensors, meta)`` stamped with one of the ``accepted`` digests, or ``None``: missing, unreadable
+    (zero-byte, truncated, torn JSON: a warning, never an error that fails every rerun) or stamped by another
+    evaluation (a warning). ``tensor_path``: a path, or a function of the JSON that names it. ``why`` starts each
+    warning: what happens instead."""
     if not meta_path.is_file():
         return None
     path = None
@@ -105,33 +108,64 @@ def _read_stamped(tensor_path, meta_path: Path, digest: str | None, why: str):
         warnings.warn(f"{why}: {names} in {meta_path.parent} cannot be read ({type(exc).__name__}: {exc})",
                       RuntimeWarning, stacklevel=3)
         return None
-    if meta.get(FINGERPRINT_KEY) != digest:
+    if meta.get(FINGERPRINT_KEY) not in accepted:
         warnings.warn(f"{why}: {meta_path} belongs to another evaluation (its fingerprint differs)", RuntimeWarning,
                       stacklevel=3)
         return None
     return tensors, {k: v for k, v in meta.items() if k not in (FINGERPRINT_KEY, _TENSORS_KEY)}
 
 
+def _digest(fingerprint) -> str:
+    canonical = json.dumps(json_value(fingerprint), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ChunkedData:
+    """The evaluated images as the store stamps them: one checksum per chunk, so that a chunk's stamp covers its
+    own images only and an evaluation rerun on more (or fewer) images reuses every chunk whose images are
+    unchanged.
+
+    ``bounds``: each chunk's ``(lo, hi)``; ``prefix_checksum(k)``: the checksum of the first ``k`` images as state
+    written before per-chunk stamps (2026-11-27, 22:00 UTC) recorded it for all its images, to adopt that state.
+    """
+
+    checksums: tuple[str, ...]
+    bounds: tuple[tuple[int, int], ...]
+    prefix_checksum: Callable[[int], str]
+
+    def __post_init__(self):
+        if len(self.checksums) != len(self.bounds):
+            raise ValueError(f"ChunkedData: {len(self.checksums)} checksums for {len(self.bounds)} chunks")
+
+
 class ChunkStore:
     """``root/<run>/chunk00003.safetensors`` + ``.json``; a chunk counts as done once its JSON exists.
 
-    ``root=None`` keeps nothing (no resume). ``fingerprint`` (the evaluation's
-    inputs) is checked against the stored one so a resume never mixes runs, and
-    its digest is written into every chunk and checked again when the chunk is
-    loaded: a chunk of another evaluation, or one that cannot be read (a
-    zero-byte or truncated file, torn JSON), is recomputed with a warning naming
-    it. ``resume=False`` deletes the stored state first. Only the ``owner``
-    (rank 0) writes the marker or deletes state; every rank stamps and checks chunks.
+    ``root=None`` keeps nothing (no resume). ``fingerprint`` (the evaluation's inputs) is checked against the
+    stored one so a resume never mixes runs, and a digest of it is written into every chunk and checked again
+    when the chunk is loaded: a chunk of another evaluation, or one that cannot be read (a zero-byte or
+    truncated file, torn JSON), is recomputed with a warning naming it. ``resume=False`` deletes the stored state
+    first. Only the ``owner`` (rank 0) writes the marker or deletes state; every rank stamps and checks chunks.
+
+    With ``data`` (:class:`ChunkedData`; ``fingerprint["data"]`` is then its list of checksums) each chunk's
+    digest covers the rest of the fingerprint and that chunk's images only, so the number of images may change
+    between runs: the stored and new checksums must agree on every chunk the two share but the last (which may
+    have held fewer images), and the chunks whose images are unchanged are reused. State written before
+    per-chunk stamps (one digest over all its images) is adopted: its images are found among the first ``k`` new
+    ones, and its chunks within them stay good (``legacy_stamps`` in ``fingerprint.json``).
     """
 
     def __init__(self, root: Path | None, fingerprint: dict | None = None, resume: bool = True, *,
-                 owner: bool = True):
+                 owner: bool = True, data: ChunkedData | None = None):
         self.root = Path(root) if root is not None else None
         self.resume = resume
-        self.digest = None
-        if fingerprint is not None:
-            canonical = json.dumps(json_value(fingerprint), sort_keys=True, separators=(",", ":"))
-            self.digest = hashlib.sha256(canonical.encode()).hexdigest()
+        self.fingerprint = json_value(fingerprint) if fingerprint is not None else None
+        self.data = data
+        if data is not None and (fingerprint is None or self.fingerprint.get("data") != list(data.checksums)):
+            raise ValueError("ChunkStore: fingerprint['data'] must be data.checksums when data is given")
+        self.digest = _digest(self.fingerprint) if fingerprint is not None else None
+        self._legacy: list | None = None  # [{"sha256", "chunks"}]; read from the marker when first needed
         if self.root is None or not owner:
             return
         if not resume and self.root.exists():
@@ -139,18 +173,89 @@ class ChunkStore:
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         marker = self.root / "fingerprint.json"
-        if fingerprint is not None:
-            if resume and marker.is_file():
-                try:
-                    stored = json.loads(marker.read_text())
-                except ValueError:
-                    stored = None  # torn: the chunks' own stamps decide what is reused
-                    warnings.warn(f"unreadable {marker}; every chunk is checked against this evaluation's "
-                                  "fingerprint", RuntimeWarning, stacklevel=2)
-                if stored is not None and stored != json_value(fingerprint):
-                    raise ValueError(f"the state in {self.root} belongs to a different evaluation "
-                                     "(inputs, seed or budget differ); use another --out or resume=False")
-            write_json(marker, fingerprint)
+        if fingerprint is None:
+            return
+        self._legacy = []
+        if resume and marker.is_file():
+            try:
+                stored = json.loads(marker.read_text())
+            except ValueError:
+                stored = None  # torn: the chunks' own stamps decide what is reused
+                warnings.warn(f"unreadable {marker}; every chunk is checked against this evaluation's "
+                              "fingerprint", RuntimeWarning, stacklevel=2)
+            if stored is not None:
+                self._legacy = self._adopt(stored)
+        write_json(marker, {**self.fingerprint, _LEGACY_KEY: self._legacy} if self._legacy else self.fingerprint)
+
+    def _different(self) -> ValueError:
+        return ValueError(f"the state in {self.root} belongs to a different evaluation (inputs, seed or budget "
+                          "differ); use another --out or resume=False")
+
+    def _adopt(self, stored) -> list:
+        """The legacy stamps still good for this evaluation, from the stored marker; raises when it belongs to
+        another evaluation."""
+        if not isinstance(stored, dict):
+            raise self._different()
+        stored = dict(stored)
+        legacy = stored.pop(_LEGACY_KEY, [])
+        old, new = stored.get("data"), self.fingerprint.get("data")
+        if self.data is None or {k: v for k, v in stored.items() if k != "data"} != \
+                {k: v for k, v in self.fingerprint.items() if k != "data"}:
+            if stored != self.fingerprint:
+                raise self._different()
+            return legacy
+        if isinstance(old, list):  # per-chunk checksums: the shared chunks but the last must agree
+            shared = min(len(old), len(new))
+            if any(a != b for a, b in zip(old[:shared - 1], new[:shared - 1])):
+                raise self._different()
+            return legacy
+        k = self._legacy_images(stored, old)
+        if k is None:
+            raise self._different()
+        kept = [c for c, (_, hi) in zip(self.data.checksums, self.data.bounds) if hi <= k]
+        _log.info("adopting the state in %s written before per-chunk stamps: its %d images are the first of "
+                  "these, %d chunks stay good", self.root, k, len(kept))
+        return [{"sha256": _digest(stored), "chunks": kept}] if kept else []
+
+    def _legacy_images(self, stored: dict, checksum) -> int | None:
+        """How many of the first images the legacy state ``stored`` (one checksum over all its images) was
+        written for, or ``None`` when no image count its chunks name (nor this evaluation's) matches."""
+        digest = _digest(stored)
+        counts = {self.data.bounds[-1][1]} if self.data.bounds else set()
+        for meta_path in self.root.glob("*/chunk[0-9][0-9][0-9][0-9][0-9].json"):
+            try:
+                meta = _read_json_object(meta_path)
+            except (OSError, ValueError):
+                continue
+            if meta.get(FINGERPRINT_KEY) == digest and isinstance(meta.get("hi"), int):
+                counts.add(meta["hi"])
+        n = self.data.bounds[-1][1] if self.data.bounds else 0
+        for k in sorted((c for c in counts if 0 < c <= n), reverse=True):
+            if self.data.prefix_checksum(k) == checksum:
+                return k
+        return None
+
+    def stamp(self, chunk: int) -> str | None:
+        """The digest written into chunk ``chunk``'s files: the fingerprint's, with only that chunk's images."""
+        if self.data is None or not 0 <= chunk < len(self.data.checksums):
+            return self.digest
+        return _digest({**self.fingerprint, "data": self.data.checksums[chunk]})
+
+    def accepted(self, chunk: int) -> tuple:
+        """The digests a stored chunk ``chunk`` (or its progress) may carry to be reused: its :meth:`stamp`, and a
+        legacy stamp whose record holds this chunk's images."""
+        if self._legacy is None and self.root is None:
+            self._legacy = []
+        if self._legacy is None:  # a rank that did not write the marker reads it (after the owner has)
+            try:
+                self._legacy = json.loads((self.root / "fingerprint.json").read_text()).get(_LEGACY_KEY, [])
+            except (OSError, ValueError, AttributeError):
+                self._legacy = []
+        mine = self.data.checksums[chunk] if self.data is not None and 0 <= chunk < len(self.data.checksums) \
+            else None
+        return (self.stamp(chunk), *(entry["sha256"] for entry in self._legacy
+                                     if mine is not None and chunk < len(entry["chunks"])
+                                     and entry["chunks"][chunk] == mine))
 
     def _paths(self, run_id: str, chunk: int) -> tuple[Path, Path]:
         folder = self.root / _safe(run_id)
@@ -160,11 +265,11 @@ class ChunkStore:
         """Where chunk ``chunk`` of ``run_id`` keeps its work in flight (``None`` when nothing is kept)."""
         if self.root is None:
             return None
-        return ChunkProgress(self.root / _safe(run_id), chunk, self.digest)
+        return ChunkProgress(self.root / _safe(run_id), chunk, self.stamp(chunk), self.accepted(chunk))
 
     def finished(self, run_id: str, chunk: int) -> bool:
-        """Whether chunk ``chunk`` of ``run_id`` has finished for this evaluation (its JSON, stamped with this
-        evaluation's fingerprint, exists); reads the JSON only, not the tensors."""
+        """Whether chunk ``chunk`` of ``run_id`` has finished for this evaluation (its JSON, stamped for this
+        evaluation, exists); reads the JSON only, not the tensors."""
         if self.root is None or not self.resume:
             return False
         _, meta_path = self._paths(run_id, chunk)
@@ -172,22 +277,32 @@ class ChunkStore:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
             return False
-        return isinstance(meta, dict) and meta.get(FINGERPRINT_KEY) == self.digest
+        return isinstance(meta, dict) and meta.get(FINGERPRINT_KEY) in self.accepted(chunk)
 
     def load(self, run_id: str, chunk: int):
         """``(tensors, meta)`` of a finished chunk of this evaluation, or ``None`` (to be computed)."""
         if self.root is None or not self.resume:
             return None
         tensor_path, meta_path = self._paths(run_id, chunk)
-        return _read_stamped(tensor_path, meta_path, self.digest, f"recomputing chunk {chunk} of {run_id!r}")
+        if self.data is not None and 0 <= chunk < len(self.data.bounds):
+            try:
+                held = _read_json_object(meta_path).get("hi")
+            except (OSError, ValueError):
+                held = None
+            if isinstance(held, int) and held != self.data.bounds[chunk][1]:  # the evaluation ran on other n
+                lo, hi = self.data.bounds[chunk]
+                _log.info("recomputing chunk %d of %r: it held images %d to %d, it holds %d to %d now", chunk,
+                          run_id, lo, held - 1, lo, hi - 1)
+                return None
+        return _read_stamped(tensor_path, meta_path, self.accepted(chunk), f"recomputing chunk {chunk} of {run_id!r}")
 
     def save(self, run_id: str, chunk: int, tensors: dict, meta: dict) -> None:
         if self.root is None:
             return
         tensor_path, meta_path = self._paths(run_id, chunk)
         write_safetensors_atomic(tensor_path, tensors)
-        write_json(meta_path, {**meta, FINGERPRINT_KEY: self.digest})  # written last: marks the chunk complete
-        ChunkProgress(tensor_path.parent, chunk, self.digest).clear()  # the chunk's work in flight is done
+        write_json(meta_path, {**meta, FINGERPRINT_KEY: self.stamp(chunk)})  # written last: marks the chunk complete
+        self.progress(run_id, chunk).clear()  # the chunk's work in flight is done
 
 
 class OverlayStore:
@@ -224,12 +339,13 @@ class ChunkProgress:
     warning (the chunk starts over). :meth:`ChunkStore.save` removes it once the chunk is done.
     """
 
-    def __init__(self, folder: Path, chunk: int, digest: str | None):
+    def __init__(self, folder: Path, chunk: int, digest: str | None, accepted: tuple | None = None):
         self.folder = Path(folder)
         self.meta_path = self.folder / f"chunk{chunk:05d}.progress.json"
         self._files = [self.folder / f"chunk{chunk:05d}.progress.{g}.safetensors" for g in (0, 1)]
         self._legacy = self.folder / f"chunk{chunk:05d}.progress.safetensors"  # saved before 2026-11-27 06:30 UTC
         self.chunk, self.digest = chunk, digest
+        self.accepted = (digest,) if accepted is None else tuple(accepted)  # the stamps it may resume from
 
     def _named(self, meta: dict) -> Path:
         return self.folder / meta.get(_TENSORS_KEY, self._legacy.name)
@@ -244,7 +360,7 @@ class ChunkProgress:
 
     def load(self):
         """``(tensors, meta)`` saved by :meth:`save` for this evaluation, or ``None``."""
-        return _read_stamped(self._named, self.meta_path, self.digest,
+        return _read_stamped(self._named, self.meta_path, self.accepted,
                              f"chunk {self.chunk} starts over (its saved progress)")
 
     def save(self, tensors: dict, meta: dict) -> None:
