@@ -66,10 +66,17 @@ def _reports(ten_classes: bool = False) -> list[Path]:
     found = []
     for run in sorted(p for p in (RESULTS / "eval").iterdir() if p.is_dir()):
         # A run still going (or stopped) counts by its `fsmooth eval --partial` report: the chunks it finished,
-        # re-scored; the report's path (".../partial") and n say so in every table.
-        path = next((r for r in (run / "report.json", run / "partial" / "report.json") if r.is_file()), None)
-        if path and bool(json.loads(path.read_text())["info"].get("image_order")) == ten_classes:
-            found.append(path.parent.relative_to(ROOT))
+        # re-scored; the report's path (".../partial") and n say so in every table. A run extended after it
+        # finished (more eps, more images) counts by both: its finished report, and the partial one written
+        # after it (`fsmooth summarize` joins them per image; an attack in both keeps the run on more images).
+        got = {r: json.loads(r.read_text())["info"] for r in (run / "report.json", run / "partial" / "report.json")
+               if r.is_file()}
+        finished = got.get(run / "report.json", {}).get("finished", "")
+        for path, info in got.items():
+            if path.parent.name == "partial" and info["finished"] < finished:
+                continue  # read before the run finished: its finished report says it all
+            if bool(info.get("image_order")) == ten_classes:
+                found.append(path.parent.relative_to(ROOT))
     return found
 
 

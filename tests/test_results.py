@@ -92,6 +92,29 @@ def test_make_results_writes_what_check_then_accepts(make_results, copied):
     assert _check(make_results) == []
 
 
+def test_a_partial_report_counts_beside_the_finished_one_only_when_written_after_it(make_results, copied):
+    """A finished run extended later (say eps 16 after eps 8) counts by both its reports; a partial report read
+    before its run finished is left out; a run with no finished report counts by its partial one."""
+    run = Path("results") / "eval" / "fs-eot-mixed"                   # holds both reports
+    shutil.copy(copied / run / "report.json", copied / run / "partial" / "report.json")
+
+    def finished(path, when):
+        report = json.loads((copied / path / "report.json").read_text())
+        report["info"]["finished"] = when
+        (copied / path / "report.json").write_text(json.dumps(report))
+
+    finished(run, "2026-11-27T12:00:00+00:00")
+    finished(run / "partial", "2026-11-27T22:00:00+00:00")
+    found = make_results._reports(ten_classes=True)
+    assert run in found and run / "partial" in found
+    finished(run / "partial", "2026-11-27T10:00:00+00:00")
+    found = make_results._reports(ten_classes=True)
+    assert run in found and run / "partial" not in found
+    (copied / run / "report.json").unlink()
+    found = make_results._reports(ten_classes=True)
+    assert run not in found and run / "partial" in found
+
+
 def test_a_report_whose_device_text_named_torch_names_it_once():
     """fs-rand-mixed's report.json was written while the device text still carried torch's version."""
     folder = ROOT / "results" / "eval" / "fs-rand-mixed"
