@@ -68,13 +68,16 @@ def _reports(ten_classes: bool = False) -> list[Path]:
         # A run still going (or stopped) counts by its `fsmooth eval --partial` report: the chunks it finished,
         # re-scored; the report's path (".../partial") and n say so in every table. A run extended after it
         # finished (more eps, more images) counts by both: its finished report, and the partial one written
-        # after it (`fsmooth summarize` joins them per image; an attack in both keeps the run on more images).
+        # after it on at least as many images (`fsmooth summarize` joins them per image on the first n both
+        # have, and an attack in both keeps the run on more images: a partial report on fewer would shrink the
+        # finished rows' worst case).
         got = {r: json.loads(r.read_text())["info"] for r in (run / "report.json", run / "partial" / "report.json")
                if r.is_file()}
-        finished = got.get(run / "report.json", {}).get("finished", "")
+        done = got.get(run / "report.json", {})
         for path, info in got.items():
-            if path.parent.name == "partial" and info["finished"] < finished:
-                continue  # read before the run finished: its finished report says it all
+            if path.parent.name == "partial" and done and (info["finished"] < done["finished"]
+                                                           or info["n"] < done["n"]):
+                continue  # read before the run finished, or on fewer images: its finished report says more
             if bool(info.get("image_order")) == ten_classes:
                 found.append(path.parent.relative_to(ROOT))
     return found

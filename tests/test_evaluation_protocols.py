@@ -289,9 +289,12 @@ def test_more_images_reuse_every_chunk_whose_images_are_unchanged(setup, tmp_pat
     # Fewer images again: nothing is computed.
     evaluate(model, x[:8], y[:8], out=out, seed=5, **GROWN_KWARGS)
     assert _chunk_walls(out) == after
-    # Other images in a chunk they share (not only the last) are another evaluation's.
+    # Other images in a chunk full in both are another evaluation's, the first chunk or any other.
     with pytest.raises(ValueError, match="different evaluation"):
         evaluate(model, x.flip(0), y.flip(0), out=out, seed=5, **GROWN_KWARGS)
+    swapped = torch.cat([x[:4], x[8:12], x[4:8]]), torch.cat([y[:4], y[8:12], y[4:8]])
+    with pytest.raises(ValueError, match="chunk 1 holds other images"):
+        evaluate(model, *swapped, out=out, seed=5, **GROWN_KWARGS)
 
 
 def _as_legacy(out: Path, images, labels) -> None:
@@ -302,6 +305,7 @@ def _as_legacy(out: Path, images, labels) -> None:
 
     marker = out / "state" / "fingerprint.json"
     legacy = {**json.loads(marker.read_text()), "data": _checksum(*_as_images(images, labels, None, "cpu"))}
+    legacy.pop("images")                                                # not in the old marker
     marker.write_text(json.dumps(legacy))
     for path in (out / "state").glob("*/chunk*.json"):
         meta = json.loads(path.read_text())
@@ -309,20 +313,27 @@ def _as_legacy(out: Path, images, labels) -> None:
         path.write_text(json.dumps(meta))
 
 
-def test_state_written_before_per_chunk_stamps_is_adopted_and_grows(setup, tmp_path):
+@pytest.mark.parametrize("first_n, interrupted", [(8, True), (10, False)])
+def test_state_written_before_per_chunk_stamps_is_adopted_and_grows(setup, tmp_path, first_n, interrupted):
+    """Old state on the first 8 images whose last chunk no run finished (its image count is then found among this
+    evaluation's chunk ends), or on 10 (its last chunk held 2 images: recomputed)."""
     model, x, y = setup
     reference = evaluate(model, x, y, out=tmp_path / "straight", seed=6, **GROWN_KWARGS)
     out = tmp_path / "legacy"
-    evaluate(model, x[:8], y[:8], out=out, seed=6, **GROWN_KWARGS)
-    _as_legacy(out, x[:8], y[:8])
+    evaluate(model, x[:first_n], y[:first_n], out=out, seed=6, **GROWN_KWARGS)
+    _as_legacy(out, x[:first_n], y[:first_n])
+    if interrupted:
+        for path in (out / "state").glob("*/chunk00001.*"):
+            path.unlink()
     before = _chunk_walls(out)
     grown = evaluate(model, x, y, out=out, seed=6, **GROWN_KWARGS)
     after = _chunk_walls(out)
-    assert all(after[key] == before[key] for key in before)             # chunks 0 and 1 were read back
-    assert len(after) == len(before) + len({folder for folder, _ in before})
+    kept = {key for key in before if after[key] == before[key]}
+    assert {name for _, name in kept} == {"chunk00000.json"} | ({"chunk00001.json"} if not interrupted else set())
+    assert {name for _, name in after} == {"chunk00000.json", "chunk00001.json", "chunk00002.json"}
     assert _strip(grown) == _strip(reference) and _same_outputs(tmp_path / "straight", out)
     marker = json.loads((out / "state" / "fingerprint.json").read_text())
-    assert [len(entry["chunks"]) for entry in marker["legacy_stamps"]] == [2]
+    assert [len(entry["chunks"]) for entry in marker["legacy_stamps"]] == [2] and marker["images"] == 12
     # The marker keeps the old stamps: a later run still reads those chunks back.
     evaluate(model, x, y, out=out, seed=6, **GROWN_KWARGS)
     assert _chunk_walls(out) == after
@@ -337,7 +348,7 @@ def test_state_written_before_per_chunk_stamps_is_adopted_and_grows(setup, tmp_p
 def test_a_rank_that_does_not_own_the_state_reads_the_legacy_stamps(tmp_path):
     from fsmooth.evaluation.store import ChunkedData, ChunkStore, _digest
 
-    data = ChunkedData(checksums=("a", "b"), bounds=((0, 4), (4, 6)), prefix_checksum=lambda k: f"prefix{k}")
+    data = ChunkedData(checksums=("a", "b"), chunk_size=4, images=6, prefix_checksum=lambda k: f"prefix{k}")
     legacy = {"data": "prefix6", "seed": 0}
     (tmp_path / "run").mkdir()
     (tmp_path / "fingerprint.json").write_text(json.dumps(legacy))
@@ -347,8 +358,20 @@ def test_a_rank_that_does_not_own_the_state_reads_the_legacy_stamps(tmp_path):
     owner = ChunkStore(tmp_path, fingerprint, data=data)
     assert owner.finished("run", 1) and follower.finished("run", 1)
     assert _digest(legacy) in follower.accepted(0) and owner.stamp(0) != owner.stamp(1)
+    # A chunk's stamp covers its images: other images in chunk 1 do not take its files.
+    owner.save("run", 0, {"t": torch.ones(1)}, {"hi": 4})
+    other = ChunkedData(checksums=("c", "b"), chunk_size=4, images=6, prefix_checksum=lambda k: f"other{k}")
+    follower = ChunkStore(tmp_path, {"data": ["c", "b"], "seed": 0}, owner=False, data=other)
+    assert follower.finished("run", 1) and not follower.finished("run", 0)
     with pytest.raises(ValueError, match="checksums"):
         ChunkStore(tmp_path, {"data": ["a"], "seed": 0}, data=data)
+    # A torn marker is kept aside (its legacy stamps can be recovered by hand), never overwritten.
+    text = (tmp_path / "fingerprint.json").read_text()
+    (tmp_path / "fingerprint.json").write_text(text[:30])
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        ChunkStore(tmp_path, fingerprint, data=data)
+    assert (tmp_path / "fingerprint.unreadable.json").read_text() == text[:30]
+    assert json.loads((tmp_path / "fingerprint.json").read_text())["images"] == 6
 
 
 def test_a_rerun_that_computes_nothing_keeps_the_reports_times(setup, tmp_path):

@@ -94,7 +94,8 @@ def test_make_results_writes_what_check_then_accepts(make_results, copied):
 
 def test_a_partial_report_counts_beside_the_finished_one_only_when_written_after_it(make_results, copied):
     """A finished run extended later (say eps 16 after eps 8) counts by both its reports; a partial report read
-    before its run finished is left out; a run with no finished report counts by its partial one."""
+    before its run finished, or on fewer images, is left out; a run with no finished report counts by its
+    partial one."""
     run = Path("results") / "eval" / "fs-eot-mixed"                   # holds both reports
     shutil.copy(copied / run / "report.json", copied / run / "partial" / "report.json")
 
@@ -110,6 +111,12 @@ def test_a_partial_report_counts_beside_the_finished_one_only_when_written_after
     finished(run / "partial", "2026-11-27T10:00:00+00:00")
     found = make_results._reports(ten_classes=True)
     assert run in found and run / "partial" not in found
+    # Written after it but on fewer images (the first chunks of an extension): the finished rows would shrink.
+    finished(run / "partial", "2026-11-27T22:00:00+00:00")
+    report = json.loads((copied / run / "partial" / "report.json").read_text())
+    report["info"]["n"] = 20
+    (copied / run / "partial" / "report.json").write_text(json.dumps(report))
+    assert run / "partial" not in make_results._reports(ten_classes=True)
     (copied / run / "report.json").unlink()
     found = make_results._reports(ten_classes=True)
     assert run not in found and run / "partial" in found

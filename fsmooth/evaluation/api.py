@@ -79,9 +79,9 @@ def _chunked_data(images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -
     """Each chunk's checksum (what its stored results are stamped with), and the whole-prefix checksum that state
     written before per-chunk stamps recorded."""
     n = int(labels.shape[0])
-    bounds = tuple((lo, min(lo + chunk_size, n)) for lo in range(0, n, chunk_size))
-    return ChunkedData(checksums=tuple(_checksum(images[lo:hi], labels[lo:hi]) for lo, hi in bounds),
-                       bounds=bounds, prefix_checksum=lambda k: _checksum(images[:k], labels[:k]))
+    return ChunkedData(checksums=tuple(_checksum(images[lo:lo + chunk_size], labels[lo:lo + chunk_size])
+                                       for lo in range(0, n, chunk_size)),
+                       chunk_size=chunk_size, images=n, prefix_checksum=lambda k: _checksum(images[:k], labels[:k]))
 
 
 def _model_checksum(model) -> str:

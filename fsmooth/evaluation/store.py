@@ -26,6 +26,7 @@ _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
 _TENSORS_KEY = "tensors_file"  # in a progress JSON: which of its two tensor files it goes with
 _LEGACY_KEY = "legacy_stamps"  # in fingerprint.json: stamps of chunks written before per-chunk stamps, still good
+_IMAGES_KEY = "images"  # in fingerprint.json: how many images the evaluation that wrote it had
 
 
 def _json_default(value):
@@ -126,17 +127,24 @@ class ChunkedData:
     own images only and an evaluation rerun on more (or fewer) images reuses every chunk whose images are
     unchanged.
 
-    ``bounds``: each chunk's ``(lo, hi)``; ``prefix_checksum(k)``: the checksum of the first ``k`` images as state
-    written before per-chunk stamps (2026-11-27, 22:00 UTC) recorded it for all its images, to adopt that state.
+    ``chunk_size``: images per chunk (the last may hold fewer); ``prefix_checksum(k)``: the checksum of the first
+    ``k`` images as state written before per-chunk stamps (2026-11-27, 22:00 UTC) recorded it for all its images,
+    to adopt that state.
     """
 
     checksums: tuple[str, ...]
-    bounds: tuple[tuple[int, int], ...]
+    chunk_size: int
+    images: int
     prefix_checksum: Callable[[int], str]
 
     def __post_init__(self):
-        if len(self.checksums) != len(self.bounds):
-            raise ValueError(f"ChunkedData: {len(self.checksums)} checksums for {len(self.bounds)} chunks")
+        if len(self.checksums) != -(-self.images // self.chunk_size):
+            raise ValueError(f"ChunkedData: {len(self.checksums)} checksums for {self.images} images in chunks of "
+                             f"{self.chunk_size}")
+
+    def hi(self, chunk: int, images: int | None = None) -> int:
+        """Where chunk ``chunk`` ends, for this data or for ``images`` images."""
+        return min((chunk + 1) * self.chunk_size, self.images if images is None else images)
 
 
 class ChunkStore:
@@ -150,10 +158,11 @@ class ChunkStore:
 
     With ``data`` (:class:`ChunkedData`; ``fingerprint["data"]`` is then its list of checksums) each chunk's
     digest covers the rest of the fingerprint and that chunk's images only, so the number of images may change
-    between runs: the stored and new checksums must agree on every chunk the two share but the last (which may
-    have held fewer images), and the chunks whose images are unchanged are reused. State written before
-    per-chunk stamps (one digest over all its images) is adopted: its images are found among the first ``k`` new
-    ones, and its chunks within them stay good (``legacy_stamps`` in ``fingerprint.json``).
+    between runs: the stored and new checksums must agree on every chunk full in both (the marker records how
+    many images wrote it), and the chunks whose images are unchanged are reused. State written before per-chunk
+    stamps (one digest over all its images) is adopted when its images are the first ``k`` new ones (``k``: where
+    one of its chunks ends, or any chunk's end here): its chunks within them stay good (``legacy_stamps`` in
+    ``fingerprint.json``).
     """
 
     def __init__(self, root: Path | None, fingerprint: dict | None = None, resume: bool = True, *,
@@ -180,16 +189,22 @@ class ChunkStore:
             try:
                 stored = json.loads(marker.read_text())
             except ValueError:
-                stored = None  # torn: the chunks' own stamps decide what is reused
-                warnings.warn(f"unreadable {marker}; every chunk is checked against this evaluation's "
-                              "fingerprint", RuntimeWarning, stacklevel=2)
+                stored = None  # torn: the chunks' own stamps decide what is reused; kept aside, not overwritten
+                marker.replace(marker.with_name("fingerprint.unreadable.json"))
+                warnings.warn(f"unreadable {marker} (kept as fingerprint.unreadable.json); every chunk is checked "
+                              "against this evaluation's fingerprint", RuntimeWarning, stacklevel=2)
             if stored is not None:
                 self._legacy = self._adopt(stored)
-        write_json(marker, {**self.fingerprint, _LEGACY_KEY: self._legacy} if self._legacy else self.fingerprint)
+        written = dict(self.fingerprint)
+        if data is not None:
+            written[_IMAGES_KEY] = data.images
+        if self._legacy:
+            written[_LEGACY_KEY] = self._legacy
+        write_json(marker, written)
 
-    def _different(self) -> ValueError:
-        return ValueError(f"the state in {self.root} belongs to a different evaluation (inputs, seed or budget "
-                          "differ); use another --out or resume=False")
+    def _different(self, why: str = "inputs, seed or budget differ") -> ValueError:
+        return ValueError(f"the state in {self.root} belongs to a different evaluation ({why}); use another --out "
+                          "or resume=False")
 
     def _adopt(self, stored) -> list:
         """The legacy stamps still good for this evaluation, from the stored marker; raises when it belongs to
@@ -198,21 +213,25 @@ class ChunkStore:
             raise self._different()
         stored = dict(stored)
         legacy = stored.pop(_LEGACY_KEY, [])
+        images = stored.pop(_IMAGES_KEY, None)
         old, new = stored.get("data"), self.fingerprint.get("data")
         if self.data is None or {k: v for k, v in stored.items() if k != "data"} != \
                 {k: v for k, v in self.fingerprint.items() if k != "data"}:
             if stored != self.fingerprint:
                 raise self._different()
             return legacy
-        if isinstance(old, list):  # per-chunk checksums: the shared chunks but the last must agree
-            shared = min(len(old), len(new))
-            if any(a != b for a, b in zip(old[:shared - 1], new[:shared - 1])):
-                raise self._different()
+        if isinstance(old, list):  # per-chunk checksums: each chunk full in both must hold the same images
+            full = self.data.chunk_size
+            for c, (a, b) in enumerate(zip(old, new)):
+                in_old = self.data.hi(c, images) - c * full == full if isinstance(images, int) else c < len(old) - 1
+                if in_old and self.data.hi(c) - c * full == full and a != b:
+                    raise self._different(f"chunk {c} holds other images")
             return legacy
         k = self._legacy_images(stored, old)
         if k is None:
-            raise self._different()
-        kept = [c for c, (_, hi) in zip(self.data.checksums, self.data.bounds) if hi <= k]
+            raise self._different("its images are not the first images of these: state saved before per-chunk "
+                                  "stamps can only grow")
+        kept = [sum_ for c, sum_ in enumerate(self.data.checksums) if self.data.hi(c) <= k]
         _log.info("adopting the state in %s written before per-chunk stamps: its %d images are the first of "
                   "these, %d chunks stay good", self.root, k, len(kept))
         return [{"sha256": _digest(stored), "chunks": kept}] if kept else []
@@ -221,17 +240,18 @@ class ChunkStore:
         """How many of the first images the legacy state ``stored`` (one checksum over all its images) was
         written for, or ``None`` when no image count its chunks name (nor this evaluation's) matches."""
         digest = _digest(stored)
-        counts = {self.data.bounds[-1][1]} if self.data.bounds else set()
+        named = set()  # where its finished chunks end: the count is most likely the largest
         for meta_path in self.root.glob("*/chunk[0-9][0-9][0-9][0-9][0-9].json"):
             try:
                 meta = _read_json_object(meta_path)
             except (OSError, ValueError):
                 continue
             if meta.get(FINGERPRINT_KEY) == digest and isinstance(meta.get("hi"), int):
-                counts.add(meta["hi"])
-        n = self.data.bounds[-1][1] if self.data.bounds else 0
-        for k in sorted((c for c in counts if 0 < c <= n), reverse=True):
-            if self.data.prefix_checksum(k) == checksum:
+                named.add(meta["hi"])
+        n = self.data.images
+        ends = {self.data.hi(c) for c in range(len(self.data.checksums))}  # a run that finished no last chunk
+        for k in [*sorted(named | {n}, reverse=True), *sorted(ends - named - {n}, reverse=True)]:
+            if 0 < k <= n and self.data.prefix_checksum(k) == checksum:
                 return k
         return None
 
@@ -284,13 +304,13 @@ class ChunkStore:
         if self.root is None or not self.resume:
             return None
         tensor_path, meta_path = self._paths(run_id, chunk)
-        if self.data is not None and 0 <= chunk < len(self.data.bounds):
+        if self.data is not None and 0 <= chunk < len(self.data.checksums):
             try:
                 held = _read_json_object(meta_path).get("hi")
             except (OSError, ValueError):
                 held = None
-            if isinstance(held, int) and held != self.data.bounds[chunk][1]:  # the evaluation ran on other n
-                lo, hi = self.data.bounds[chunk]
+            if isinstance(held, int) and held != self.data.hi(chunk):  # the evaluation ran on other n
+                lo, hi = chunk * self.data.chunk_size, self.data.hi(chunk)
                 _log.info("recomputing chunk %d of %r: it held images %d to %d, it holds %d to %d now", chunk,
                           run_id, lo, held - 1, lo, hi - 1)
                 return None
