@@ -142,9 +142,9 @@ class ChunkedData:
             raise ValueError(f"ChunkedData: {len(self.checksums)} checksums for {self.images} images in chunks of "
                              f"{self.chunk_size}")
 
-    def hi(self, chunk: int, images: int | None = None) -> int:
-        """Where chunk ``chunk`` ends, for this data or for ``images`` images."""
-        return min((chunk + 1) * self.chunk_size, self.images if images is None else images)
+    def hi(self, chunk: int) -> int:
+        """Where chunk ``chunk`` ends."""
+        return min((chunk + 1) * self.chunk_size, self.images)
 
 
 class ChunkStore:
@@ -221,17 +221,17 @@ class ChunkStore:
                 raise self._different()
             return legacy
         if isinstance(old, list):  # per-chunk checksums: each chunk full in both must hold the same images
-            full = self.data.chunk_size
+            size = self.data.chunk_size
+            old_n = images if isinstance(images, int) else (len(old) - 1) * size  # unrecorded: its last may be short
             for c, (a, b) in enumerate(zip(old, new)):
-                in_old = self.data.hi(c, images) - c * full == full if isinstance(images, int) else c < len(old) - 1
-                if in_old and self.data.hi(c) - c * full == full and a != b:
+                if a != b and (c + 1) * size <= min(old_n, self.data.images):
                     raise self._different(f"chunk {c} holds other images")
             return legacy
         k = self._legacy_images(stored, old)
         if k is None:
             raise self._different("its images are not the first images of these: state saved before per-chunk "
                                   "stamps can only grow")
-        kept = [sum_ for c, sum_ in enumerate(self.data.checksums) if self.data.hi(c) <= k]
+        kept = [checksum for c, checksum in enumerate(self.data.checksums) if self.data.hi(c) <= k]
         _log.info("adopting the state in %s written before per-chunk stamps: its %d images are the first of "
                   "these, %d chunks stay good", self.root, k, len(kept))
         return [{"sha256": _digest(stored), "chunks": kept}] if kept else []
@@ -264,12 +264,10 @@ class ChunkStore:
     def accepted(self, chunk: int) -> tuple:
         """The digests a stored chunk ``chunk`` (or its progress) may carry to be reused: its :meth:`stamp`, and a
         legacy stamp whose record holds this chunk's images."""
-        if self._legacy is None and self.root is None:
-            self._legacy = []
         if self._legacy is None:  # a rank that did not write the marker reads it (after the owner has)
             try:
                 self._legacy = json.loads((self.root / "fingerprint.json").read_text()).get(_LEGACY_KEY, [])
-            except (OSError, ValueError, AttributeError):
+            except (TypeError, OSError, ValueError, AttributeError):  # no root, no marker, torn, not an object
                 self._legacy = []
         mine = self.data.checksums[chunk] if self.data is not None and 0 <= chunk < len(self.data.checksums) \
             else None
