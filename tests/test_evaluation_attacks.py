@@ -52,6 +52,25 @@ def test_square_finds_adversarial_examples_without_gradients(trained):
     assert accuracy(model, x_adv, y) < accuracy(model, x, y) - 0.3
 
 
+def test_apgd_best_loss_moves_every_image_where_the_default_leaves_the_misclassified_clean(trained):
+    """The transfer attack's points: an image the model already gets wrong is attacked too."""
+    model, x, y = trained
+    y = y.clone()
+    y[:3] = (y[:3] + 1) % int(model(x[:1]).shape[1])          # three images the model gets "wrong"
+    default = APGD(model, eps=EPS, n_iter=10, seed=2)
+    best = APGD(model, eps=EPS, n_iter=10, best_loss=True, seed=2)
+    assert default.resumable and not best.resumable and best.settings()["best_loss"] is True
+    x_default, x_best = default(x, y), best(x, y)
+    moved = lambda a: (a - x).flatten(1).abs().amax(1) > 0  # noqa: E731
+    assert not moved(x_default)[:3].any()                    # the library's default: wrong images stay clean
+    assert moved(x_best).all() and perturbation_check(x, x_best, EPS)["ok"]
+    with torch.no_grad():
+        ce = lambda a: torch.nn.functional.cross_entropy(model(a), y, reduction="none")  # noqa: E731
+        assert (ce(x_best) >= ce(x) - 1e-6).all() and (ce(x_best)[:3] > ce(x)[:3]).all()
+    with pytest.raises(TypeError, match="best_loss"):
+        APGD(model, best_loss=1)
+
+
 def test_adaptive_apgd_with_lambda_zero_is_the_library_apgd(trained):
     model, x, y = trained
     ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3)(x, y)
@@ -207,9 +226,18 @@ def test_worst_case_candidates_and_rescoring():
     x = torch.rand(5, 3, 2, 2)
     adv = {"a": x + 0.01, "b": x - 0.01}
     adv["a"][4] = x[4]                           # "a" failed to move image 4 (AutoAttack returns x there)
-    cand, source = choose_candidates(x, adv, fooled_by, fallback=["a", "b"])
-    assert source == ["a", "a", "b", None, "b"]
-    assert torch.equal(cand[1], adv["a"][1]) and torch.equal(cand[2], adv["b"][2]) and torch.equal(cand[3], x[3])
+    cand, source = choose_candidates(x, adv, correct, fallback=["a", "b"])
+    # Image 3, which only the clean pass got wrong, is re-scored on an attack's point, not on itself.
+    assert source == ["a", "a", "b", "a", "b"]
+    assert torch.equal(cand[1], adv["a"][1]) and torch.equal(cand[2], adv["b"][2]) and torch.equal(cand[3], adv["a"][3])
+    assert torch.equal(cand[4], adv["b"][4])
+    # An image whose fooling run returned it unmoved takes the next run that fooled it, then the fallback.
+    adv["b"][2] = x[2]
+    cand, source = choose_candidates(x, adv, correct, fallback=["a", "b"])
+    assert source[2] == "a" and torch.equal(cand[2], adv["a"][2])
+    adv["a"][2] = x[2]
+    cand, source = choose_candidates(x, adv, correct, fallback=["a", "b"])
+    assert source[2] is None and torch.equal(cand[2], x[2])
     runs = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 1], [1, 1, 0, 0]], dtype=torch.bool)
     s = rescore_summary(runs)
     assert s["per_run"] == [0.5, 0.5, 0.5] and s["std"] == 0.0

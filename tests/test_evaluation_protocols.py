@@ -41,7 +41,8 @@ def test_every_protocol_runs_end_to_end(full_report):
     assert {r["protocol"] for r in report["runs"]} >= set(PROTOCOLS) - {"square", "autoattack"}
     for k in (1, 2):
         for column in ("aa-standard", "apgd-ce", "apgd-t", "fab-t", "square", "aa-rand", "eot-pgd-ce",
-                       "eot-pgd-dlr-targeted", "transfer", "adaptive-0.1", "adaptive+0", "adaptive+100"):
+                       "eot-pgd-dlr-targeted", "transfer", "transfer-maxloss", "adaptive-0.1", "adaptive+0",
+                       "adaptive+100"):
             assert f"defended/ol{k}/eps8/{column}" in runs
         assert f"standard-defended/ol{k}/eps8/aa-standard" in runs
     assert "undefended/ol0/eps8/aa-standard" in runs and "defended/ol1/eps8/torchattacks-eotpgd" in runs
@@ -162,6 +163,12 @@ def test_plan_covers_protocols_without_duplicates():
     ids = [s.run_id for s in specs]
     assert len(ids) == len(set(ids))
     assert ids.index("defended/ol10/eps16/transfer") > ids.index("undefended/ol0/eps16/aa-standard")
+    # The transfer attack's second set of points moves every image, the bare model's mistakes included.
+    by_id = {s.run_id: s for s in specs}
+    maxloss = by_id["undefended/ol0/eps16/apgd-ce-maxloss"]
+    assert maxloss.options["kwargs"]["best_loss"] is True and maxloss.options["kwargs"]["loss"] == "ce"
+    assert by_id["defended/ol10/eps16/transfer-maxloss"].source == maxloss.run_id
+    assert ids.index("defended/ol10/eps16/transfer-maxloss") > ids.index(maxloss.run_id)
     assert sum(s.column == "apgd-ce-sweep" for s in specs) == len(tiny_budget().eps_sweep)
     with pytest.raises(ValueError, match="unknown protocol"):
         parse_protocols("paper,nope")
@@ -453,6 +460,33 @@ def test_corrupt_and_foreign_chunks_are_recomputed_with_a_warning(setup, tmp_pat
         warnings.simplefilter("always")
         evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
     assert not [w for w in later if "recomputing chunk" in str(w.message)]
+
+
+def test_a_rescore_chunk_is_recomputed_when_the_points_it_rescored_change(setup, tmp_path, caplog):
+    from safetensors.torch import save_file
+
+    model, x, y = setup
+    out = tmp_path / "eval"
+    reference = evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
+    before = _chunk_walls(out)
+    # Chunk 1's attack points change under the same stamps (as when an attack chunk is recomputed on another
+    # machine): the re-scoring of chunk 1 ran on other points, and only it is recomputed.
+    for run in ("defended_ol1_eps8_eot-pgd-ce", "defended_ol1_eps8_eot-pgd-dlr-targeted"):
+        path = out / "state" / run / "chunk00001.safetensors"
+        tensors = load_file(str(path))
+        tensors["x_adv"] = (tensors["x_adv"] + 1e-3).clamp(0, 1)
+        save_file(tensors, str(path))
+    with caplog.at_level("INFO", logger="fsmooth.evaluation.runner"):
+        evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
+    changed = {key for key, wall in _chunk_walls(out).items() if before[key] != wall}
+    assert {(folder.split("_")[0], name) for folder, name in changed} == {("rescore", "chunk00001.json")}
+    assert "recomputing chunk 1" in caplog.text and "points it re-scored" in caplog.text
+    # Unchanged points: every re-scoring chunk is read back, and the report is the first one.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fsmooth.evaluation.runner"):
+        again = evaluate(model, x, y, out=tmp_path / "eval", seed=3, **RESUME_KWARGS)
+    assert "recomputing" not in caplog.text
+    assert [r["correct"] for r in again["runs"]] == [r["correct"] for r in reference["runs"]]
 
 
 def _digests(folder):

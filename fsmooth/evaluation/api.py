@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import math
 import warnings
@@ -18,7 +17,7 @@ from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, 
 from .report import build_report, write_outputs
 from .runner import Context, RunResult, execute, rescore
 from .scoring import choose_candidates, worst_case
-from .store import ChunkedData, ChunkStore, OverlayStore
+from .store import ChunkedData, ChunkStore, OverlayStore, tensor_checksum as _checksum
 
 __all__ = ["evaluate", "default_defended_factory"]
 
@@ -66,13 +65,6 @@ def _as_images(images, labels, n, device) -> tuple[torch.Tensor, torch.Tensor]:
 def _model_device(model) -> torch.device:
     p = next(iter(model.parameters()), None)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _checksum(*tensors) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _chunked_data(images: torch.Tensor, labels: torch.Tensor, chunk_size: int) -> ChunkedData:
@@ -278,7 +270,7 @@ def _rescore(ctx: Context, specs, results) -> dict:
         if setting.target != "undefended" and ctx.budget.rescore_runs > 0:
             x_adv = {s.run_id: results[s.run_id].x_adv for s in group if results[s.run_id].x_adv is not None}
             fallback = [s.run_id for s in group if s.kind == "attack"] + list(x_adv)
-            candidates, source = choose_candidates(ctx.images.cpu(), x_adv, fooled_by, fallback)
+            candidates, source = choose_candidates(ctx.images.cpu(), x_adv, correct, fallback)
             # The run id names the attack runs the candidates come from: another protocol set, another rescore.
             tag = f"{zlib.crc32('|'.join(entry['runs']).encode()):08x}"
             spec = RunSpec(f"rescore/{setting.id}/{tag}", "scoring", "rescore", "rescore", setting.target,

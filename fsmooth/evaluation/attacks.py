@@ -85,23 +85,34 @@ def set_apgd_iterations(attack: APGDAttack, n_iter: int) -> None:
 
 
 class APGD(Attack):
-    """pyautoattack's APGD (Croce & Hein 2020) on the CE or DLR loss; ``eot_iter`` > 1 averages gradients (EOT)."""
+    """pyautoattack's APGD (Croce & Hein 2020) on the CE or DLR loss; ``eot_iter`` > 1 averages gradients (EOT).
 
-    _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho")
+    ``best_loss``: return for every image the point of highest loss the run reached (the library's
+    ``perturb(best_loss=True)``), where by default an image the run does not fool comes back clean. A transfer
+    attack carries these points to another model: each one moved, whether or not it fooled the model it was
+    found on. That run is the library's whole run, which cannot save or resume part-way.
+    """
+
+    _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho", "best_loss")
 
     def __init__(self, model, eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
-                 loss: str = "ce", rho: float = 0.75, seed: int = 0):
+                 loss: str = "ce", rho: float = 0.75, best_loss: bool = False, seed: int = 0):
         super().__init__(model, eps, seed)
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
+        if not isinstance(best_loss, bool):
+            raise TypeError(f"best_loss must be a bool, got {type(best_loss).__name__}")
         self.n_iter, self.n_restarts, self.eot_iter, self.loss, self.rho = n_iter, n_restarts, eot_iter, loss, rho
-
-    resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
+        self.best_loss = best_loss
+        # The default run is the library's, saved and resumed between iterations (ResumableAPGD).
+        self.resumable = not best_loss
 
     def perturb(self, x, y, *, resume=None, checkpoint=None):
         attack = ResumableAPGD(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts,
                                eps=self.eps, seed=self.seed, loss=self.loss, eot_iter=self.eot_iter, rho=self.rho,
                                device=x.device, logger=_logger())
+        if self.best_loss:
+            return attack.perturb(x, y, best_loss=True)
         return attack.perturb(x, y, resume=resume, checkpoint=checkpoint)
 
 

@@ -18,7 +18,9 @@ Protocols
   eot-transfer eot at the first K only; at each further K, those points scored through the defense with K
                runs (``eot-pgd-*-from-ol<first K>``, a transfer across K: it does not adapt to K, and costs
                a defended forward per point instead of an attack through K defense runs).
-  transfer     AutoAttack standard on the undefended model, scored on the defended one.
+  transfer     points found on the undefended model, scored on the defended one: AutoAttack standard's
+               (``transfer``), and APGD-CE's highest-loss point of every image (``transfer-maxloss``; AutoAttack
+               leaves the images the bare model gets wrong clean, and those must be attacked too).
   square       Square alone (gradient-masking check against the white-box attacks).
   eps-sweep    APGD-CE at 2, 4, 8, 16, 32 / 255: accuracy must fall towards 0.
   torchattacks torchattacks.EOTPGD at the first eps and outer loop (independent library).
@@ -166,6 +168,7 @@ def clean_run_id(target: str, outer_loops: int) -> str:
 
 
 _CARRIED = "-from-ol"
+TRANSFER_MAXLOSS_SOURCE = "apgd-ce-maxloss"  # the transfer protocol's second run on the bare model
 
 
 def carried_column(column: str, outer_loops: int) -> str:
@@ -259,10 +262,16 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                             add(RunSpec(Setting("defended", k, eps, column).id, protocol, column, "transfer",
                                         "defended", k, eps, source=source, threat="transfer"))
                 elif protocol == "transfer":
+                    # Two sets of points from the bare model: AutoAttack's, which leaves an image it need not
+                    # attack (one the bare model already gets wrong) clean, and APGD-CE's highest-loss points,
+                    # which move every image. Each is scored through the defense; the worst case takes both.
                     autoattack(protocol, "undefended", 0, eps)
-                    add(RunSpec(Setting("defended", k, eps, "transfer").id, protocol, "transfer", "transfer",
-                                "defended", k, eps, source=Setting("undefended", 0, eps, "aa-standard").id,
-                                threat="transfer"))
+                    attack(protocol, "undefended", 0, eps, TRANSFER_MAXLOSS_SOURCE, "APGD", loss="ce",
+                           n_iter=budget.apgd_iter, best_loss=True)
+                    for column, source in (("transfer", "aa-standard"), ("transfer-maxloss", TRANSFER_MAXLOSS_SOURCE)):
+                        add(RunSpec(Setting("defended", k, eps, column).id, protocol, column, "transfer",
+                                    "defended", k, eps, source=Setting("undefended", 0, eps, source).id,
+                                    threat="transfer"))
                 elif protocol == "square":
                     autoattack(protocol, "defended", k, eps, attacks=["square"])
                 elif protocol == "baselines":

@@ -19,7 +19,7 @@ from .store import json_value, write_json
 __all__ = ["build_report", "write_outputs", "markdown", "environment"]
 
 TABLE_COLUMNS = ("apgd-ce", "apgd-t", "fab-t", "square", "aa-standard", "aa-rand", "eot-pgd-ce",
-                 "eot-pgd-dlr-targeted", "transfer", "torchattacks-eotpgd")
+                 "eot-pgd-dlr-targeted", "apgd-ce-maxloss", "transfer", "transfer-maxloss", "torchattacks-eotpgd")
 
 
 def environment() -> dict:

@@ -24,9 +24,10 @@ from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
 from .protocols import Budget, RunSpec
 from .resumable import batch_slices, run_attack
-from .store import ChunkStore
+from .store import ChunkStore, tensor_checksum
 
 _log = logging.getLogger(__name__)
+CANDIDATES_KEY = "candidates_sha256"  # in a rescore chunk's JSON: the checksum of the points it re-scored
 
 __all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed"]
 
@@ -212,12 +213,17 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
     local = {}
     bar = tqdm(total=n_chunks, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
     for c in claims:
+        lo, hi = c * ctx.chunk_size, min((c + 1) * ctx.chunk_size, ctx.n)
         got = ctx.store.load(spec.run_id, c)
+        if got is not None and spec.kind == "rescore" and got[1].get(CANDIDATES_KEY) != tensor_checksum(candidates[lo:hi]):
+            # The stamp covers the clean images, not the points re-scored: an attack chunk recomputed since, or
+            # another choice of candidates, makes the stored fresh runs those of other points.
+            _log.info("recomputing chunk %d of %r: the points it re-scored are not this evaluation's", c, spec.run_id)
+            got = None
         if got is None and ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
             raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
                                "above); a partial report attacks nothing, so it stops here")
         if got is None:
-            lo, hi = c * ctx.chunk_size, min((c + 1) * ctx.chunk_size, ctx.n)
             seed = chunk_seed(ctx.seed, spec.run_id, c)
             torch.manual_seed(seed)  # the defense noise and the attack libraries draw from the global RNG
             if torch.cuda.is_available():
@@ -239,6 +245,8 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
             # A chunk resumed from its saved progress also counts the time spent before the interruption.
             wall_s = meta.pop("earlier_wall_s", 0.0) + time.perf_counter() - start
             meta.update(wall_s=wall_s, seed=seed, lo=lo, hi=hi, machine=machine(ctx.device))
+            if spec.kind == "rescore":
+                meta[CANDIDATES_KEY] = tensor_checksum(candidates[lo:hi])
             ctx.store.save(spec.run_id, c, tensors, meta)
             got = (tensors, meta)
         local[c] = got

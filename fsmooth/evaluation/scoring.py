@@ -60,18 +60,21 @@ def worst_case(correct: dict[str, torch.Tensor]) -> tuple[torch.Tensor, list]:
     return robust, fooled_by
 
 
-def choose_candidates(x_clean: torch.Tensor, x_adv: dict[str, torch.Tensor], fooled_by: list,
+def choose_candidates(x_clean: torch.Tensor, x_adv: dict[str, torch.Tensor], correct: dict[str, torch.Tensor],
                       fallback: list[str]) -> tuple[torch.Tensor, list]:
-    """The adversarial image to re-score per image.
+    """The adversarial image to re-score per image: ``(candidates, source run per image or None)``.
 
-    The point of the run that fooled it; for images no run fooled, the point
-    of the first run in ``fallback`` that moved the image (attacks like
-    AutoAttack return the clean image where they fail), else the clean image.
+    The first point that moved the image (``x_adv[name][i] != x_clean[i]``) among, in order, the runs that
+    fooled it (``correct[name][i]`` false), then the runs in ``fallback``; the clean image only where no run
+    moved it. An image the clean pass alone got wrong is re-scored on an attack's point, not on itself, and so
+    is an image whose fooling run returned it unmoved (AutoAttack does where its own noisy clean pass already
+    erred): the clean image is no attacker's best point when an attack found another.
     """
     out = x_clean.clone()
     source: list = [None] * x_clean.shape[0]
-    for i, name in enumerate(fooled_by):
-        names = [name] if name is not None else fallback
+    fooled = {name: ~c.bool() for name, c in correct.items() if name in x_adv}
+    for i in range(x_clean.shape[0]):
+        names = [name for name, f in fooled.items() if bool(f[i])] + list(fallback)
         for candidate in names:
             if candidate in x_adv and not torch.equal(x_adv[candidate][i], x_clean[i]):
                 out[i] = x_adv[candidate][i]

@@ -20,13 +20,21 @@ from ..io import write_safetensors_atomic, write_text_atomic
 atomic_write_text = write_text_atomic  # the old name, kept for callers
 
 __all__ = ["ChunkStore", "ChunkProgress", "ChunkedData", "OverlayStore", "atomic_write_text", "write_json",
-           "json_text", "rng_state", "set_rng_state"]
+           "json_text", "rng_state", "set_rng_state", "tensor_checksum"]
 
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
 _TENSORS_KEY = "tensors_file"  # in a progress JSON: which of its two tensor files it goes with
 _LEGACY_KEY = "legacy_stamps"  # in fingerprint.json: stamps of chunks written before per-chunk stamps, still good
 _IMAGES_KEY = "images"  # in fingerprint.json: how many images the evaluation that wrote it had
+
+
+def tensor_checksum(*tensors) -> str:
+    """A short sha256 of the tensors' bytes (on the CPU, contiguous), in order: what chunks are stamped with."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _json_default(value):
