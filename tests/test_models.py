@@ -108,3 +108,53 @@ def test_model_normalises_inside():
     norm = model.normalize(x)
     assert torch.allclose(norm, (x - model.normalize.mean) / model.normalize.std)
     assert not torch.allclose(norm, x)
+
+
+class _TrainModeOps(torch.nn.Module):
+    """No ``prefix()`` method (so it is traced); dropout and batch norm are functional calls on
+    ``self.training``, and the normalisation and BatchNorm statistics are buffers of the root module."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mu", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+        self.register_buffer("running_mean", torch.linspace(-0.2, 0.2, 6))
+        self.register_buffer("running_var", torch.linspace(0.5, 1.5, 6))
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1)
+        self.drop = torch.nn.Dropout(0.5)
+        self.feat = torch.nn.Conv2d(6, 6, 3, padding=1)
+        self.fc = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x - self.mu))
+        h = torch.nn.functional.batch_norm(h, self.running_mean, self.running_var, training=self.training)
+        h = self.drop(torch.nn.functional.dropout(h, 0.5, training=self.training))
+        return self.fc(self.feat(h).mean((2, 3)))
+
+
+def test_traced_prefix_is_the_eval_computation_whatever_mode_the_model_is_in():
+    torch.manual_seed(0)
+    model = _TrainModeOps().train()
+    model.drop.eval()  # mixed modes: each module's own mode comes back
+    stats = model.running_mean.clone()
+    pre = prefix(model, "feat")  # built right after a training loop
+    assert [m.training for m in model.modules()] == [True, True, False, True, True]
+    assert "training = True" not in pre.code
+    x = torch.rand(4, 3, 6, 6)
+    model.eval()
+    ref, _ = hooked_output(model, "feat", x)
+    with torch.no_grad():
+        assert torch.equal(pre(x), ref) and torch.equal(pre(x), ref)  # no dropout mask, no batch statistics
+    assert torch.equal(model.running_mean, stats)
+
+
+def test_traced_prefix_reads_the_models_current_root_buffers():
+    torch.manual_seed(0)
+    model = _TrainModeOps().eval()
+    pre = prefix(model, "feat")
+    x = torch.rand(2, 3, 6, 6, dtype=torch.float64)
+    model.to(torch.float64)  # Module._apply replaces every buffer (as .cuda() does)
+    assert len(list(pre.buffers())) == 3 and all(t.dtype == torch.float64 for t in pre.buffers())
+    model.mu.fill_(0.0)  # in place
+    assert torch.equal(pre(x), hooked_output(model, "feat", x)[0])
+    model.running_var = torch.full((6,), 4.0, dtype=torch.float64)  # reassigned
+    assert torch.equal(pre(x), hooked_output(model, "feat", x)[0])

@@ -219,3 +219,18 @@ def test_compiled_bf16_prefix_runs_the_affine_batchnorms_like_the_eager_one():
     (feats, grad), (compiled_feats, compiled_grad) = results
     torch.testing.assert_close(compiled_feats, feats, rtol=0, atol=0)
     torch.testing.assert_close(compiled_grad, grad, rtol=0, atol=0)
+
+
+def test_half_copy_of_a_traced_prefix_follows_the_models_root_buffers():
+    from test_models import _TrainModeOps
+    torch.manual_seed(0)
+    model = _TrainModeOps().eval()
+    state = PrefixState(model, "feat", torch.bfloat16)
+    x = torch.rand(2, 3, 6, 6)
+    with state.session() as module:
+        state.features(module, x)  # builds the bf16 copy
+    model.mu = torch.full((1, 3, 1, 1), -4.0)  # a new normalisation after the copy was made
+    with torch.no_grad(), state.session() as module:
+        out = state.features(module, x)
+        assert out.dtype == torch.bfloat16
+        assert _rel(out, model_prefix(model, "feat")(x)) < 0.02

@@ -4,6 +4,13 @@ Active Defense only needs the features of one layer, so it runs this prefix
 inside its loop instead of the whole network. Models may provide
 ``model.prefix(layer)`` (the WRN builds it directly); any other model is
 traced with :mod:`torch.fx` and the graph is cut after the layer's last call.
+
+A traced prefix is the model's eval-mode computation: tracing bakes Python values
+into the graph, so the model is traced with every module in eval mode (a
+``F.dropout(h, training=self.training)`` is recorded off, a functional
+``F.batch_norm`` with running statistics), whatever mode it was in. Its
+submodules, parameters and root-level buffers are the model's own, read at call
+time (see :class:`_RootTensors`).
 """
 from __future__ import annotations
 
@@ -53,10 +60,56 @@ class _Tracer(fx.Tracer):
         return qualname == self.layer or super().is_leaf_module(m, qualname)
 
 
+class _RootTensors(nn.Module):
+    """The parameters and buffers registered on ``model`` itself, as the model holds them now.
+
+    A GraphModule copies a root-level tensor (``self.register_buffer("mu", ...)`` in the model's
+    ``__init__``) by reference, and ``model.to()`` (``Module._apply``) replaces every buffer with a new
+    tensor, so the prefix would go on reading the old one. The parameter and buffer dicts of this module
+    *are* the model's, so the prefix reads whatever the model holds at call time: moved, cast, reassigned.
+    A deep copy (the half-precision copy of ``PrefixState``) gets dicts of its own, as a copy should.
+    Tensors the model keeps as plain attributes (not registered) are copied at tracing, as torch.fx does.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._non_persistent_buffers_set = model._non_persistent_buffers_set
+
+
+def _trace_in_eval_mode(tracer: fx.Tracer, model: nn.Module) -> fx.Graph:
+    """``model``'s graph traced with every module in eval mode; each module's own mode is restored after."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        return tracer.trace(model)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _read_root_tensors_live(module: fx.GraphModule, model: nn.Module) -> None:
+    """Point ``module``'s reads of ``model``'s root-level parameters and buffers at a :class:`_RootTensors`."""
+    nodes = [n for n in module.graph.nodes if n.op == "get_attr" and "." not in n.target
+             and (n.target in model._parameters or n.target in model._buffers)]
+    if not nodes:
+        return
+    name = "fsmooth_root"
+    while hasattr(module, name):
+        name += "_"
+    module.add_submodule(name, _RootTensors(model))
+    for node in nodes:
+        if hasattr(module, node.target):  # the copy GraphModule made (once per name)
+            delattr(module, node.target)
+        node.target = f"{name}.{node.target}"
+
+
 def _traced_prefix(model: nn.Module, layer: str) -> fx.GraphModule:
     tracer = _Tracer(layer)
     try:
-        graph = tracer.trace(model)
+        graph = _trace_in_eval_mode(tracer, model)
     except Exception as exc:
         raise ValueError(
             f"cannot build a prefix of {type(model).__name__} up to {layer!r}: torch.fx tracing failed "
@@ -70,6 +123,7 @@ def _traced_prefix(model: nn.Module, layer: str) -> fx.GraphModule:
                          "its output is ambiguous")
     cut = calls[0]
     module = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Prefix")
+    _read_root_tensors_live(module, model)
     for node in list(module.graph.nodes):
         if node.op == "output":
             module.graph.erase_node(node)
@@ -84,7 +138,8 @@ def _traced_prefix(model: nn.Module, layer: str) -> fx.GraphModule:
 def prefix(model: nn.Module, layer: str | None = None) -> nn.Module:
     """A module computing ``model``'s input -> ``layer`` output, sharing ``model``'s parameters.
 
-    Uses ``model.prefix(layer)`` when the model defines it, else torch.fx.
+    Uses ``model.prefix(layer)`` when the model defines it, else torch.fx (the eval-mode computation,
+    reading the model's current tensors: see the module docstring).
     ``layer=None`` takes ``model.default_layer``.
     """
     if not isinstance(model, nn.Module):
