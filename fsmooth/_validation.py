@@ -72,6 +72,16 @@ def check_positive_int(value, name: str, *, allow_none: bool = False):
     return value
 
 
+def check_bool(value, name: str, *, allow_none: bool = False):
+    """``value`` when it is a bool (or ``None`` with ``allow_none``); else ``TypeError`` naming ``name``
+    (``bool("no")`` is True: a string or a number is a mistake, not a setting)."""
+    if value is None and allow_none:
+        return None
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool{' or None' if allow_none else ''}, got {value!r}")
+    return value
+
+
 def check_device(device, name: str = "device") -> torch.device:
     """``device`` as a ``torch.device``; ``ValueError`` naming ``name`` if it is malformed or absent here."""
     try:

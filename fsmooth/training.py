@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from torch import nn
 
-from ._validation import check_device, check_out_dir
+from ._validation import check_bool, check_device, check_number, check_out_dir, check_positive_int
 from .checkpoint import latest_checkpoint, load_run_checkpoint, save_run_checkpoint
 from .data import DeviceLoader, load_dataset
 from .distributed import all_gather_object, barrier, env_ranks, init_from_env
@@ -163,8 +163,9 @@ def train(out_dir: str | os.PathLike, *, arch: str = "wrn-16-4", data=None, data
         out_dir: run folder (log, checkpoints). With ``resume=True`` the latest readable
             checkpoint there is restored (weights, optimizer, scheduler, RNG, epoch); every
             hyperparameter that shapes the schedule, optimizer, loss or data must equal the recorded one.
-        overwrite: delete the run already in ``out_dir`` (its log and checkpoints) and start over;
-            without it (or ``resume``), a folder holding a run is refused.
+        overwrite: delete the run already in ``out_dir`` (its log and checkpoints) and start over; it is
+            deleted only once every argument is checked and the data is read, so a call that fails before
+            leaves it as it was. Without it (or ``resume``), a folder holding a run is refused.
         data: data source for :func:`fsmooth.data.load_dataset` (``None``: ``$FSMOOTH_DATA``),
             unless ``train_data``/``test_data`` (``(uint8 images, labels)``) are given.
         delta: training threshold of ``max(L_F, delta)``; ``None`` trains with plain CE.
@@ -187,9 +188,14 @@ def train(out_dir: str | os.PathLike, *, arch: str = "wrn-16-4", data=None, data
 def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, weight_decay, warmup_epochs,
            delta, layer, seed, device, amp, channels_last, compile, eval_batch_size, limit_train, limit_test,
            resume, overwrite, max_epochs_this_run, quiet, train_data, test_data, command, rank, world, local_rank):
-    # Every argument is checked, and the run folder claimed, before any data is read.
-    if epochs < 1 or batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {epochs}, {batch_size}")
+    # Every argument is checked, and the run folder claimed, before any data is read. A run that
+    # overwrite=True replaces is deleted only once the data is read and the loaders are built: a bad
+    # argument (or data that makes no batch) leaves it as it was.
+    _check_arguments(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                     warmup_epochs=warmup_epochs, delta=delta, seed=seed, eval_batch_size=eval_batch_size,
+                     limit_train=limit_train, limit_test=limit_test, max_epochs_this_run=max_epochs_this_run,
+                     channels_last=channels_last, compile=compile, resume=resume, overwrite=overwrite, quiet=quiet,
+                     command=command)
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} must be divisible by the number of processes {world}")
     if amp not in ("auto", "bf16", "off"):
@@ -209,13 +215,14 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
     use_amp = amp == "bf16" or (amp == "auto" and device.type == "cuda")
     autocast_dtype = torch.bfloat16 if use_amp else None
     channels_last = device.type == "cuda" if channels_last is None else channels_last
-    _claim_run_dir(run_dir, resume=resume, overwrite=overwrite, rank=rank)
+    replaced = _claim_run_dir(run_dir, resume=resume, overwrite=overwrite)
 
     torch.manual_seed(seed)  # identical initial weights on every rank
-    model = build(arch, num_classes=num_classes).to(device)
+    model = build(arch, num_classes=num_classes)  # checks arch
+    layer = resolve_layer(model, layer)
+    model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    layer = resolve_layer(model, layer)
     # What shapes the schedule, optimizer, loss and data. A resumed run restores the LR schedule and the
     # optimizer state from its checkpoint, so a changed value would be recorded but not run: it is refused.
     settings = {"arch": arch, "dataset": dataset, "layer": layer, "delta": delta, "epochs": epochs,
@@ -225,8 +232,6 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
     restored = load_run_checkpoint(run_dir) if resume else None
     if restored is not None:
         _check_resume_settings(restored[0], restored[3], settings)
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
 
     # Data: decoded once (cached), then resident on the device.
     if train_data is None:
@@ -245,6 +250,9 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
                                world_size=world, channels_last=channels_last, pad=False)
     if len(train_loader) == 0:
         raise ValueError(f"{train_images.shape[0]} training images make no batch of {batch_size}")
+    if rank == 0:
+        _delete_run(run_dir, replaced)
+        run_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed + 7 * rank)
     decay, no_decay = [], []
@@ -356,22 +364,52 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
                        finished=len(history) >= epochs)
 
 
-def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, rank: int) -> None:
-    """Refuse to start a fresh run over an existing one unless ``overwrite`` (which then deletes it)."""
+def _check_arguments(*, epochs, batch_size, lr, momentum, weight_decay, warmup_epochs, delta, seed, eval_batch_size,
+                     limit_train, limit_test, max_epochs_this_run, channels_last, compile, resume, overwrite, quiet,
+                     command) -> None:
+    """``TypeError``/``ValueError`` naming the first of :func:`train`'s arguments that is wrong."""
+    for name, value in (("epochs", epochs), ("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        check_positive_int(value, name)
+    for name, value in (("limit_train", limit_train), ("limit_test", limit_test),
+                        ("max_epochs_this_run", max_epochs_this_run)):
+        check_positive_int(value, name, allow_none=True)
+    check_number(lr, "lr", positive=True)
+    check_number(momentum, "momentum", positive=True)  # Nesterov SGD needs momentum > 0
+    check_number(weight_decay, "weight_decay", min_value=0.0)
+    check_number(warmup_epochs, "warmup_epochs", min_value=0.0)
+    if delta is not None:
+        check_number(delta, "delta", min_value=0.0)
+    check_number(seed, "seed", integer=True)
+    check_bool(channels_last, "channels_last", allow_none=True)
+    for name, value in (("compile", compile), ("resume", resume), ("overwrite", overwrite), ("quiet", quiet)):
+        check_bool(value, name)
+    if command is not None and not isinstance(command, str):
+        raise TypeError(f"command must be a str or None, got {type(command).__name__}")
+
+
+def _claim_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> list[Path]:
+    """Refuse to start a fresh run over an existing one unless ``overwrite``; returns what ``overwrite``
+    replaces (deleted later by :func:`_delete_run`, once nothing can fail before the run starts)."""
     existing = [p for p in (run_dir / LOG_NAME, run_dir / CHECKPOINTS) if p.exists()]
     if resume or not existing:
-        return
-    names = " and ".join(p.name for p in existing)
+        return []
     if not overwrite:
+        names = " and ".join(p.name for p in existing)
         raise ValueError(f"{str(run_dir)!r} already holds a run ({names}): continue it with resume=True "
                          "(--resume), or delete it and start over with overwrite=True (--overwrite)")
-    if rank == 0:
-        _log.warning("overwrite: deleting %s in %s", names, run_dir)
-        for path in existing:
-            if path.is_dir():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+    return existing
+
+
+def _delete_run(run_dir: Path, existing: list[Path]) -> None:
+    """Delete the log and checkpoints of the run that ``overwrite=True`` replaces."""
+    if not existing:
+        return
+    _log.warning("overwrite: deleting %s in %s", " and ".join(p.name for p in existing), run_dir)
+    for path in existing:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
 
 
 def _check_resume_settings(checkpoint: Path, meta: dict, current: dict) -> None:

@@ -234,3 +234,29 @@ def test_torchrun_gloo_two_processes(tmp_path):
     assert len(log) == 1 and log[0]["test_n"] == 10  # both ranks' shards were reduced
     _, meta = load_model(tmp_path / "run")
     assert meta["world_size"] == 2 and meta["n_train"] == 40
+
+
+def _fake_finished_run(run_dir):
+    (run_dir / "checkpoints" / "epoch-0001").mkdir(parents=True)
+    (run_dir / "checkpoints" / "epoch-0001" / "weights.safetensors").write_bytes(b"weights")
+    (run_dir / "log.jsonl").write_text('{"epoch": 1}\n')
+    return sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*"))
+
+
+@pytest.mark.parametrize("bad, error, name", [
+    (dict(delta=-0.5), ValueError, "delta"), (dict(lr=0.0), ValueError, "lr"),
+    (dict(momentum=-1.0), ValueError, "momentum"), (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
+    (dict(warmup_epochs=-1.0), ValueError, "warmup_epochs"), (dict(eval_batch_size=0), ValueError, "eval_batch_size"),
+    (dict(limit_train=0), ValueError, "limit_train"), (dict(limit_test=-1), ValueError, "limit_test"),
+    (dict(max_epochs_this_run=0), ValueError, "max_epochs_this_run"), (dict(seed=1.5), TypeError, "seed"),
+    (dict(epochs=0), ValueError, "epochs"), (dict(compile="no"), TypeError, "compile"),
+    (dict(arch="wrn-x-1"), ValueError, "arch"), (dict(layer="block9"), ValueError, "block9"),
+    (dict(batch_size=64), ValueError, "no batch"),  # found once the data is read: still before any deletion
+])
+def test_overwrite_with_a_bad_argument_keeps_the_existing_run(tmp_path, bad, error, name):
+    train_data, test_data = tiny_data(n_train=32, n_test=8)
+    before = _fake_finished_run(tmp_path)
+    with pytest.raises(error, match=name):
+        train(tmp_path, **{**TINY, "epochs": 1, "overwrite": True, "train_data": train_data, "test_data": test_data,
+                           **bad})
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
