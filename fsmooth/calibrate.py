@@ -142,6 +142,7 @@ def clean_feature_losses(model: nn.Module, images: torch.Tensor, *, layer: str |
     """Per-image clean ``L_F`` (fp32, CPU) of ``images`` (uint8 or float in [0, 1]) at ``layer``."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got {type(images).__name__}")
+    check_positive_int(batch_size, "batch_size")
     if device is None:
         device = next(model.parameters()).device
     was_training = model.training
@@ -320,6 +321,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     if not isinstance(labels, torch.Tensor) or labels.shape != x.shape[:1]:
         raise ValueError(f"labels must be a tensor of shape ({x.shape[0]},), got "
                          f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
+    check_positive_int(batch_size, "batch_size")
     if check_positive_int(n, "n", allow_none=True) is not None:
         x, labels = x[:n], labels[:n]
     if x.shape[0] == 0:

@@ -61,10 +61,16 @@ def triton_available(device: torch.device | str = "cuda") -> tuple[bool, str]:
     return True, ""
 
 
+def check_backend(backend) -> str:
+    """``backend`` when it names a feature-loss backend; else ``ValueError`` (for construction-time checks)."""
+    if not isinstance(backend, str) or backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
 def select_backend(features: torch.Tensor, backend: str = "auto") -> str:
     """Resolve ``backend`` for ``features`` to ``"triton"`` or ``"reference"``."""
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    check_backend(backend)
     if backend == "reference":
         return backend
     if backend == "auto" and features.device.type != "cuda" and not _interpret_requested():
@@ -128,13 +134,19 @@ def feature_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample loss ``(B,)`` and ``grad_scale[:, None] * dL_F/dF`` without building an autograd graph.
 
+    ``grad_scale``: optional floating-point ``(B,)`` tensor on the device of ``features``.
+
     This is the fused forward+gradient the Active Defense loop uses: the
     gradient has the shape, dtype and layout of ``features`` and lives in its
     own buffer.
     """
     _check_features(features)
-    if grad_scale is not None and grad_scale.shape != features.shape[:1]:
-        raise ValueError(f"grad_scale must have shape {tuple(features.shape[:1])}, got {tuple(grad_scale.shape)}")
+    if grad_scale is not None:
+        check_float_tensor(grad_scale, "grad_scale")
+        if grad_scale.shape != features.shape[:1]:
+            raise ValueError(f"grad_scale must have shape {tuple(features.shape[:1])}, got {tuple(grad_scale.shape)}")
+        if grad_scale.device != features.device:
+            raise ValueError(f"grad_scale must be on the features' device {features.device}, got {grad_scale.device}")
     if features.shape[0] == 0:
         return features.new_zeros((0,), dtype=torch.promote_types(features.dtype, torch.float32)), features.clone()
     with torch.no_grad():

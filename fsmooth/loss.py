@@ -8,10 +8,16 @@ from torch import nn
 import torch.nn.functional as F
 
 from ._validation import check_number
-from .functional import feature_loss
+from .functional import check_backend, feature_loss
 from .models.prefix import layer_module
 
 __all__ = ["FeatureSmoothingLoss"]
+
+_DATA_PARALLEL_ERROR = (
+    "FeatureSmoothingLoss does not support nn.DataParallel over several devices ({}): its forward hook would "
+    "see one activation per device, from several threads, and none of them holds the whole batch. Use "
+    "torch.nn.parallel.DistributedDataParallel (one process per GPU: fsmooth.training.train under torchrun), "
+    "or DataParallel over a single device")
 
 
 class FeatureSmoothingLoss(nn.Module):
@@ -36,6 +42,10 @@ class FeatureSmoothingLoss(nn.Module):
     view, a teacher sharing the layer), the call raises instead of silently
     using the last activation. Run such extra forwards inside
     :meth:`paused`. The activation is released as soon as a call consumes it.
+
+    Multi-GPU training: use DistributedDataParallel. ``nn.DataParallel`` over several
+    devices runs the layer once per device (per-device slices of the batch, from
+    threads) and is refused, at construction or at the first loss call after it ran.
     """
 
     def __init__(self, model: nn.Module, layer: str | None = None, delta: float | None = 0.02,
@@ -44,20 +54,29 @@ class FeatureSmoothingLoss(nn.Module):
         if delta is not None:
             check_number(delta, "delta", min_value=0.0)
         check_number(weight, "weight", min_value=0.0)
+        if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
+            devices = f"model is a DataParallel over {len(model.device_ids)} devices"
+            raise ValueError(_DATA_PARALLEL_ERROR.format(devices))
         target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
         self.layer = layer if layer is not None else getattr(target, "default_layer", None)
         module = layer_module(target, self.layer)
         self.delta = delta
         self.weight = weight
-        self.backend = backend
+        self.backend = check_backend(backend)
         self.last: dict[str, float] = {}
         self._features: torch.Tensor | None = None
         self._runs = 0  # runs of the hooked layer since the last loss call
+        self._replicated = False  # the layer ran as a DataParallel replica since the last loss call
         self._paused = False
         self._handle = module.register_forward_hook(self._capture)
 
     def _capture(self, module, inputs, output) -> None:
         if self._paused:
+            return
+        if getattr(module, "_is_replica", False):
+            # DataParallel over several devices (wrapped after this loss was made): one replica per device,
+            # each running this hook from its own thread. Only a flag is set here; the loss call refuses.
+            self._replicated = True
             return
         self._runs += 1
         self._features = output
@@ -75,8 +94,10 @@ class FeatureSmoothingLoss(nn.Module):
         if self._handle is None:
             raise RuntimeError("FeatureSmoothingLoss was closed; its hook is removed")
         # Consume (and release) the activation whatever happens next.
-        features, runs = self._features, self._runs
-        self._features, self._runs = None, 0
+        features, runs, replicated = self._features, self._runs, self._replicated
+        self._features, self._runs, self._replicated = None, 0, False
+        if replicated:
+            raise RuntimeError(_DATA_PARALLEL_ERROR.format(f"layer {self.layer!r} ran in DataParallel replicas"))
         if features is None:
             raise RuntimeError(
                 f"layer {self.layer!r} did not run since the last call: call the model before the loss")
@@ -99,7 +120,7 @@ class FeatureSmoothingLoss(nn.Module):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
-        self._features, self._runs = None, 0
+        self._features, self._runs, self._replicated = None, 0, False
 
     def __enter__(self) -> "FeatureSmoothingLoss":
         return self

@@ -187,6 +187,8 @@ def test_search_rejects_bad_arguments():
         calibrate_defense(model, x, y, max_iters=0)
     with pytest.raises(ValueError, match="n must"):
         calibrate_defense(model, x, y, n=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        calibrate_defense(model, x, y, batch_size=0)
     with pytest.raises(ValueError, match="min_median_iterations"):
         CalibrationTarget(min_median_iterations=-1)
     with pytest.raises(TypeError, match="target"):

@@ -382,3 +382,34 @@ def test_auto_engine_falls_back_to_eager_when_a_graph_engine_fails(monkeypatch):
     forced = ActiveDefense(model, config=DefenseConfig(delta=100.0), engine="chunked")
     with pytest.raises(RuntimeError, match="stream is capturing"):
         forced(x)
+
+
+def test_traced_model_built_in_train_mode_is_defended_in_eval_mode():
+    """A prefix traced right after training must not keep the functional dropout and batch statistics
+    that ``self.training`` switched on then: with sigma = 0 the defense is deterministic, and equal to the
+    defense of the same model traced in eval mode."""
+    from test_models import _TrainModeOps
+    torch.manual_seed(0)
+    model = _TrainModeOps().train()
+    reference = _TrainModeOps().eval()
+    reference.load_state_dict(model.state_dict())
+    x = varied_inputs(3, size=(6, 6))
+    config = DefenseConfig(sigma=0.0, beta=1.0, delta=1e-6, max_iters=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DefenseNotConvergedWarning)
+        defense = ActiveDefense(model, "feat", config, engine="eager")
+        first, second = defense(x), defense(x)
+        expected = ActiveDefense(reference, "feat", config, engine="eager")(x)
+    assert torch.equal(first, second) and torch.equal(first, expected)
+    assert all(m.training for m in model.modules())
+
+
+@pytest.mark.parametrize("kwargs, exc, name", [
+    (dict(backend="bogus"), ValueError, "backend"),
+    (dict(compact="no"), TypeError, "compact"),
+    (dict(progress=1), TypeError, "progress"),
+    (dict(enforce_eager="yes"), TypeError, "enforce_eager"),
+])
+def test_bad_engine_options_are_refused_at_construction(kwargs, exc, name):
+    with pytest.raises(exc, match=name):
+        ActiveDefense(tiny_wrn(), **kwargs)

@@ -206,6 +206,12 @@ def test_bad_options_name_the_argument():
         feature_loss(x, backend="cuda")
     with pytest.raises(ValueError, match="grad_scale"):
         feature_loss_and_grad(x, torch.ones(3))
+    with pytest.raises(TypeError, match="grad_scale"):
+        feature_loss_and_grad(x, [1.0, 1.0])
+    with pytest.raises(TypeError, match="grad_scale"):
+        feature_loss_and_grad(x, torch.ones(2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="grad_scale.*device"):
+        feature_loss_and_grad(x, torch.ones(2, device="meta"))
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """FeatureSmoothingLoss: the formula, the delta branch, hooks and a real training step."""
 import copy
+import threading
 
 import pytest
 import torch
@@ -104,6 +105,8 @@ def test_bad_arguments_name_the_argument():
         FeatureSmoothingLoss(model, delta=-0.1)
     with pytest.raises(TypeError, match="weight"):
         FeatureSmoothingLoss(model, weight="1")
+    with pytest.raises(ValueError, match="backend"):
+        FeatureSmoothingLoss(model, backend="bogus")
 
 
 def test_works_through_data_parallel_wrapper():
@@ -197,3 +200,32 @@ def test_the_activation_is_released_after_the_loss_call():
         gc.collect()
         assert seen[-1]() is None
     handle.remove()
+
+
+def test_data_parallel_over_several_devices_is_refused_with_a_pointer_to_ddp():
+    model = tiny_wrn()
+    wrapped = torch.nn.DataParallel(model)
+    wrapped.device_ids = [0, 1]  # what DataParallel over two GPUs holds (this machine has none)
+    with pytest.raises(ValueError, match="DistributedDataParallel"):
+        FeatureSmoothingLoss(wrapped)
+    # Wrapped after the loss was made: DataParallel runs one replica of the hooked layer per device, from
+    # threads (torch.nn.parallel.replicate + parallel_apply, which need GPUs, simulated on CPU: a replica
+    # shares its original's hooks).
+    criterion = FeatureSmoothingLoss(model)
+    outputs = []
+
+    def run_replica():
+        replica = model._replicate_for_data_parallel()
+        replica.block1 = model.block1._replicate_for_data_parallel()
+        outputs.append(replica(torch.rand(1, 3, 8, 8)))
+
+    threads = [threading.Thread(target=run_replica) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(outputs) == 2
+    with pytest.raises(RuntimeError, match="DistributedDataParallel"):
+        criterion(torch.cat(outputs), torch.tensor([0, 1]))
+    # The refusal consumed the replicas' runs: a plain forward afterwards works.
+    assert torch.isfinite(criterion(model(torch.rand(2, 3, 8, 8)), torch.tensor([0, 1])))

@@ -15,7 +15,8 @@ import weakref
 import torch
 from torch import nn
 
-from .._validation import check_finite, check_float_tensor, check_positive_int
+from .._validation import check_bool, check_finite, check_float_tensor, check_positive_int
+from ..functional import check_backend
 from . import graph
 from .capture_flags import capture_flags
 from .config import DIVERGENCE_PATIENCE, MAX_DISPLACEMENT, DefenseConfig
@@ -107,16 +108,18 @@ class ActiveDefense:
         self.engine = check_engine(engine)
         check_positive_int(max_batch, "max_batch")
         check_positive_int(chunk, "chunk")
+        for name, value in (("enforce_eager", enforce_eager), ("compact", compact), ("progress", progress)):
+            check_bool(value, name)
+        self.backend = check_backend(backend)
         self.prefix = PrefixState(model, layer, dtype, compile_prefix=compile_prefix)
         # Weak: defend()'s cache is keyed weakly by the model, so a strong reference here would leak it.
         self._model_ref = weakref.ref(model)
         self.config = config
-        self.enforce_eager = bool(enforce_eager)
+        self.enforce_eager = enforce_eager
         self.max_batch = max_batch
         self.chunk = chunk
-        self.compact = bool(compact)
-        self.progress = bool(progress)
-        self.backend = backend
+        self.compact = compact
+        self.progress = progress
         self._in_channels = _expected_channels(self.prefix.module)
         self._runners = {}
         self._failed_engines: set[str] = set()  # "auto" stops trying a graph engine that failed once

@@ -67,7 +67,9 @@ class DefendedClassifier(nn.Module):
 
     Args:
         model: classifier on [0, 1] inputs (a submodule: ``.eval()`` and ``.to()`` reach it).
-        config: :class:`DefenseConfig` (default: paper values, ``delta`` from ``model.defense_delta``).
+        config: :class:`DefenseConfig`; default: ``DefenseConfig.for_model(model)``, the model's
+            calibrated sigma/beta/delta (``fsmooth calibrate``; ``model.defense_delta`` overrides delta), else the
+            paper's values.
         outer_loops: K, the number of independent defended copies averaged.
         layer, engine, dtype: as for :class:`ActiveDefense`.
         generator: optional RNG for the noise (reproducible evaluations).
