@@ -316,3 +316,38 @@ def test_captures_of_a_compiled_prefix_refuse_to_recompile(compile_prefix, cuda_
     ref = defense(t0, return_info=True, noise=torch.zeros_like(t0))
     assert iterations.tolist() == ref.iterations.tolist()
     torch._dynamo.reset()
+
+
+def test_captures_and_launches_run_on_the_inputs_device(monkeypatch):
+    """``run`` makes the runner's device current around everything it does (CUDA graphs and Triton use the
+    current device, not the tensors'); on CPU the guard is the device-free stand-in, checked here."""
+    import contextlib
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def guard(self):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    class Recording(CpuRunner):
+        def _capture_buckets(self, module, sizes):
+            seen.append(("capture", inside[0]))
+            super()._capture_buckets(module, sizes)
+
+        def _launch(self, b):
+            seen.append(("launch", inside[0]))
+            super()._launch(b)
+
+    monkeypatch.setattr(GraphRunner, "_device_guard", guard)
+    assert torch.cuda.device(torch.device("cuda", 1)).idx == 1  # what the guard is for a CUDA runner
+    model = tiny_wrn()
+    x = varied_inputs(3)
+    config = DefenseConfig(beta=BETA, delta=1e-6, max_iters=2)
+    defense = ActiveDefense(model, config=config, engine="eager")
+    runner = Recording(defense.prefix, x.device, tuple(x.shape[1:]), mode="chunked", max_batch=4, chunk=1)
+    with torch.no_grad(), defense.prefix.session() as module:
+        runner.run(module, x, config)
+    assert seen[0] == ("capture", True) and ("launch", True) in seen and all(ok for _, ok in seen)

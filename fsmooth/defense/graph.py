@@ -291,8 +291,17 @@ class GraphRunner:
         self.active[m:b] = False
         return new_b
 
+    def _device_guard(self):
+        """``self.device`` as the current CUDA device: captures, replays, side streams and Triton launches use
+        the current device, which need not be the input's (a defense on cuda:1 called while cuda:0 is current)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def run(self, module, t0: torch.Tensor, config: DefenseConfig) -> EngineRun:
         """Defend every sample of ``t0`` (noisy starts, in the state dtype: the caller casts once)."""
+        with self._device_guard():
+            return self._run(module, t0, config)
+
+    def _run(self, module, t0: torch.Tensor, config: DefenseConfig) -> EngineRun:
         if t0.dtype != self.t.dtype:
             raise TypeError(f"t0 must be in the state dtype {self.t.dtype}, got {t0.dtype}")
         n = t0.shape[0]
