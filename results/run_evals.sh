@@ -123,6 +123,22 @@ case "${1:-}" in
         # core-hours for CE and 4.2 for targeted DLR)
         ev std-eot-mixed "$STD" --protocol eot --num-images 200 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
+    r)  # 2026-11-28, after commit ff3e546 (re-scoring on an attack's point for every image; the transfer attack's
+        # second set of points, APGD-CE's highest-loss point of every image on the bare model): the finished
+        # evaluations again, their commands unchanged. Each reads its attack chunks back (adversarial images
+        # restored from git where pruned: results/PLAN.md) and recomputes only its re-scoring chunks; the transfer
+        # runs also compute apgd-ce-maxloss on the bare model and score its points through the defense
+        ev fs-transfer-mixed "$FS" --protocol transfer --num-images 500 --eps 8 16 --outer-loops 1 10
+        ev std-transfer-mixed "$STD" --protocol transfer --num-images 200 --eps 8 16 --outer-loops 1
+        ev std-eot-mixed "$STD" --protocol eot --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        ev fs-eot-mixed "$FS" --protocol eot-transfer --num-images 100 --eps 8 --outer-loops 1 10 --chunk-size 10 \
+            --batch-size 10
+        ev fs-adaptive-mixed "$FS" --protocol adaptive --lambdas 1 10 --num-images 100 --eps 8 --outer-loops 1 \
+            --chunk-size 50 --batch-size 50
+        ev fs-rand-mixed "$FS" --protocol rand --num-images 100 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
+        ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
+            --batch-size 25
+        ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
             --chunk-size 200 --batch-size 200
@@ -163,6 +179,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

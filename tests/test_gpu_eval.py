@@ -221,6 +221,8 @@ def test_gpu_eval_detached_run_that_fails_reports_its_status(tmp_path):
     ("g", ["std-eot-mixed"]),
     ("h", ["fs-eot-mixed"]),
     ("i", ["std-eot-mixed"]),
+    ("r", ["fs-transfer-mixed", "std-transfer-mixed", "std-eot-mixed", "fs-eot-mixed", "fs-adaptive-mixed",
+           "fs-rand-mixed", "fs-autoattack-mixed"]),
 ])
 def test_every_cpu_queue_parses_and_runs_each_of_its_evaluations(tmp_path, queue, runs):
     env = _stub_env(tmp_path)
