@@ -120,7 +120,8 @@ case "${1:-}" in
     i)  # row 7 at the n = 200 on CPU: std-eot-mixed's first 100 images are read back (since 2026-11-27
         # each chunk's stamp covers its own images, so a larger --num-images reuses every finished chunk) and
         # images 100-199 are attacked: some 9-10 core-hours (an estimate from queue g's first 100 images, 5.1
-        # core-hours for CE and 4.2 for targeted DLR)
+        # core-hours for CE and 4.2 for targeted DLR). Not needed since 2026-11-28: gpu-row7 ran the same
+        # attacks at eps 8 on n = 200 on an H100 in 6 minutes (std-row7-gpu)
         ev std-eot-mixed "$STD" --protocol eot --num-images 200 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
     r)  # 2026-11-28, after commit ff3e546 (re-scoring on an attack's point for every image; the transfer attack's
