@@ -67,17 +67,24 @@ def _reports(ten_classes: bool = False) -> list[Path]:
     for run in sorted(p for p in (RESULTS / "eval").iterdir() if p.is_dir()):
         # A run still going (or stopped) counts by its `fsmooth eval --partial` report: the chunks it finished,
         # re-scored; the report's path (".../partial") and n say so in every table. A run extended after it
-        # finished (more eps, more images) counts by both: its finished report, and the partial one written
-        # after it on at least as many images (`fsmooth summarize` joins them per image on the first n both
-        # have, and an attack in both keeps the run on more images: a partial report on fewer would shrink the
-        # finished rows' worst case).
-        got = {r: json.loads(r.read_text())["info"] for r in (run / "report.json", run / "partial" / "report.json")
+        # finished (more eps, more images) counts by both: its finished report, and a partial one on at least
+        # as many images that was written after it or holds a setting it lacks (`fsmooth summarize` joins them
+        # per image on the first n both have, and an attack in both keeps the run on more images: a partial
+        # report on fewer would shrink the finished rows' worst case). A finished report rewritten after the
+        # partial one (re-scored again, say) leaves the partial's other settings standing.
+        got = {r: json.loads(r.read_text()) for r in (run / "report.json", run / "partial" / "report.json")
                if r.is_file()}
-        done = got.get(run / "report.json", {})
-        for path, info in got.items():
-            if path.parent.name == "partial" and done and (info["finished"] < done["finished"]
-                                                           or info["n"] < done["n"]):
-                continue  # read before the run finished, or on fewer images: its finished report says more
+        done = got.get(run / "report.json", {"info": {}, "settings": []})
+
+        def keys(report):
+            return {(s["target"], s["outer_loops"], s["eps_255"]) for s in report["settings"]}
+
+        for path, report in got.items():
+            info = report["info"]
+            if path.parent.name == "partial" and done["info"] and (
+                    info["n"] < done["info"]["n"]
+                    or (info["finished"] < done["info"]["finished"] and keys(report) <= keys(done))):
+                continue  # on fewer images, or read before the run finished and adding nothing: it says less
             if bool(info.get("image_order")) == ten_classes:
                 found.append(path.parent.relative_to(ROOT))
     return found

@@ -2,6 +2,7 @@
 hand comes from a committed report (``python results/make_results.py --check``)."""
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import shutil
@@ -111,6 +112,15 @@ def test_a_partial_report_counts_beside_the_finished_one_only_when_written_after
     finished(run / "partial", "2026-11-27T10:00:00+00:00")
     found = make_results._reports(ten_classes=True)
     assert run in found and run / "partial" not in found
+    # Written before the finished report but holding a setting it lacks (eps 16 beside a re-scored eps 8): kept.
+    report = json.loads((copied / run / "partial" / "report.json").read_text())
+    extra = copy.deepcopy(report["settings"][0])
+    extra["eps_255"], extra["eps"] = 16.0, 16 / 255
+    report["settings"].append(extra)
+    (copied / run / "partial" / "report.json").write_text(json.dumps(report))
+    assert run / "partial" in make_results._reports(ten_classes=True)
+    report["settings"].pop()
+    (copied / run / "partial" / "report.json").write_text(json.dumps(report))
     # Written after it but on fewer images (the first chunks of an extension): the finished rows would shrink.
     finished(run / "partial", "2026-11-27T22:00:00+00:00")
     report = json.loads((copied / run / "partial" / "report.json").read_text())
@@ -122,11 +132,18 @@ def test_a_partial_report_counts_beside_the_finished_one_only_when_written_after
     assert run not in found and run / "partial" in found
 
 
-def test_a_report_whose_device_text_named_torch_names_it_once():
-    """fs-rand-mixed's report.json was written while the device text still carried torch's version."""
-    folder = ROOT / "results" / "eval" / "fs-rand-mixed"
+def test_a_report_whose_device_text_named_torch_names_it_once(tmp_path):
+    """Reports written before 2026-11-27 carry torch's version in their device text too (fs-rand-mixed's did
+    until it was re-scored on 2026-11-28): a copy of it, given that text back."""
+    folder = tmp_path / "fs-rand-mixed"
+    folder.mkdir()
+    for name in ("report.json", "per_image.safetensors"):
+        shutil.copy(ROOT / "results" / "eval" / "fs-rand-mixed" / name, folder / name)
     report = json.loads((folder / "report.json").read_text())
-    assert "torch" in report["info"]["environment"]["device"]
+    environment = report["info"]["environment"]
+    if "torch" not in environment["device"]:
+        environment["device"] += f", torch {environment['torch']}"
+    (folder / "report.json").write_text(json.dumps(report))
     header = markdown(report).splitlines()[2]
     assert header.count("torch ") == 1 and "(AVX512, 1 threads), torch 2.14.1" in header
     devices = {c["device"] for c in summarize([folder])["clean"]}
