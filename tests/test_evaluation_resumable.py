@@ -146,6 +146,7 @@ def test_only_a_resumable_attack_takes_resume_or_checkpoint(setup):
     with pytest.raises(TypeError, match="TorchattacksEOTPGD cannot save or resume"):
         TorchattacksEOTPGD(model, eps=EPS, steps=2)(x, y, checkpoint=lambda make: None)
     assert EOTPGD.resumable and APGD.resumable and not TorchattacksEOTPGD.resumable
+    assert not APGD(lambda x: x, best_loss=True).resumable    # the library's whole run
     empty, info = run_attack(_attack(model, "ce"), x[:0], y[:0], batch_size=4)
     assert empty.shape == (0, *x.shape[1:]) and info["resumed_at"] is None
 

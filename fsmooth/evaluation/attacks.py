@@ -104,8 +104,9 @@ class APGD(Attack):
             raise TypeError(f"best_loss must be a bool, got {type(best_loss).__name__}")
         self.n_iter, self.n_restarts, self.eot_iter, self.loss, self.rho = n_iter, n_restarts, eot_iter, loss, rho
         self.best_loss = best_loss
-        # The default run is the library's, saved and resumed between iterations (ResumableAPGD).
-        self.resumable = not best_loss
+        self.resumable = not best_loss  # best_loss is the library's whole run
+
+    resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
 
     def perturb(self, x, y, *, resume=None, checkpoint=None):
         attack = ResumableAPGD(self.model, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts,
