@@ -215,10 +215,12 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
     for c in claims:
         lo, hi = c * ctx.chunk_size, min((c + 1) * ctx.chunk_size, ctx.n)
         got = ctx.store.load(spec.run_id, c)
-        if got is not None and spec.kind == "rescore" and got[1].get(CANDIDATES_KEY) != tensor_checksum(candidates[lo:hi]):
+        if (got is not None and spec.kind == "rescore"
+                and got[1].get(CANDIDATES_KEY) != tensor_checksum(candidates[lo:hi])):
             # The stamp covers the clean images, not the points re-scored: an attack chunk recomputed since, or
             # another choice of candidates, makes the stored fresh runs those of other points.
-            _log.info("recomputing chunk %d of %r: the points it re-scored are not this evaluation's", c, spec.run_id)
+            _log.info("recomputing chunk %d of %r: the points it re-scored are not this evaluation's", c,
+                      spec.run_id)
             got = None
         if got is None and ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
             raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
