@@ -112,10 +112,10 @@ def test_a_partial_report_counts_beside_the_finished_one_only_when_written_after
     finished(run / "partial", "2026-11-27T10:00:00+00:00")
     found = make_results._reports(ten_classes=True)
     assert run in found and run / "partial" not in found
-    # Written before the finished report but holding a setting it lacks (eps 16 beside a re-scored eps 8): kept.
+    # Written before the finished report but holding a setting it lacks (eps 32 beside re-scored ones): kept.
     report = json.loads((copied / run / "partial" / "report.json").read_text())
     extra = copy.deepcopy(report["settings"][0])
-    extra["eps_255"], extra["eps"] = 16.0, 16 / 255
+    extra["eps_255"], extra["eps"] = 32.0, 32 / 255
     report["settings"].append(extra)
     (copied / run / "partial" / "report.json").write_text(json.dumps(report))
     assert run / "partial" in make_results._reports(ten_classes=True)
