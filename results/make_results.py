@@ -168,9 +168,9 @@ def _section_tables(sec: dict, level: str) -> list[str]:
             "on one adversarial point per image (the first attack's that fooled it and moved it, else the first "
             "attack's that moved it; since 2026-11-28: before, an image the clean pass alone got wrong was re-scored "
             "clean). `other attacks`: each further attack alone (lambda: the adaptive APGD-CE of Table 3; transfer: "
-            "AutoAttack standard on the bare model, its points scored through the defense; transfer-maxloss: APGD-CE's "
-            "highest-loss point of every image on the bare model, scored likewise; eot-pgd-...-from-ol1: EOT-PGD's points against "
-            "K = 1, scored through the defense at this K, an attack that does not adapt to K). The paper's column is "
+            "AutoAttack standard on the bare model, its points scored through the defense; transfer-maxloss: "
+            "APGD-CE's highest-loss point of every image on the bare model, scored likewise; eot-pgd-...-from-ol1: "
+            "EOT-PGD's points against K = 1, scored through the defense at this K, an attack that does not adapt to K). The paper's column is "
             "its WRN-28-10 under AutoAttack standard; it has no number for the standard model here.", "",
             "| model | K | eps | clean (defended) | APGD-CE | APGD-T | FAB-T | Square | AutoAttack | worst case | "
             "strict | other attacks | paper AutoAttack |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
