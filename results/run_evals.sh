@@ -140,6 +140,14 @@ case "${1:-}" in
         ev fs-autoattack-mixed "$FS" --protocol autoattack --num-images 200 --eps 8 --outer-loops 1 --chunk-size 25 \
             --batch-size 25
         ;;
+    s)  # Square alone (AutoAttack's Square, 5,000 queries, p_init 0.8: the `paper` protocol's "Square alone" and
+        # row 2's Square are this one attack), the feature-smoothed model at K = 1, eps 8 then 16, n = 200 in chunks
+        # of 50. Its cost is set by the images that survive: each query is a defended forward of the chunk's images
+        # not yet fooled (about 0.5 s a query for one survivor on one core, fs-autoattack-mixed's chunk 6); it saves
+        # its state every minute and a rerun resumes between queries (2026-11-28)
+        ev fs-square-mixed "$FS" --protocol square --num-images 200 --eps 8 16 --outer-loops 1 --chunk-size 50 \
+            --batch-size 50
+        ;;
     gpu-adaptive-200)  # the same at n = 200: measures the GPU's pace first (and fits one device call)
         ev fs-adaptive-gpu-200 "$FS" --protocol adaptive --lambdas 1 10 --num-images 200 --eps 8 --outer-loops 1 \
             --chunk-size 200 --batch-size 200
@@ -180,6 +188,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|s|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

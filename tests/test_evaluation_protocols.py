@@ -1,4 +1,5 @@
 """End to end: every protocol runs on a tiny defended model; reports, resume, CLI and figures."""
+import dataclasses
 import json
 from pathlib import Path
 
@@ -717,6 +718,20 @@ def test_summarize_refuses_reports_taken_in_another_image_order(setup, tmp_path)
     evaluate(model, x, y, out=tmp_path / "b", meta={"image_order": "a fixed permutation"}, **kwargs)
     assert summarize([tmp_path / "a", tmp_path / "a"])["clean"]
     with pytest.raises(ValueError, match="other images.*image order"):
+        summarize([tmp_path / "a", tmp_path / "b"])
+
+
+def test_summarize_refuses_to_join_two_defenses_of_one_model(setup, tmp_path):
+    """One model under two defenses (another delta_test): a worst case over both would describe neither."""
+    from fsmooth.evaluation.summary import summarize
+    model, x, y = setup
+    kwargs = dict(protocol="clean", eps=EPS, outer_loops=(1,), budget=tiny_budget(), chunk_size=6, quiet=True,
+                  defended_factory=tiny_factory, meta={"checkpoint": "runs/fs/checkpoints/e1"})
+    evaluate(model, x, y, out=tmp_path / "a", defense=TINY_DEFENSE, **kwargs)
+    other = dataclasses.replace(TINY_DEFENSE, delta=TINY_DEFENSE.delta * 1.5)
+    evaluate(model, x, y, out=tmp_path / "b", defense=other, **kwargs)
+    assert summarize([tmp_path / "a", tmp_path / "a"])["settings"] == []
+    with pytest.raises(ValueError, match=r"defends 'fs' otherwise than .*\ba\b.*defense: .*delta="):
         summarize([tmp_path / "a", tmp_path / "b"])
 
 

@@ -43,6 +43,18 @@ def _load(folder: Path) -> tuple[dict, dict]:
     return report, load_file(str(folder / "per_image.safetensors"))
 
 
+_NO_BASELINE = {None, "none", "None"}  # how a report without --baseline records it
+
+
+def _defended_by(info: dict) -> dict:
+    """What a report's defended numbers depend on besides the model: its defense, the layer it smooths, and
+    the baseline model and defense of its ``standard-defended`` settings."""
+    fingerprint = info["fingerprint"]
+    return {"defense": fingerprint.get("defense", repr(info.get("defense"))), "layer": fingerprint.get("layer"),
+            "baseline_model": fingerprint.get("baseline_model"),
+            "baseline_defense": fingerprint.get("baseline_defense")}
+
+
 def _pct_ci(summary: dict) -> dict:
     return {k: summary[k] for k in ("n", "correct", "accuracy", "ci95")}
 
@@ -55,6 +67,7 @@ def summarize(folders, names: dict | None = None) -> dict:
         raise ValueError("folders must name at least one evaluation folder")
     names = names or {}
     models: dict[str, dict] = {}
+    defenses: dict[str, tuple[Path, dict]] = {}  # model -> the first report's defense, which the others must match
     clean: list[dict] = []
     groups: dict[tuple, dict] = {}
     adaptive: list[dict] = []
@@ -75,6 +88,16 @@ def summarize(folders, names: dict | None = None) -> dict:
                                           "defense": info["defense"], "reports": []})
         if known["model_checksum"] != fingerprint:
             raise ValueError(f"two different models are both named {model!r} ({folder}); name them apart")
+        defended_by = _defended_by(info)
+        first_folder, first = defenses.setdefault(model, (folder, defended_by))
+        # A worst case joined over two defenses (another beta, delta_test or layer) would describe neither. A
+        # baseline is compared only where both reports have one (a report without it adds no baseline setting).
+        differ = ", ".join(f"{k}: {defended_by[k]!r} vs {first[k]!r}" for k in sorted(defended_by)
+                           if defended_by[k] != first[k]
+                           and not (k.startswith("baseline") and _NO_BASELINE & {defended_by[k], first[k]}))
+        if differ:
+            raise ValueError(f"{folder} defends {model!r} otherwise than {first_folder} ({differ}); join only "
+                             "reports of one defense")
         known["reports"].append(str(folder))
         source = {"report": str(folder), "command": info.get("command"), "dataset": info.get("dataset"),
                   "device": device_text(info["environment"])}
