@@ -169,6 +169,14 @@ case "${1:-}" in
         ev std-row7-gpu "$STD" --protocol eot,square --num-images 200 --eps 8 16 --outer-loops 1 \
             --chunk-size 200 --batch-size 200
         ;;
+    gpu-row6)  # row 6 as an attack through K = 10 itself (queue f's eot-transfer only scored EOT-PGD's K = 1 points
+               # at K = 10): EOT-PGD, CE and targeted DLR, 20 draws of the K = 10 defense per step, eps 8, n = 100,
+               # one chunk. Each pass is 20 copies x 10 defense runs of every image, 10 times a K = 1 pass: about
+               # 15 minutes per loss and restart on an H100 (an estimate from std-row7-gpu's 3 minutes per loss at
+               # K = 1 on 200 images), so more than one session's device time; it resumes between steps
+        ev fs-row6-gpu "$FS" --protocol eot --num-images 100 --eps 8 --outer-loops 10 --chunk-size 100 \
+            --batch-size 100
+        ;;
     gpu-eot-100)  # row 2's EOT-PGD (CE and targeted DLR) at eps 8 on n = 100: the slice of row 2 that may fit
                   # what a GPU session has left after issue 10's calls (one chunk; 101 passes of 20 x 100 images
                   # per restart)
@@ -188,6 +196,6 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|s|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|s|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-row6|gpu-eot-100|gpu-rand|gpu-paper" >&2
         exit 2 ;;
 esac

@@ -42,7 +42,8 @@ STUB = textwrap.dedent("""\
     (out / "per_image.safetensors").write_bytes(b"per-image results")
     (out / "report.md").write_text("# report\\n")
     (out / "report.json").write_text(json.dumps({"argv": argv, "protocols": parse_protocols(args.protocol),
-                                                 "n": args.n, "eps": args.eps, "data": args.data}))
+                                                 "n": args.n, "eps": args.eps, "data": args.data,
+                                                 "outer_loops": args.outer_loops}))
     print("evaluated")
 """)
 
@@ -60,16 +61,17 @@ def _stub_env(tmp_path, **extra):
     return env
 
 
-@pytest.mark.parametrize("queue, run, protocols, n, eps", [
-    ("gpu-adaptive-200", "fs-adaptive-gpu-200", ["adaptive"], 200, [8.0]),
-    ("gpu-adaptive", "fs-adaptive-gpu", ["adaptive"], 1000, [8.0]),
-    ("gpu-row2", "fs-row2-gpu", ["eot", "square"], 500, [8.0, 16.0]),
-    ("gpu-row7", "std-row7-gpu", ["eot", "square"], 200, [8.0, 16.0]),
-    ("gpu-paper", "fs-paper-gpu", ["paper"], 200, [8.0]),
-    ("gpu-rand", "fs-rand-gpu", ["rand"], 100, [8.0]),
-    ("gpu-eot-100", "fs-eot-gpu-100", ["eot"], 100, [8.0]),
+@pytest.mark.parametrize("queue, run, protocols, n, eps, outer_loops", [
+    ("gpu-adaptive-200", "fs-adaptive-gpu-200", ["adaptive"], 200, [8.0], [1]),
+    ("gpu-adaptive", "fs-adaptive-gpu", ["adaptive"], 1000, [8.0], [1]),
+    ("gpu-row2", "fs-row2-gpu", ["eot", "square"], 500, [8.0, 16.0], [1]),
+    ("gpu-row7", "std-row7-gpu", ["eot", "square"], 200, [8.0, 16.0], [1]),
+    ("gpu-row6", "fs-row6-gpu", ["eot"], 100, [8.0], [10]),
+    ("gpu-paper", "fs-paper-gpu", ["paper"], 200, [8.0], [1]),
+    ("gpu-rand", "fs-rand-gpu", ["rand"], 100, [8.0], [1]),
+    ("gpu-eot-100", "fs-eot-gpu-100", ["eot"], 100, [8.0], [1]),
 ])
-def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, protocols, n, eps):
+def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, protocols, n, eps, outer_loops):
     env = _stub_env(tmp_path)
     proc = subprocess.run(["bash", str(ROOT / "results" / "gpu_eval.sh"), queue], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -81,6 +83,7 @@ def test_gpu_eval_runs_its_queue_and_packs_the_reports(tmp_path, queue, run, pro
     assert not any("/state/" in name and name.endswith(".safetensors") for name in names)  # images stay there
     assert not any(".tmp." in name for name in names)  # nor the leftovers of cut atomic writes
     assert report["protocols"] == protocols and report["n"] == n and report["eps"] == eps
+    assert report["outer_loops"] == outer_loops
     assert report["data"] == str(tmp_path / "carry" / "cifar10-jpeg-q75.tar.gz")
     model = report["argv"][report["argv"].index("--pretrained") + 1]
     assert model == ("wrn-16-1-cifar10-jpeg-std36" if run.startswith("std-") else "wrn-16-1-cifar10-jpeg-fs36")
