@@ -116,6 +116,11 @@ def save_run_checkpoint(run_dir: str | os.PathLike, epoch: int, model: nn.Module
     for old in existing[:-keep] if keep > 0 else []:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
+    # The temporary folders of a save killed part-way (save_checkpoint's ".epoch-NNNN.*"): never read, and each
+    # as large as a checkpoint. One process writes a run's checkpoints, so none of them is in use now.
+    for stale in root.glob(".epoch-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
     return path
 
 

@@ -113,11 +113,15 @@ def append_line(path: str | os.PathLike, line: str) -> None:
     """Append ``line`` and a newline to ``path`` with one ``write`` call, then fsync.
 
     A crash can only leave the new line torn at the very end of the file (readers skip it);
-    earlier lines are never touched.
+    earlier lines are never touched. A line torn by an earlier crash is ended first, so that it stays
+    a line of its own and the new one is kept whole.
     """
     data = (line.rstrip("\n") + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
     try:
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
         written = os.write(fd, data)
         if written != len(data):  # a short write (disk full): finish it rather than leave half a line
             view = memoryview(data)[written:]

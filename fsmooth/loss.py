@@ -57,7 +57,10 @@ class FeatureSmoothingLoss(nn.Module):
         if isinstance(model, nn.DataParallel) and len(model.device_ids) > 1:
             devices = f"model is a DataParallel over {len(model.device_ids)} devices"
             raise ValueError(_DATA_PARALLEL_ERROR.format(devices))
-        target = model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+        target = getattr(model, "_orig_mod", model)  # torch.compile's wrapper runs the original's hooks
+        if isinstance(target, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            target = target.module
+        target = getattr(target, "_orig_mod", target)
         self.layer = layer if layer is not None else getattr(target, "default_layer", None)
         module = layer_module(target, self.layer)
         self.delta = delta

@@ -228,7 +228,8 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
     settings = {"arch": arch, "dataset": dataset, "layer": layer, "delta": delta, "epochs": epochs,
                 "batch_size": batch_size, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                 "warmup_epochs": warmup_epochs, "seed": seed, "amp": "bf16" if use_amp else "off",
-                "limit_train": limit_train, "limit_test": limit_test}
+                "limit_train": limit_train, "limit_test": limit_test,
+                "world_size": world}  # the ranks shard the data, seed the augmentation and split each batch
     restored = load_run_checkpoint(run_dir) if resume else None
     if restored is not None:
         _check_resume_settings(restored[0], restored[3], settings)
@@ -288,7 +289,7 @@ def _train(out_dir, *, arch, data, dataset, epochs, batch_size, lr, momentum, we
 
     meta_base = {
         **settings, "data": str(data) if data is not None else os.environ.get("FSMOOTH_DATA"),
-        "nesterov": True, "device": device.type, "world_size": world, "n_train": int(train_images.shape[0]),
+        "nesterov": True, "device": device.type, "n_train": int(train_images.shape[0]),
         "n_test": int(test_images.shape[0]), "torch": torch.__version__,
         "command": command if command is not None else " ".join(sys.argv),
     }
@@ -380,6 +381,8 @@ def _check_arguments(*, epochs, batch_size, lr, momentum, weight_decay, warmup_e
     if delta is not None:
         check_number(delta, "delta", min_value=0.0)
     check_number(seed, "seed", integer=True)
+    if not 0 <= seed < 2**31:  # the data's per-epoch generator seeds derive from it in 64 bits (data.py)
+        raise ValueError(f"seed must be in [0, 2**31), got {seed}")
     check_bool(channels_last, "channels_last", allow_none=True)
     for name, value in (("compile", compile), ("resume", resume), ("overwrite", overwrite), ("quiet", quiet)):
         check_bool(value, name)
@@ -451,8 +454,8 @@ def _restore(restored, model, optimizer, scheduler, device, rank: int, run_dir: 
     scheduler.load_state_dict(state["scheduler"])
     epoch = int(state["epoch"])
     rng = state["rng"]
-    if "ranks" in rng:
-        rng = rng["ranks"][rank] if rank < len(rng["ranks"]) else rng["ranks"][0]
+    if "ranks" in rng:  # one state per rank; the world size was checked against the checkpoint's
+        rng = rng["ranks"][rank]
     _set_rng_state(rng, device)
     history = _read_log(run_dir / LOG_NAME, epoch)
     if [h["epoch"] for h in history] != list(range(1, epoch + 1)):

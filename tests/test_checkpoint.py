@@ -109,6 +109,19 @@ def test_interrupted_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "checkpoints" / "latest").read_text())["epoch"] == 1
 
 
+def test_a_save_killed_before_its_cleanup_leaves_nothing_after_the_next_save(tmp_path):
+    """A SIGKILL cannot run save_checkpoint's cleanup: its temporary folders (as large as a checkpoint) are
+    removed by the next save of the run."""
+    model = tiny_model()
+    save_run_checkpoint(tmp_path, 1, model, {"epoch": 1})
+    root = tmp_path / "checkpoints"
+    for leftover in (".epoch-0002.acwmrs0q", ".epoch-0001.old.k2j4x9ab"):  # what the kill leaves
+        (root / leftover).mkdir()
+        (root / leftover / "model.safetensors").write_bytes(b"weights")
+    save_run_checkpoint(tmp_path, 2, model, {"epoch": 2})
+    assert sorted(p.name for p in root.iterdir()) == ["epoch-0001", "epoch-0002", "latest"]
+
+
 def _data_source():
     for candidate in (os.environ.get("FSMOOTH_DATA"),
                       Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"):

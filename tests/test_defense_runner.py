@@ -173,7 +173,7 @@ def _small_problem(n=6, max_iters=5):
     noise = noise_for(x, 0.075, seed=4)
     config = DefenseConfig(beta=BETA, delta=float(initial_losses(model, x + noise).quantile(0.3)),
                            max_iters=max_iters)
-    return ActiveDefense(model, config=config, engine="eager"), x + noise, config
+    return ActiveDefense(model, config=config, engine="eager"), x + noise, config, (x, noise)
 
 
 @pytest.mark.parametrize("mode", ["graph", "chunked"])
@@ -189,7 +189,7 @@ def test_buckets_are_captured_with_the_collector_paused(mode, cuda_stream_stubs)
             seen.append((b, gc.isenabled(), _Cycle.freed))
             return _ReplayedGraph(self, module, b)
 
-    defense, t0, config = _small_problem()
+    defense, t0, config, start = _small_problem()
     runner = _Runner(defense.prefix, t0.device, tuple(t0.shape[1:]), mode=mode, max_batch=4, chunk=2)
     was = gc.isenabled()
     gc.enable()
@@ -235,8 +235,8 @@ def test_graph_mode_runner_matches_eager_and_its_loop_keeps_no_runner(cuda_strea
 
     monkeypatch.setattr(graph_module, "capture_while_loop", capture)
 
-    defense, t0, config = _small_problem(n=7, max_iters=12)
-    ref = defense(t0, return_info=True, noise=torch.zeros_like(t0))
+    defense, t0, config, start = _small_problem(n=7, max_iters=12)
+    ref = defense(start[0], return_info=True, noise=start[1])  # from t0 = x + noise
     assert len(set(ref.iterations.tolist())) > 2
     runner = _DeviceUncheckedRunner(defense.prefix, t0.device, tuple(t0.shape[1:]), mode="graph", max_batch=4)
     with torch.no_grad(), defense.prefix.session() as module:
@@ -305,7 +305,8 @@ def test_captures_of_a_compiled_prefix_refuse_to_recompile(compile_prefix, cuda_
 
     model = tiny_wrn()
     x = varied_inputs(6)
-    t0 = x + noise_for(x, 0.075, seed=4)
+    start = (x, noise_for(x, 0.075, seed=4))
+    t0 = x + start[1]
     config = DefenseConfig(beta=BETA, delta=float(initial_losses(model, t0).quantile(0.3)), max_iters=5)
     defense = ActiveDefense(model, config=config, engine="eager")
     compiled = ActiveDefense(model, config=config, engine="eager", compile_prefix=compile_prefix)
@@ -313,7 +314,7 @@ def test_captures_of_a_compiled_prefix_refuse_to_recompile(compile_prefix, cuda_
     with torch.no_grad(), compiled.prefix.session() as module:
         t, iterations, _, _, _ = runner.run(module, t0, config)
     assert flags == [compile_prefix is not False] * 3 and not dynamo_config.error_on_recompile
-    ref = defense(t0, return_info=True, noise=torch.zeros_like(t0))
+    ref = defense(start[0], return_info=True, noise=start[1])  # from t0 = x + noise
     assert iterations.tolist() == ref.iterations.tolist()
     torch._dynamo.reset()
 

@@ -59,6 +59,18 @@ def test_jsonl_reader_skips_a_torn_last_line(tmp_path):
     assert read_jsonl(log, corrupt="skip") == [{"epoch": 1}, {"epoch": 2}]
 
 
+def test_an_append_after_a_torn_line_keeps_the_new_record_whole(tmp_path):
+    log = tmp_path / "log.jsonl"
+    append_jsonl(log, {"epoch": 1})
+    with open(log, "a") as f:
+        f.write('{"epoch": 2, "tr')  # a crash in the middle of an append
+    append_jsonl(log, {"epoch": 2})  # the rerun's record
+    append_jsonl(log, {"epoch": 3})
+    assert log.read_text().splitlines()[1:] == ['{"epoch": 2, "tr', '{"epoch": 2}', '{"epoch": 3}']
+    with pytest.warns(RuntimeWarning, match="line 2"):
+        assert read_jsonl(log, corrupt="warn") == [{"epoch": 1}, {"epoch": 2}, {"epoch": 3}]
+
+
 def test_jsonl_reader_refuses_a_corrupt_middle_line_unless_told(tmp_path):
     log = tmp_path / "log.jsonl"
     log.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')

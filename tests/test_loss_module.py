@@ -117,6 +117,20 @@ def test_works_through_data_parallel_wrapper():
     assert torch.isfinite(total)
 
 
+def test_works_on_a_torch_compile_wrapped_model():
+    """``torch.compile(model)`` is an OptimizedModule holding the model as ``_orig_mod``: the loss hooks the
+    original's layer, and matches the loss made from the bare model (eager backend: no compiler on CI)."""
+    torch.manual_seed(5)
+    model = tiny_wrn().eval()
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    with FeatureSmoothingLoss(model, delta=0.0) as criterion:
+        expected = criterion(model(x), y)
+    compiled = torch.compile(model, backend="eager")
+    with FeatureSmoothingLoss(compiled, delta=0.0) as criterion:
+        total = criterion(compiled(x), y)
+    torch.testing.assert_close(total, expected)
+
+
 def _feature_term_reference(model, x, delta, weight):
     """``weight * mean_i max(L_F_i, delta)`` by plain float64 autograd: an independent transcription."""
     f = prefix(model, "block1")(x).flatten(1)

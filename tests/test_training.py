@@ -84,6 +84,13 @@ def test_resume_with_other_hyperparameters_is_refused_and_lists_them(tmp_path):
         train(tmp_path, epochs=4, resume=True, train_data=train_data, test_data=test_data, **TINY)
     with pytest.raises(ValueError, match=r"n_train 48 -> 32"):  # other data: refused once it is loaded
         train(tmp_path, epochs=3, resume=True, train_data=tiny_data(n_train=32)[0], test_data=test_data, **TINY)
+    # Another number of processes shards the data, seeds the augmentation and splits each batch otherwise.
+    meta_path = latest_checkpoint(tmp_path) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "world_size": 2}))
+    with pytest.raises(ValueError, match=r"world_size 2 -> 1"):
+        train(tmp_path, epochs=3, resume=True, train_data=train_data, test_data=test_data, **TINY)
+    meta_path.write_text(json.dumps(meta))
     assert (tmp_path / "log.jsonl").read_bytes() == log
     assert latest_checkpoint(tmp_path).name == "epoch-0001"
     # The recorded values resume (the metadata of a checkpoint written before this check existed has them all).
@@ -249,6 +256,7 @@ def _fake_finished_run(run_dir):
     (dict(warmup_epochs=-1.0), ValueError, "warmup_epochs"), (dict(eval_batch_size=0), ValueError, "eval_batch_size"),
     (dict(limit_train=0), ValueError, "limit_train"), (dict(limit_test=-1), ValueError, "limit_test"),
     (dict(max_epochs_this_run=0), ValueError, "max_epochs_this_run"), (dict(seed=1.5), TypeError, "seed"),
+    (dict(seed=2**32), ValueError, "seed"), (dict(seed=-1), ValueError, "seed"),
     (dict(epochs=0), ValueError, "epochs"), (dict(compile="no"), TypeError, "compile"),
     (dict(arch="wrn-x-1"), ValueError, "arch"), (dict(layer="block9"), ValueError, "block9"),
     (dict(batch_size=64), ValueError, "no batch"),  # found once the data is read: still before any deletion

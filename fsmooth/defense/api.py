@@ -9,6 +9,7 @@ Without a generator the global RNG of ``x``'s device is used.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 import weakref
 
@@ -154,7 +155,13 @@ class ActiveDefense:
         device = model_device(self.prefix.module)
         if device is not None and device != x.device:
             raise ValueError(f"model is on {device} but x is on {x.device}; move one of them")
-        check_finite(x, "x")
+        if x.numel():  # one synchronisation for both checks
+            low, high = (float(v) for v in torch.aminmax(x.detach()))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                check_finite(x, "x")  # NaN or Inf, named as everywhere else
+            if low < 0 or high > 1:
+                raise ValueError(f"x must be images with values in [0, 1] (sigma, beta and delta_test are set for that "
+                                 f"range), got values in [{low:.4g}, {high:.4g}]")
 
     def draw_noise(self, x: torch.Tensor, generator: torch.Generator | None = None,
                    sigma: float | None = None) -> torch.Tensor:
@@ -221,6 +228,7 @@ class ActiveDefense:
         if not isinstance(config, DefenseConfig):
             raise TypeError(f"config must be a DefenseConfig, got {type(config).__name__}")
         self._check_inputs(x)
+        check_bool(return_info, "return_info")
         engine = resolve_engine(self.engine, x.device, self.enforce_eager)  # _run skips engines that failed
         if noise is not None:
             check_float_tensor(noise, "noise")
