@@ -136,6 +136,18 @@ class CalibrationTarget:
         return out
 
 
+def _model_device(model: nn.Module, device) -> torch.device:
+    """Where the images go: the model's device; ``device`` may only name it (the model is not moved)."""
+    own = next(model.parameters()).device
+    if device is None:
+        return own
+    device = torch.device(device)
+    if device.type != own.type or (device.index is not None and device.index != own.index):
+        raise ValueError(f"device is {device} but the model is on {own}: move the model there first "
+                         "(model.to(device)) or leave device out")
+    return own
+
+
 @torch.no_grad()
 def clean_feature_losses(model: nn.Module, images: torch.Tensor, *, layer: str | None = None,
                          batch_size: int = 256, device=None, quiet: bool = True) -> torch.Tensor:
@@ -143,8 +155,7 @@ def clean_feature_losses(model: nn.Module, images: torch.Tensor, *, layer: str |
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (N, C, H, W) tensor, got {type(images).__name__}")
     check_positive_int(batch_size, "batch_size")
-    if device is None:
-        device = next(model.parameters()).device
+    device = _model_device(model, device)
     was_training = model.training
     model.eval()
     net = model_prefix(model, layer)
@@ -332,9 +343,7 @@ def calibrate_defense(model: nn.Module, images: torch.Tensor, labels: torch.Tens
     if any(r > 1 for r in delta_ratios):
         raise ValueError(f"delta_ratios must be in (0, 1], got {delta_ratios!r}")
     DefenseConfig(sigma=sigma, max_iters=max_iters)  # validates sigma and max_iters before any work
-    if device is None:
-        device = next(model.parameters()).device
-    device = torch.device(device)
+    device = _model_device(model, device)
     was_training = model.training
     model.eval()
     try:

@@ -112,7 +112,7 @@ def save_run_checkpoint(run_dir: str | os.PathLike, epoch: int, model: nn.Module
     name = f"epoch-{epoch:04d}"
     path = save_checkpoint(root / name, model, meta, **kwargs)
     write_json_atomic(root / "latest", {"checkpoint": name, "epoch": epoch})
-    existing = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("epoch-"))
+    existing = _epoch_folders(root)[::-1]  # oldest first, by number (epoch-10000 after epoch-9999)
     for old in existing[:-keep] if keep > 0 else []:
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)

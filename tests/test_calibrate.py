@@ -193,6 +193,9 @@ def test_search_rejects_bad_arguments():
         CalibrationTarget(min_median_iterations=-1)
     with pytest.raises(TypeError, match="target"):
         calibrate_defense(model, x, y, target={"min_median_iterations": 3})
+    with pytest.raises(ValueError, match="device is meta but the model is on cpu"):  # the model is not moved
+        calibrate_defense(model, x, y, device="meta")
+    assert calibrate_defense(model, x, y, device="cpu", beta_factors=(1.0,), delta_ratios=(0.9,), max_iters=2)
 
 
 @pytest.fixture

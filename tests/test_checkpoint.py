@@ -122,6 +122,13 @@ def test_a_save_killed_before_its_cleanup_leaves_nothing_after_the_next_save(tmp
     assert sorted(p.name for p in root.iterdir()) == ["epoch-0001", "epoch-0002", "latest"]
 
 
+def test_pruning_orders_epochs_by_number_past_9999(tmp_path):
+    model = tiny_model()
+    for epoch in (9999, 10000, 10001):
+        save_run_checkpoint(tmp_path, epoch, model, {"epoch": epoch}, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch-10000", "epoch-10001", "latest"]
+
+
 def _data_source():
     for candidate in (os.environ.get("FSMOOTH_DATA"),
                       Path(__file__).resolve().parents[2] / "shared" / "datasets" / "cifar10-jpeg-q75.tar.gz"):
