@@ -262,7 +262,10 @@ class EngineProvider:
         with benchlib.float32_matmul(self.matmul_mode()), warnings.catch_warnings():
             # Fixed-iteration schedules end every sample at max_iters on purpose.
             warnings.filterwarnings("ignore", message=".*reached max_iters.*")
-            result = self._defense(t0, return_info=True, **kwargs)
+            # The defense takes images in [0, 1] and adds their noise itself: t0 goes in as its clamp plus the
+            # rest as the noise, whose sum is t0 bit for bit (t0 - 1 is exact for t0 in [1, 2], Sterbenz).
+            x = t0.clamp(0, 1)
+            result = self._defense(x, return_info=True, noise=t0 - x, **kwargs)
         self._engine_used = result.engine
         if self.engine != "auto" and result.engine != self.engine:
             # A row must never be timed on another engine than its name says (engine="auto" may degrade).

@@ -48,6 +48,9 @@ def test_iters_per_sec_quick_writes_rows(tmp_path):
         assert row["status"] in ("ok", "skipped", "error", "oom", "check_failed", "no_kernels")
         if row["status"] != "ok":
             assert row["reason"], row  # every provider that did not run says why
+    # What the CPU can run runs: an error row here would be one on a GPU too (e.g. start points the defense
+    # refuses); only providers the CPU lacks are skipped.
+    assert not [(r["section"], r["provider"], r["reason"]) for r in jsonl if r["status"] not in ("ok", "skipped")]
     sections = {r["section"] for r in jsonl}
     assert sections == {"roofline", "throughput", "latency", "early-exit", "workload", "loss-kernel", "profile"}
     profile = [r for r in jsonl if r["section"] == "profile" and r["provider"] == "eager-bf16"]
