@@ -43,9 +43,13 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "results"
 # Environment
 
 
-def environment() -> dict:
-    """Device, library versions, command line and date of this run (goes into every result row)."""
-    cuda = torch.cuda.is_available()
+def environment(device=None) -> dict:
+    """Device, library versions, command line and date of this run (goes into every result row).
+
+    ``device``: the one the run measures on (default: CUDA if available, else the CPU); a CPU run on a GPU
+    machine is labelled ``cpu``, with no GPU name."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    cuda = device.type == "cuda"
     try:
         import triton
         triton_version = triton.__version__
@@ -56,7 +60,7 @@ def environment() -> dict:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(shlex.quote(a) for a in [os.path.basename(sys.executable)] + sys.argv),
         "device": "cuda" if cuda else "cpu",
-        "gpu_name": torch.cuda.get_device_name() if cuda else "none",
+        "gpu_name": torch.cuda.get_device_name(device) if cuda else "none",
         "cpu": cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,

@@ -69,8 +69,11 @@ def defended_evaluations(budget: Budget, num_classes: int = 10) -> dict[str, tup
     }
 
 
-def issue12_rows(budget: Budget, n_lambdas: int = 8) -> list[dict]:
-    """The rows of the CPU reproduction (issue 12), in its order of priority."""
+def issue12_rows(budget: Budget, n_lambdas: int | None = None) -> list[dict]:
+    """The rows of the CPU reproduction (issue 12), in its order of priority. ``n_lambdas``: default, the
+    adaptive protocol's runs, lambda = 0 and +-each of ``budget.lambdas``."""
+    if n_lambdas is None:
+        n_lambdas = len({0.0} | {s * abs(v) for v in budget.lambdas for s in (1, -1)})  # as protocols.plan
     ev = defended_evaluations(budget)
     row2 = ("eot-pgd-ce", "eot-pgd-dlr-targeted", "transfer", "square")
     rows = [
@@ -118,11 +121,12 @@ def measure(model, config: DefenseConfig, x: torch.Tensor, y: torch.Tensor) -> d
             "median_iterations": float(iterations.median()), "probe": n}
 
 
-def plan_table(rows: list[dict], s_step: float) -> list[dict]:
+def plan_table(rows: list[dict], s_step: float, threads: int = 1) -> list[dict]:
+    """Core-hours of each row: ``s_step`` is wall time per image with ``threads`` torch threads."""
     out = []
     for row in rows:
         lo, hi = row["evals"]
-        scale = row["n"] * row["ol"] * row["settings"] * s_step / 3600
+        scale = row["n"] * row["ol"] * row["settings"] * s_step * threads / 3600
         out.append(dict(row, evals=list(row["evals"]), core_hours=[lo * scale, hi * scale]))
     return out
 
@@ -181,10 +185,10 @@ def main(argv=None) -> dict:
     budget = Budget()
     result = {
         "benchmark": "eval_plan", "model": args.model, "data": "CIFAR-10 (JPEG q75 copy)",
-        "threads": args.threads, "environment": environment(),
+        "threads": args.threads, "environment": environment("cpu"),
         "defense": {"sigma": config.sigma, "beta": config.beta, "delta": config.delta},
         "budget": budget.as_dict(), "measured": measured,
-        "rows": plan_table(issue12_rows(budget), measured["s_step"]),
+        "rows": plan_table(issue12_rows(budget), measured["s_step"], args.threads),
     }
     out = Path(args.out_dir) if args.out_dir else default_out_dir(False)
     out.mkdir(parents=True, exist_ok=True)

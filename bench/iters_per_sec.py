@@ -245,7 +245,7 @@ def make_plan(model, layer, args, device, flops_per_iter: float | None, budget: 
 def run(args) -> tuple[list[dict], dict]:
     budget = planner.Budget(args.budget_s)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    env = benchlib.environment()
+    env = benchlib.environment(device)
     env.update(arch=args.arch, layer=args.layer)
     if args.tag:
         env["tag"] = args.tag

@@ -207,7 +207,7 @@ def main(argv=None) -> int:
     shapes = args.shapes or (QUICK_SHAPES if args.quick else FULL_SHAPES)
     copy_bytes = (8 << 20) if args.quick or device.type != "cuda" else (1 << 30)
     rep_ms = min(args.rep_ms, 20.0) if args.quick else args.rep_ms
-    env = benchlib.environment()
+    env = benchlib.environment(device)
     rows, _ = run(shapes, args.dtypes, device, args.input_sets, args.seed, rep_ms, copy_bytes)
     if not args.no_save:
         paths = benchlib.append_results(args.out_dir, "loss_kernel", env, rows)

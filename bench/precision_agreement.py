@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
         "converged_bf16": float(b["converged"].float().mean()),
         "seconds_fp32": seconds["fp32"], "seconds_bf16": seconds["bf16"],
     }
-    env = environment()
+    env = environment(device)
     out_dir = Path(args.out_dir) if args.out_dir else default_out_dir(args.quick)
     append_results(out_dir, "precision_agreement", env, [row])
     table = format_markdown(row, env)

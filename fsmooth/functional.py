@@ -152,8 +152,13 @@ def feature_loss_and_grad(
     with torch.no_grad():
         if select_backend(features, backend) == "triton":
             return _triton_kernels()[0].feature_loss_and_grad_triton(features, grad_scale)
-        loss, grad = feature_loss_grad_reference(features)
+        # Half precision is scaled in fp32 and rounded once, as the Triton kernel does: rounding first would
+        # leave (sign - mean sign) / N, an fp16 subnormal for N above about 16k, to be scaled by beta.
+        half = features.dtype in (torch.float16, torch.bfloat16)
+        loss, grad = feature_loss_grad_reference(features.float() if half else features)
         if grad_scale is not None:
             shape = (-1,) + (1,) * (features.dim() - 1)
-            grad = (grad * grad_scale.to(grad.dtype).view(shape)).to(features.dtype)
+            grad = grad * grad_scale.to(grad.dtype).view(shape)
+        if grad.dtype != features.dtype or grad.stride() != features.stride():
+            grad = torch.empty_like(features).copy_(grad)  # the features' dtype and layout (channels_last)
         return loss, grad

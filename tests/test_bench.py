@@ -357,3 +357,13 @@ def test_roofline_probes_are_sized_for_the_device(bench_modules):
     assert (gpu.matmul_size, gpu.copy_bytes) == (8192, 1 << 30)
     given = iters_per_sec.parse_args(["--device", "cpu", "--matmul-size", "4096"])
     assert given.matmul_size == 4096
+
+
+def test_environment_labels_the_device_measured_not_the_one_present(bench_modules, monkeypatch):
+    """A CPU run on a GPU machine (eval_plan, --device cpu) is labelled cpu, with no GPU name."""
+    benchlib, _ = bench_modules
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    env = benchlib.environment("cpu")
+    assert env["device"] == "cpu" and env["gpu_name"] == "none"
+    assert benchlib.environment()["device"] == "cuda"  # default: the GPU where there is one

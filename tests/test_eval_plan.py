@@ -39,6 +39,10 @@ def test_rows_and_hours_scale_with_n_outer_loops_and_settings(eval_plan):
     assert ol10["core_hours"] == [4000 * 100 * 10 * 2.0 / 3600] * 2
     clean = rows[0]
     assert clean["core_hours"] == [1000 * 2 * 2.0 / 3600] * 2  # 1000 images, two models
+    # Table 3 runs lambda = 0 and +-each budget lambda: 9 APGD runs for Budget()'s four
+    adaptive = next(r for r in rows if r["row"] == 5)
+    assert adaptive["evals"] == [100 * 9] * 2 and "9 lambdas" in adaptive["what"]
+    assert eval_plan.plan_table(rows, s_step=2.0, threads=4)[0]["core_hours"] == [4 * c for c in clean["core_hours"]]
     assert "| 6 | outerloop 10" in eval_plan.markdown({
         "model": "m", "threads": 1, "rows": rows, "data": "synthetic",
         "environment": {"date": "d", "device": "cpu", "cpu": "x86", "torch": "t", "command": "c"},

@@ -121,6 +121,23 @@ def test_grad_scale_is_folded_in():
         assert torch.equal(grad[1], torch.zeros_like(grad[1]))
 
 
+def test_reference_path_scales_half_precision_before_rounding_and_keeps_the_layout():
+    """At N = 32,768 the unscaled gradient (sign - mean sign) / N is an fp16 subnormal: scaling it after
+    rounding (by beta = 80) multiplied the rounding error; now it is rounded once, like the Triton kernel."""
+    torch.manual_seed(8)
+    x = torch.randn(2, 32, 32, 32).half()
+    scale = torch.tensor([80.0, 3.0])
+    _, grad = feature_loss_and_grad(x, scale, backend="reference")
+    _, ref = closed_form_loss_grad(x.double())
+    expected = ref * scale.double().view(-1, 1, 1, 1)
+    assert grad.dtype == torch.float16
+    assert (grad.double() - expected).abs().max() <= (expected.half().double() - expected).abs().max()
+    y = torch.randn(2, 5, 3, 4).to(memory_format=torch.channels_last)
+    loss, grad = feature_loss_and_grad(y, backend="reference")
+    assert grad.is_contiguous(memory_format=torch.channels_last) and grad.dtype == y.dtype
+    torch.testing.assert_close(grad.double(), closed_form_loss_grad(y.double())[1], rtol=1e-6, atol=1e-9)
+
+
 def test_auto_backend_dispatch(interpret_triton):
     x = torch.randn(2, 3, 4, 4, device=DEVICE)
     assert select_backend(x) == "triton"
