@@ -17,6 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .feature_loss import on_device
+
 __all__ = ["channel_affine", "ChannelAffineFunction", "channel_affine_function", "supports"]
 
 _MAX_BLOCK_C = 256
@@ -92,9 +94,10 @@ def channel_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor | N
     block_c = min(_MAX_BLOCK_C, max(16, triton.next_power_of_2(channels)))
     block_r = max(1, _BLOCK_ELEMENTS // block_c)
     grid = (triton.cdiv(rows, block_r), triton.cdiv(channels, block_c))
-    _channel_affine_kernel[grid](x, scale, shift if shift is not None else scale, y, rows, channels,
-                                 HAS_SHIFT=shift is not None, ROUND_BF16=x.dtype == torch.bfloat16,
-                                 BLOCK_R=block_r, BLOCK_C=block_c)
+    with on_device(x.device):
+        _channel_affine_kernel[grid](x, scale, shift if shift is not None else scale, y, rows, channels,
+                                     HAS_SHIFT=shift is not None, ROUND_BF16=x.dtype == torch.bfloat16,
+                                     BLOCK_R=block_r, BLOCK_C=block_c)
     return y
 
 

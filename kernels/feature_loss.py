@@ -21,6 +21,8 @@ result is deterministic and a sample's loss never depends on its batch
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -159,6 +161,12 @@ def _as_dense_samples(features: torch.Tensor) -> torch.Tensor:
     return features.contiguous()
 
 
+def on_device(device: torch.device):
+    """Launch on ``device``: Triton launches on the current CUDA device, not on the tensors' (a tensor on
+    another GPU would be read through the wrong context)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def feature_loss_forward(features: torch.Tensor, need_grad: bool):
     """Run the fused forward.
 
@@ -173,15 +181,17 @@ def feature_loss_forward(features: torch.Tensor, need_grad: bool):
     stride_b = features.stride(0)
     grid = (b, num_chunks)
     partial = torch.empty((b, num_chunks), device=dev, dtype=torch.float32)
-    _partial_sum_kernel[grid](features, partial, n, stride_b, NUM_CHUNKS=num_chunks, CHUNK=chunk, BLOCK=block)
+    with on_device(dev):
+        _partial_sum_kernel[grid](features, partial, n, stride_b, NUM_CHUNKS=num_chunks, CHUNK=chunk, BLOCK=block)
     mean = partial.sum(dim=1) / n
     abs_partial = torch.empty_like(partial)
     sign_partial = torch.empty_like(partial)
     signs = torch.empty((b, n), device=dev, dtype=torch.int8) if need_grad else abs_partial
-    _absdev_sign_kernel[grid](
-        features, mean, abs_partial, sign_partial, signs, n, stride_b,
-        NUM_CHUNKS=num_chunks, CHUNK=chunk, BLOCK=block, HAS_GRADIENTS=need_grad,
-    )
+    with on_device(dev):
+        _absdev_sign_kernel[grid](
+            features, mean, abs_partial, sign_partial, signs, n, stride_b,
+            NUM_CHUNKS=num_chunks, CHUNK=chunk, BLOCK=block, HAS_GRADIENTS=need_grad,
+        )
     loss = abs_partial.sum(dim=1) / n
     sign_mean = sign_partial.sum(dim=1) / n
     return loss, sign_mean, (signs if need_grad else None)
@@ -201,7 +211,8 @@ def feature_loss_backward(
     if out is None:
         out = torch.empty_like(like)
     scale = grad_loss.to(torch.float32).contiguous() / n
-    _grad_kernel[(b, num_chunks)](signs, sign_mean, scale, out, n, out.stride(0), CHUNK=chunk, BLOCK=block)
+    with on_device(out.device):
+        _grad_kernel[(b, num_chunks)](signs, sign_mean, scale, out, n, out.stride(0), CHUNK=chunk, BLOCK=block)
     return out
 
 
