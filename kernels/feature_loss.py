@@ -163,8 +163,11 @@ def _as_dense_samples(features: torch.Tensor) -> torch.Tensor:
 
 def on_device(device: torch.device):
     """Launch on ``device``: Triton launches on the current CUDA device, not on the tensors' (a tensor on
-    another GPU would be read through the wrong context)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    another GPU would be read through the wrong context). A no-op on the current device (the usual case, and
+    inside captured graphs and compiled code)."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
 
 
 def feature_loss_forward(features: torch.Tensor, need_grad: bool):

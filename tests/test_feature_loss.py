@@ -267,10 +267,12 @@ def test_kernel_int64_offsets_on_gpu():
     assert rel_err(grad[-1:], ref_grad) < 1e-2
 
 
-def test_kernels_launch_under_the_tensors_cuda_device():
+def test_kernels_launch_under_the_tensors_cuda_device(monkeypatch):
     """Triton launches on the current CUDA device: the wrappers enter the tensors' own device first (a
     tensor on cuda:1 while cuda:0 is current). Checked without a GPU: the guard is built, not entered."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     guard = kernel.on_device(torch.device("cuda", 1))
     assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert not isinstance(kernel.on_device(torch.device("cuda", 0)), torch.cuda.device)
     with kernel.on_device(torch.device("cpu")):  # nothing to switch on the CPU (the interpreter)
         pass
