@@ -17,6 +17,7 @@ objects.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,6 +27,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -283,7 +285,15 @@ def load_model(path: str | os.PathLike, device=None) -> tuple[nn.Module, dict]:
     meta = load_meta(path)
     model = model_from_meta(meta)
     try:
-        state = load_file(str(weights))
+        data = weights.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read weights {str(weights)!r}: {type(exc).__name__}: {exc}") from exc
+    expected = meta.get("weights_sha256")  # written by export_pretrained
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise ValueError(f"weights {str(weights)!r} are not the ones their metadata names (weights_sha256 "
+                         "differs): an export cut off between its files, or files mixed by hand")
+    try:
+        state = load_safetensors_bytes(data)
     except Exception as exc:
         raise ValueError(f"cannot read weights {str(weights)!r}: {type(exc).__name__}: {exc}") from exc
     reference = model.state_dict()

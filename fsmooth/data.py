@@ -45,7 +45,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 DATASETS = {"cifar10": 10, "cifar100": 100}
 SPLITS = ("train", "test")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: numbered class folders labelled by number
 # A CIFAR image is a few kilobytes: a member above this is not an image of these data sets, and reading it
 # whole into memory (as every member is) could exhaust it.
 MAX_IMAGE_BYTES = 16 << 20
@@ -244,16 +244,44 @@ def _decode(data: bytes, where: str) -> np.ndarray:
         raise DataError(f"cannot decode image {where!r}: {type(exc).__name__}: {exc}") from exc
 
 
-def _assemble(entries: dict[str, list[tuple[str, bytes]]], split: str, dataset: str, where: str):
-    """entries: class name -> [(name, encoded bytes)]; returns stacked tensors in (class, name) order."""
+def _class_order(names: list[str], split: str, dataset: str, where: str) -> list[str]:
+    """The class folders in label order: CIFAR-10's names in its order, numbered folders by number, other
+    names sorted (CIFAR-100's label order is its sorted names); anything else is a DataError."""
+    expected = DATASETS[dataset]
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    if len(names) != expected:
+        raise DataError(f"{where!r} split {split!r} has {len(names)} class folders ({shown}); "
+                        f"{dataset} needs {expected}")
+    if all(n.isdecimal() for n in names):
+        if sorted(int(n) for n in names) != list(range(expected)):
+            raise DataError(f"{where!r} split {split!r} has numbered class folders ({shown}) that are not "
+                            f"0 to {expected - 1}")
+        return sorted(names, key=int)
+    if dataset == "cifar10" and set(names) != set(CIFAR10_CLASSES):
+        unknown = sorted(set(names) - set(CIFAR10_CLASSES))
+        raise DataError(f"{where!r} split {split!r} has class folders {unknown} that are not CIFAR-10 class "
+                        f"names {list(CIFAR10_CLASSES)} (nor numbered 0 to 9): their labels would be a guess")
+    return sorted(names, key=CIFAR10_CLASSES.index) if dataset == "cifar10" else names
+
+
+def _check_other_split(classes: list[str], other: set[str] | None, split: str, where: str) -> None:
+    """The source's other split, where it has one, must hold the same class folders (else their labels
+    differ between the splits)."""
+    if other is None or not other or other == set(classes):
+        return
+    only_here, only_there = sorted(set(classes) - other), sorted(other - set(classes))
+    raise DataError(f"{where!r}: split {split!r} and the other split name different class folders "
+                    f"(only in {split!r}: {only_here}; only in the other: {only_there})")
+
+
+def _assemble(entries: dict[str, list[tuple[str, bytes]]], split: str, dataset: str, where: str,
+              other_classes: set[str] | None = None):
+    """entries: class name -> [(name, encoded bytes)]; returns stacked tensors in (label, name) order.
+    other_classes: the class folders of the source's other split, where it has one."""
     if not entries:
         raise DataError(f"split {split!r} not found in {where!r} (expected {split}/<class>/<image>)")
-    classes = sorted(entries)
-    expected = DATASETS[dataset]
-    if len(classes) != expected:
-        shown = ", ".join(classes[:12]) + (", ..." if len(classes) > 12 else "")
-        raise DataError(f"{where!r} split {split!r} has {len(classes)} class folders ({shown}); "
-                        f"{dataset} needs {expected}")
+    classes = _class_order(sorted(entries), split, dataset, where)
+    _check_other_split(classes, other_classes, split, where)
     images, labels, shape = [], [], None
     for index, cls in enumerate(classes):
         for name, data in sorted(entries[cls]):
@@ -287,12 +315,15 @@ def _check_image_size(size: int, where: str) -> None:
 
 def _read_tar(path: Path, split: str, dataset: str):
     entries: dict[str, list[tuple[str, bytes]]] = {}
+    other: set[str] = set()
     try:
         with tarfile.open(path, "r:*") as archive:
             for member in archive:
                 if not member.isfile() or not member.name.lower().endswith(_IMAGE_EXTENSIONS):
                     continue
                 parts = _split_parts(member.name)
+                if parts is not None and parts[0] in SPLITS and parts[0] != split:
+                    other.add(parts[1])
                 if parts is None or parts[0] != split:
                     continue
                 _check_image_size(member.size, f"{path}:{member.name}")  # before reading it into memory
@@ -301,7 +332,7 @@ def _read_tar(path: Path, split: str, dataset: str):
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise DataError(f"cannot read archive {str(path)!r} (truncated or corrupt?): "
                         f"{type(exc).__name__}: {exc}") from exc
-    return _assemble(entries, split, dataset, str(path))
+    return _assemble(entries, split, dataset, str(path), other)
 
 
 def _read_folder(path: Path, split: str, dataset: str):
@@ -320,7 +351,9 @@ def _read_folder(path: Path, split: str, dataset: str):
     empty = [c for c, items in entries.items() if not items]
     if empty:
         raise DataError(f"class folder {str(root / empty[0])!r} holds no images")
-    return _assemble(entries, split, dataset, str(root) if entries else str(path))
+    other_root = path / next(s for s in SPLITS if s != split)
+    other = ({p.name for p in other_root.iterdir() if p.is_dir()} if other_root.is_dir() else None)
+    return _assemble(entries, split, dataset, str(root) if entries else str(path), other)
 
 
 EVALUATION_ORDER_SEED = 0  # fixed: every evaluation of a class-sorted set takes its images in the same order

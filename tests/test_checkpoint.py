@@ -162,3 +162,30 @@ def test_embedded_model_reproduces_recorded_accuracy(name):
         pred = torch.cat([model(images[i].float() / 255).argmax(1) for i in index.split(250)])
     correct = int((pred == labels[index]).sum())
     assert abs(correct - check["correct"]) <= 1, (correct, check)
+
+
+def test_export_pretrained_is_atomic_checks_its_weights_and_drops_a_stale_log(tmp_path, monkeypatch):
+    from fsmooth.models import zoo
+    out = tmp_path / "weights"
+    save_checkpoint(tmp_path / "a", tiny_model(0), {"delta_test": 0.05})
+    save_checkpoint(tmp_path / "b", tiny_model(1), {"delta_test": 0.07})
+    log = tmp_path / "log.jsonl"
+    log.write_text('{"epoch": 1}\n')
+    meta = zoo.export_pretrained(tmp_path / "a", "m", out, log=log)
+    assert (out / "m.log.jsonl").read_text() == log.read_text() and len(meta["weights_sha256"]) == 64
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(zoo, "load_dataset", fail)  # the export of b fails after staging its weights
+    with pytest.raises(OSError, match="disk full"):
+        zoo.export_pretrained(tmp_path / "b", "m", out, data=tmp_path)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, nothing replaced
+    monkeypatch.undo()
+    # exported again without a log: the old log would describe another model's training
+    meta = zoo.export_pretrained(tmp_path / "b", "m", out)
+    assert not (out / "m.log.jsonl").exists() and meta["delta_test"] == 0.07
+    # weights that are not the ones the metadata names (an export cut off between its two files) are refused
+    (out / "m.safetensors").write_bytes(before["m.safetensors"])
+    with pytest.raises(ValueError, match="weights_sha256"):
+        load_model(out / "m.safetensors")

@@ -217,3 +217,27 @@ def test_incomplete_or_truncated_torchvision_folder(tmp_path):
     (folder / "test_batch").unlink()
     with pytest.raises(DataError, match="lacks.*test_batch"):
         load_dataset(tmp_path, "test")
+
+
+def test_class_folders_must_name_the_same_classes_in_a_known_order(tmp_path):
+    # CIFAR-10 folders must carry its class names: others would be labelled by their sorted order, silently
+    # unlike a CIFAR-10 model's labels
+    renamed = tuple(c.upper() if c == "cat" else c for c in CIFAR10_CLASSES)
+    write_folder(tmp_path / "renamed", classes=renamed, per_class=1, splits=("test",))
+    with pytest.raises(DataError, match="CAT.*CIFAR-10 class names"):
+        load_dataset(tmp_path / "renamed", "test", use_cache=False)
+    # numbered folders are labelled by number, not by their sorted text ("10" after "1", before "2")
+    numbered = tuple(str(i) for i in range(100))
+    written, _ = write_folder(tmp_path / "numbered", classes=numbered, per_class=1, splits=("test",))["test"]
+    x, y = load_dataset(tmp_path / "numbered", "test", "cifar100", use_cache=False)
+    label_of = {bytes(image.numpy()): int(label) for image, label in zip(x, y)}
+    assert [label_of[bytes(image.numpy())] for image in written] == [int(n) for n in sorted(numbered)]
+    # the two splits of one source must hold the same classes, in either source kind
+    names = tuple(f"c{i:02d}" for i in range(100))
+    write_folder(tmp_path / "split", classes=names, per_class=1, splits=("train",))
+    write_folder(tmp_path / "split", classes=names[:99] + ("zz",), per_class=1, seed=1, splits=("test",))
+    archive = make_tar(tmp_path / "split", tmp_path / "split.tar.gz")
+    for source in (tmp_path / "split", archive):
+        for split in ("train", "test"):
+            with pytest.raises(DataError, match="c99.*zz|zz.*c99"):
+                load_dataset(source, split, "cifar100", use_cache=False)

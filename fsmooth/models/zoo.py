@@ -7,6 +7,7 @@ Weights are read with safetensors; nothing is unpickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ from torch import nn
 
 from ..checkpoint import load_model, resolve_checkpoint, save_checkpoint
 from ..data import load_dataset
-from ..io import write_json_atomic
+from ..io import write_bytes_atomic, write_json_atomic
 
 __all__ = ["pretrained", "available_pretrained", "pretrained_meta", "pretrained_files", "export_pretrained",
            "load_classifier", "DEFAULT_PRETRAINED"]
@@ -101,24 +102,33 @@ def export_pretrained(checkpoint, name: str, out_dir=None, *, data=None, log=Non
     out_dir = Path(out_dir) if out_dir is not None else _weights_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = dict(meta, name=name, weights_dtype="float16", **(notes or {}))
-    staging = out_dir / f".{name}.staging"
-    save_checkpoint(staging, model, meta, dtype=torch.float16)
-    if data is not None:
-        half, _ = load_model(staging)
-        images, labels = load_dataset(data, "test", meta.get("dataset", "cifar10"))
-        index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1234))[:subset]
-        with torch.no_grad():
-            pred = torch.cat([half(images[i].float() / 255).argmax(1) for i in index.split(250)])
-        meta["subset_check"] = {"seed": 1234, "n": int(index.numel()), "split": "test",
-                                "correct": int((pred == labels[index]).sum()),
-                                "how": "first n of torch.randperm(N, generator=manual_seed(seed)); fp16 weights"}
-    shutil.copyfile(staging / "model.safetensors", out_dir / f"{name}.safetensors")
-    write_json_atomic(out_dir / f"{name}.json", meta)
-    shutil.rmtree(staging, ignore_errors=True)
+    meta.pop("weights_sha256", None)
     if log is None:
         weights, _ = resolve_checkpoint(checkpoint)
         candidate = weights.parent.parent.parent / "log.jsonl"  # <run>/checkpoints/epoch-N/model.safetensors
         log = candidate if candidate.is_file() else None
-    if log is not None:
-        shutil.copyfile(log, out_dir / f"{name}.log.jsonl")
+    staging = out_dir / f".{name}.staging"
+    try:
+        save_checkpoint(staging, model, meta, dtype=torch.float16)
+        if data is not None:
+            half, _ = load_model(staging)
+            images, labels = load_dataset(data, "test", meta.get("dataset", "cifar10"))
+            index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1234))[:subset]
+            with torch.no_grad():
+                pred = torch.cat([half(images[i].float() / 255).argmax(1) for i in index.split(250)])
+            meta["subset_check"] = {"seed": 1234, "n": int(index.numel()), "split": "test",
+                                    "correct": int((pred == labels[index]).sum()),
+                                    "how": "first n of torch.randperm(N, generator=manual_seed(seed)); fp16 weights"}
+        weights_bytes = (staging / "model.safetensors").read_bytes()
+        meta["weights_sha256"] = hashlib.sha256(weights_bytes).hexdigest()
+        # Each file is replaced atomically; the metadata last, and it names its weights' checksum, so that an
+        # export cut off between two files is refused on load instead of pairing old metadata with new weights.
+        if log is not None:
+            write_bytes_atomic(out_dir / f"{name}.log.jsonl", Path(log).read_bytes())
+        else:  # an older export's log describes another model's training
+            (out_dir / f"{name}.log.jsonl").unlink(missing_ok=True)
+        write_bytes_atomic(out_dir / f"{name}.safetensors", weights_bytes)
+        write_json_atomic(out_dir / f"{name}.json", meta)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return meta
