@@ -433,8 +433,14 @@ class DeviceLoader:
             raise TypeError(f"images must be uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels must have shape ({images.shape[0]},), got {tuple(labels.shape)}")
+        for name, value in (("batch_size", batch_size), ("rank", rank), ("world_size", world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{name} must be an int, got {type(value).__name__}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size) and world_size >= 1, got rank {rank}, "
+                             f"world_size {world_size}")
         self.device = torch.device(device) if device is not None else images.device
         self.images = images.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -455,8 +461,8 @@ class DeviceLoader:
             order = torch.arange(n)
         if self.world_size > 1:
             total = -(-n // self.world_size) * self.world_size
-            if self.pad and total > n and n:
-                order = torch.cat([order, order[: total - n]])
+            if self.pad and total > n and n:  # wrapped as often as needed: a set smaller than world_size too
+                order = order.repeat(-(-total // n))[:total]
             order = order[self.rank::self.world_size]
         return order.to(self.device)
 

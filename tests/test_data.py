@@ -241,3 +241,22 @@ def test_class_folders_must_name_the_same_classes_in_a_known_order(tmp_path):
         for split in ("train", "test"):
             with pytest.raises(DataError, match="c99.*zz|zz.*c99"):
                 load_dataset(source, split, "cifar100", use_cache=False)
+
+
+def test_device_loader_pads_tiny_sets_for_every_rank_and_checks_its_shard(tmp_path):
+    x = torch.randint(0, 256, (1, 3, 4, 4), dtype=torch.uint8)
+    y = torch.tensor([7])
+    for rank in range(4):  # one image, four ranks: each rank still gets one (wrapped) image, never an empty batch
+        batches = list(DeviceLoader(x, y, 2, rank=rank, world_size=4))
+        assert len(batches) == 1 and batches[0][1].tolist() == [7]
+    x = torch.randint(0, 256, (3, 3, 4, 4), dtype=torch.uint8)
+    y = torch.tensor([1, 2, 3])
+    seen = [DeviceLoader(x, y, 8, rank=r, world_size=5)._indices().tolist() for r in range(5)]
+    assert [len(s) for s in seen] == [1] * 5 and sorted(sum(seen, [])) == [0, 0, 1, 1, 2]
+    for kwargs, name in (({"rank": 2, "world_size": 2}, "rank"), ({"rank": -1, "world_size": 2}, "rank"),
+                         ({"world_size": 0}, "world_size"), ({"world_size": 2.0}, "world_size"),
+                         ({"rank": True, "world_size": 2}, "rank")):
+        with pytest.raises((ValueError, TypeError), match=name):
+            DeviceLoader(x, y, 2, **kwargs)
+    with pytest.raises(TypeError, match="batch_size"):
+        DeviceLoader(x, y, 2.5)
