@@ -40,13 +40,22 @@ def _register(subparsers, command: str, module_name: str) -> None:
     except ImportError as exc:
         p = subparsers.add_parser(command, help=f"(unavailable in this installation: {module_name})")
         p.set_defaults(func=functools.partial(_unavailable, command, module_name, str(exc)))
+        _verbose(p)
         return
-    module.add_parser(subparsers).set_defaults(func=module.run)
+    parser = module.add_parser(subparsers)
+    parser.set_defaults(func=module.run)
+    _verbose(parser)
+
+
+def _verbose(parser: argparse.ArgumentParser, default=argparse.SUPPRESS) -> None:
+    """``-v`` on the top parser (default False) and on every subcommand (no default: it does not reset the
+    top one), so that it works before or after the subcommand."""
+    parser.add_argument("-v", "--verbose", action="store_true", default=default, help="log at INFO level")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fsmooth", description="Feature-smoothing training and Active Defense.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    _verbose(parser, default=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for command, module_name in COMMANDS.items():

@@ -42,7 +42,9 @@ def demo_images(data, n: int, dataset: str = "cifar10") -> tuple[torch.Tensor, t
     From ``data`` / ``$FSMOOTH_DATA``, else a torchvision download into the fsmooth
     cache; ``ValueError`` with instructions when none is reachable.
     """
-    source = data if data is not None else os.environ.get("FSMOOTH_DATA")
+    if data is not None and not str(data).strip():
+        raise DataError("--data is empty: pass a data source's path, or leave --data out")
+    source = data if data is not None else (os.environ.get("FSMOOTH_DATA") or None)  # set but empty: unset
     if source is None:
         root = cache_dir() / "torchvision"
         try:
@@ -55,10 +57,7 @@ def demo_images(data, n: int, dataset: str = "cifar10") -> tuple[torch.Tensor, t
                 "no test images: pass --data PATH (a cifar-10-batches-py folder, an ImageFolder tree or a .tar.gz "
                 f"of one) or set FSMOOTH_DATA; the torchvision download into {str(root)!r} failed "
                 f"({type(exc).__name__}: {exc})") from exc
-    try:
-        images, labels = load_dataset(source, "test", dataset)
-    except DataError:
-        raise
+    images, labels = load_dataset(source, "test", dataset)
     index = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(1234))[:n].sort().values
     return images[index], labels[index]
 
@@ -108,6 +107,7 @@ def run_demo(args) -> int:
     clean_ok = torch.zeros(n, dtype=torch.bool, device=device)
     clean_def_ok, adv_ok, adv_def_ok = clean_ok.clone(), clean_ok.clone(), clean_ok.clone()
     iterations, seconds = [], 0.0
+    eps = args.eps / 255  # the command line's eps is in 1/255 units
     x_adv_def_all = torch.empty_like(x_all)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # unconverged samples are counted in the table
@@ -122,18 +122,20 @@ def run_demo(args) -> int:
                 torch.cuda.synchronize(device)
             seconds += time.perf_counter() - start
             iterations.append(defended.last_info.iterations.cpu())
-            x_adv = pgd_linf(model, x, y, args.eps, args.pgd_steps, generator=gen)
+            x_adv = pgd_linf(model, x, y, eps, args.pgd_steps, generator=gen)
             with torch.no_grad():
                 adv_ok[sl] = model(x_adv).argmax(1) == y
-            x_adv_def = pgd_linf(defended, x, y, args.eps, args.pgd_steps, generator=gen)
+            x_adv_def = pgd_linf(defended, x, y, eps, args.pgd_steps, generator=gen)
             x_adv_def_all[sl] = x_adv_def
             with torch.no_grad():
                 adv_def_ok[sl] = defended(x_adv_def).argmax(1) == y
+        path = figure4(model, defended, x_all[:1], x_adv_def_all[:1], args.output, config, gen)
     iters = torch.cat(iterations).double()
     pct = lambda t: f"{100 * t.float().mean().item():6.2f}%"  # noqa: E731
     print(f"model: {label} ({meta.get('arch')}, trained {meta.get('epoch')} epochs on "
           f"{meta.get('device', '?')}); beta = {config.beta:g}, delta_test = {config.delta}; device: {device}")
-    print(f"{n} test images of CIFAR-10 ({_data_label(args.data)}); PGD L-inf eps {args.eps * 255:.0f}/255, "
+    dataset = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(meta.get("dataset", "cifar10"), meta.get("dataset"))
+    print(f"{n} test images of {dataset} ({_data_label(args.data)}); PGD L-inf eps {args.eps:g}/255, "
           f"{args.pgd_steps} steps, random start")
     rows = [("clean accuracy", pct(clean_ok), pct(clean_def_ok)),
             (f"PGD-{args.pgd_steps} accuracy", pct(adv_ok), pct(adv_def_ok))]
@@ -142,7 +144,6 @@ def run_demo(args) -> int:
         print(f"{name:<20}{a:>12}{b:>16}")
     print(f"defense iterations (clean): mean {iters.mean():.1f}, min {iters.min():.0f}, max {iters.max():.0f}")
     print(f"defended classification time: {1000 * seconds / n:.1f} ms/image")
-    path = figure4(model, defended, x_all[:1], x_adv_def_all[:1], args.output, config, gen)
     print(f"wrote {path}")
     return 0
 

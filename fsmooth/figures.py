@@ -209,10 +209,7 @@ def feature_panels(model, images: dict[str, torch.Tensor], path, *, layer: str |
 def figure4(model, defended, x: torch.Tensor, x_adv: torch.Tensor, output, config, generator) -> Path:
     """Clean, adversarial, noisy and defended image of one sample, with one feature channel each (PNG)."""
     noise = (torch.rand(x_adv.shape, generator=generator, device=x_adv.device) * 2 - 1) * config.sigma
-    try:
-        info = defended.defense(x_adv, return_info=True, noise=noise)
-    except TypeError:  # an engine without the noise argument: defend from its own draw
-        info = defended.defense(x_adv, generator, return_info=True)
+    info = defended.defense(x_adv, return_info=True, noise=noise)
     net = network_prefix(model)
     with torch.no_grad():
         channel = int(net(x)[0].flatten(1).var(1).argmax())  # the clean image's most varied channel

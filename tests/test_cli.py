@@ -3,6 +3,7 @@ import importlib.util
 import json
 import pickle
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -62,11 +63,24 @@ def test_train_writes_log_and_checkpoint(trained):
     assert meta["command"].startswith("fsmooth train --out") and meta["arch"] == "wrn-10-1"
 
 
+def test_verbose_goes_before_or_after_the_subcommand():
+    from fsmooth.cli import build_parser
+    parser = build_parser()
+    assert parser.parse_args(["-v", "demo"]).verbose and parser.parse_args(["demo", "-v"]).verbose
+    assert parser.parse_args(["summarize", "x", "--out", "y", "--verbose"]).verbose
+    assert not parser.parse_args(["demo"]).verbose
+
+
 def test_bad_arguments_exit_with_usage(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--out", "x", "--delta", "abc"])
     assert info.value.code == 2 and "--delta" in capsys.readouterr().err
     assert main(["calibrate", "/nonexistent/checkpoint"]) == 2
+    for option, value in (("--min-median-iters", "-1"), ("--min-median-iters", "1.5"),
+                          ("--max-median-linf", "300"), ("--max-median-linf", "nan")):
+        with pytest.raises(SystemExit) as info:  # refused by the parser, before any model is loaded
+            main(["calibrate", "/nonexistent/checkpoint", option, value])
+        assert info.value.code == 2 and option in capsys.readouterr().err
 
 
 def test_calibrate_then_plot(trained, tmp_path, capsys):
@@ -98,10 +112,15 @@ def test_demo_and_defend(trained, tmp_path, capsys):
     from PIL import Image
     data, run = trained
     png = tmp_path / "demo.png"
-    assert main(["demo", "--model", str(run), "--data", str(data), "-n", "3", "--pgd-steps", "1",
-                 "--max-iters", "3", "-o", str(png), "--quiet"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["demo", "--model", str(run), "--data", str(data), "-n", "3", "--pgd-steps", "1",
+                     "--max-iters", "3", "--eps", "16", "-o", str(png), "--quiet"]) == 0
+    # 3 iterations converge nothing: the table counts it, and no warning is printed (the figure's run included)
+    assert [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)] == []
     out = capsys.readouterr().out
     assert "clean accuracy" in out and "PGD-1 accuracy" in out and "defense iterations" in out
+    assert "eps 16/255" in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     files = []
     for i, size in enumerate((32, 40)):
@@ -113,6 +132,16 @@ def test_demo_and_defend(trained, tmp_path, capsys):
     assert main(["defend", str(tmp_path / "missing.png"), "--model", str(run)]) == 2
 
 
+def test_demo_eps_is_in_255ths_and_empty_data_is_refused(trained, monkeypatch, capsys, tmp_path):
+    _, run = trained
+    with pytest.raises(SystemExit) as info:  # 8/255 written as a fraction, as eval would refuse it
+        main(["demo", "--model", str(run), "--eps", "0.03"])
+    assert info.value.code == 2 and "--eps" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # an empty --data would have scanned the working folder
+    assert main(["demo", "--model", str(run), "--data", "", "-n", "2", "--quiet"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
 def test_demo_without_data_says_how_to_get_it(trained, monkeypatch, capsys):
     import torchvision
     _, run = trained
@@ -121,6 +150,7 @@ def test_demo_without_data_says_how_to_get_it(trained, monkeypatch, capsys):
         raise RuntimeError("no internet")
 
     monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    monkeypatch.setenv("FSMOOTH_DATA", "")  # set but empty counts as unset
     assert main(["demo", "--model", str(run), "-n", "2", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "--data" in err and "FSMOOTH_DATA" in err

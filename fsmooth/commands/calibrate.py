@@ -6,7 +6,7 @@ import argparse
 from ..calibrate import CalibrationTarget, calibrate_checkpoint
 from ..checkpoint import resolve_checkpoint
 from ..figures import plot_calibration
-from .argtypes import fraction, positive_floats, positive_int
+from .argtypes import count, fraction, number, positive_floats, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -34,8 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="allowed drop of defended clean accuracy (default 0.03)")
     p.add_argument("--max-unconverged", type=fraction, default=None,
                    help="allowed fraction of images at the cap (default 0.02)")
-    p.add_argument("--min-median-iters", type=int, default=None, help="required median iterations (default 100)")
-    p.add_argument("--max-median-linf", type=float, default=None,
+    p.add_argument("--min-median-iters", type=count, default=None, help="required median iterations (default 100)")
+    p.add_argument("--max-median-linf", type=number(float, 0.0, strict=False, high=255.0,
+                                                    what="a distance in 1/255 units, in [0, 255]"), default=None,
                    help="allowed median L-inf distance of the defended image, in /255 (default 32)")
     p.add_argument("--figure", default=None, help="PNG of the search (default: calibration.png beside the metadata)")
     p.add_argument("--batch-size", type=positive_int, default=256)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ..demo import run_demo
-from .argtypes import positive_int
+from .argtypes import eps_255, positive_int
 
 __all__ = ["add_parser", "run"]
 
@@ -16,7 +16,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("-n", "--num-images", type=positive_int, default=None,
                    help="test images (default 16 on CPU, 256 on GPU)")
     p.add_argument("--pgd-steps", type=positive_int, default=10)
-    p.add_argument("--eps", type=float, default=8 / 255)
+    p.add_argument("--eps", type=eps_255, default=8.0, help="L-inf PGD radius in 1/255 units, as eval's (default 8)")
     p.add_argument("--max-iters", type=positive_int, default=None, help="cap on defense iterations")
     p.add_argument("--batch-size", type=positive_int, default=None)
     p.add_argument("--device", default=None)
