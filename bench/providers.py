@@ -262,10 +262,8 @@ class EngineProvider:
         with benchlib.float32_matmul(self.matmul_mode()), warnings.catch_warnings():
             # Fixed-iteration schedules end every sample at max_iters on purpose.
             warnings.filterwarnings("ignore", message=".*reached max_iters.*")
-            # The defense takes images in [0, 1] and adds their noise itself: t0 goes in as its clamp plus the
-            # rest as the noise, whose sum is t0 bit for bit (t0 - 1 is exact for t0 in [1, 2], Sterbenz).
-            x = t0.clamp(0, 1)
-            result = self._defense(x, return_info=True, noise=t0 - x, **kwargs)
+            x, noise = start_parts(t0, getattr(self._defense.prefix, "state_dtype", t0.dtype))
+            result = self._defense(x, return_info=True, noise=noise, **kwargs)
         self._engine_used = result.engine
         if self.engine != "auto" and result.engine != self.engine:
             # A row must never be timed on another engine than its name says (engine="auto" may degrade).
@@ -347,6 +345,18 @@ def make_model(arch: str, device: torch.device) -> torch.nn.Module:
     """An untrained WRN (random init, fixed seed) in eval mode; only the prefix's cost matters here."""
     torch.manual_seed(0)
     return models.build(arch).to(device).eval()
+
+
+def start_parts(t0: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x in [0, 1], noise)`` whose sum in ``dtype`` (how the defense adds them) is ``t0`` rounded to ``dtype``.
+
+    The defense takes images in [0, 1] and adds their noise itself. ``t0`` is rounded to ``dtype`` first:
+    then ``noise = t0 - x`` is exact (Sterbenz, for ``t0`` in [1, 2]) and fits ``dtype``, where the sum of
+    separately rounded parts could differ from ``t0``'s rounding by one unit in the last place.
+    """
+    rounded = t0.to(dtype).to(t0.dtype)
+    x = rounded.clamp(0, 1)
+    return x, rounded - x
 
 
 def make_start_points(batch: int, seed: int, device, sigma: float = 0.075) -> torch.Tensor:

@@ -367,3 +367,15 @@ def test_environment_labels_the_device_measured_not_the_one_present(bench_module
     env = benchlib.environment("cpu")
     assert env["device"] == "cpu" and env["gpu_name"] == "none"
     assert benchlib.environment()["device"] == "cuda"  # default: the GPU where there is one
+
+
+def test_engine_start_parts_sum_to_the_start_in_the_state_dtype(bench_modules):
+    """The engine rows pass their start as an image in [0, 1] plus noise, which the defense adds in its state
+    dtype: the sum must be the start as the other rows round it, above 1 too (no double rounding)."""
+    import providers
+    gen = torch.Generator().manual_seed(0)
+    t0 = torch.rand(200_000, generator=gen) * 1.3 - 0.15  # below 0, inside [0, 1] and above 1
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, noise = providers.start_parts(t0, dtype)
+        assert x.dtype == noise.dtype == t0.dtype and 0 <= x.min() and x.max() <= 1
+        assert torch.equal(x.to(dtype) + noise.to(dtype), t0.to(dtype)), dtype

@@ -182,6 +182,18 @@ def test_export_pretrained_is_atomic_checks_its_weights_and_drops_a_stale_log(tm
         zoo.export_pretrained(tmp_path / "b", "m", out, data=tmp_path)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder, nothing replaced
     monkeypatch.undo()
+    # exported again in place (after a new calibration, say): its log stays
+    zoo.export_pretrained(out / "m.safetensors", "m", out)
+    assert (out / "m.log.jsonl").read_text() == log.read_text()
+    # a cut-off between the metadata and the weights leaves a pair that is refused on load
+    write = zoo.write_bytes_atomic
+    monkeypatch.setattr(zoo, "write_bytes_atomic",
+                        lambda path, data: fail() if str(path).endswith(".safetensors") else write(path, data))
+    with pytest.raises(OSError, match="disk full"):
+        zoo.export_pretrained(tmp_path / "b", "m", out, log=log)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="weights_sha256"):
+        load_model(out / "m.safetensors")
     # exported again without a log: the old log would describe another model's training
     meta = zoo.export_pretrained(tmp_path / "b", "m", out)
     assert not (out / "m.log.jsonl").exists() and meta["delta_test"] == 0.07

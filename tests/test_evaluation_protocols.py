@@ -731,8 +731,17 @@ def test_summarize_refuses_to_join_two_defenses_of_one_model(setup, tmp_path):
     other = dataclasses.replace(TINY_DEFENSE, delta=TINY_DEFENSE.delta * 1.5)
     evaluate(model, x, y, out=tmp_path / "b", defense=other, **kwargs)
     assert summarize([tmp_path / "a", tmp_path / "a"])["settings"] == []
-    with pytest.raises(ValueError, match=r"defends 'fs' otherwise than .*\ba\b.*defense: .*delta="):
+    with pytest.raises(ValueError, match=r"defends 'fs' otherwise than .*\ba\b.*defense: .*delta\W"):
         summarize([tmp_path / "a", tmp_path / "b"])
+    # the model's default layer named or left out is one defense
+    evaluate(model, x, y, out=tmp_path / "named", defense=TINY_DEFENSE, layer=model.default_layer, **kwargs)
+    assert summarize([tmp_path / "a", tmp_path / "named"])["models"]["fs"]["reports"][1].endswith("named")
+    # two baselines are refused even when the first report has none
+    for name, seed in (("std1", 1), ("std2", 2)):
+        evaluate(model, x, y, out=tmp_path / name, defense=TINY_DEFENSE, baseline_model=trained_tiny_net(seed=seed),
+                 baseline_defense=TINY_BASELINE_DEFENSE, **kwargs)
+    with pytest.raises(ValueError, match="baseline_model"):
+        summarize([tmp_path / "a", tmp_path / "std1", tmp_path / "std2"])
 
 
 def test_eot_transfer_attacks_the_first_k_and_scores_its_points_at_the_others():

@@ -13,6 +13,7 @@ import torch
 from .._validation import as_unit_images, check_positive_int
 from ..defense import DefendedClassifier, DefenseConfig
 from ..distributed import barrier, rank_and_world
+from ..models.prefix import resolve_layer
 from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, plan
 from .report import build_report, write_outputs
 from .runner import Context, RunResult, execute, rescore
@@ -22,6 +23,15 @@ from .store import ChunkedData, ChunkStore, OverlayStore, tensor_checksum as _ch
 __all__ = ["evaluate", "default_defended_factory"]
 
 _log = logging.getLogger(__name__)
+
+
+def _layer_name(model, layer: str | None) -> str | None:
+    """The layer the defense smooths, ``None`` resolved to the model's default where it has one (a custom
+    ``defended_factory`` may defend a model without one)."""
+    try:
+        return resolve_layer(model, layer)
+    except (TypeError, ValueError):
+        return layer
 
 
 def default_defended_factory(model, config, outer_loops: int, layer):
@@ -203,7 +213,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size, "world_size": world,
         "budget": budget.as_dict(),
         "defense": _config_dict(config), "baseline_defense": _config_dict(baseline_config),
-        "layer": layer, "num_classes": num_classes, "fingerprint": fingerprint, **(meta or {}),
+        "layer": layer, "defended_layer": _layer_name(model, layer), "num_classes": num_classes,
+        "fingerprint": fingerprint, **(meta or {}),
     }
     if partial:
         info["partial"] = {"images": int(labels.shape[0]), "planned": planned_n,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from ..models.wrn import WideResNet
 from .protocols import Setting
 from .report import device_text
 from .scoring import accuracy_summary
@@ -50,7 +51,10 @@ def _defended_by(info: dict) -> dict:
     """What a report's defended numbers depend on besides the model: its defense, the layer it smooths, and
     the baseline model and defense of its ``standard-defended`` settings."""
     fingerprint = info["fingerprint"]
-    return {"defense": fingerprint.get("defense", repr(info.get("defense"))), "layer": fingerprint.get("layer"),
+    # The layer as resolved; reports before "defended_layer" (2026-11-28) record None for the default, and all
+    # of them are of fsmooth's WRN checkpoints, whose default it names.
+    layer = info.get("defended_layer") or fingerprint.get("layer") or WideResNet.default_layer
+    return {"defense": info.get("defense", fingerprint.get("defense")), "layer": layer,
             "baseline_model": fingerprint.get("baseline_model"),
             "baseline_defense": fingerprint.get("baseline_defense")}
 
@@ -98,6 +102,8 @@ def summarize(folders, names: dict | None = None) -> dict:
         if differ:
             raise ValueError(f"{folder} defends {model!r} otherwise than {first_folder} ({differ}); join only "
                              "reports of one defense")
+        if first["baseline_model"] in _NO_BASELINE:  # the first baseline seen is the one the later ones must match
+            first.update({k: defended_by[k] for k in ("baseline_model", "baseline_defense")})
         known["reports"].append(str(folder))
         source = {"report": str(folder), "command": info.get("command"), "dataset": info.get("dataset"),
                   "device": device_text(info["environment"])}

@@ -105,8 +105,9 @@ def export_pretrained(checkpoint, name: str, out_dir=None, *, data=None, log=Non
     meta.pop("weights_sha256", None)
     if log is None:
         weights, _ = resolve_checkpoint(checkpoint)
-        candidate = weights.parent.parent.parent / "log.jsonl"  # <run>/checkpoints/epoch-N/model.safetensors
-        log = candidate if candidate.is_file() else None
+        candidates = (weights.parent.parent.parent / "log.jsonl",  # <run>/checkpoints/epoch-N/model.safetensors
+                      weights.with_name(f"{weights.stem}.log.jsonl"))  # an embedded model, exported again
+        log = next((c for c in candidates if c.is_file()), None)
     staging = out_dir / f".{name}.staging"
     try:
         save_checkpoint(staging, model, meta, dtype=torch.float16)
@@ -121,14 +122,14 @@ def export_pretrained(checkpoint, name: str, out_dir=None, *, data=None, log=Non
                                     "how": "first n of torch.randperm(N, generator=manual_seed(seed)); fp16 weights"}
         weights_bytes = (staging / "model.safetensors").read_bytes()
         meta["weights_sha256"] = hashlib.sha256(weights_bytes).hexdigest()
-        # Each file is replaced atomically; the metadata last, and it names its weights' checksum, so that an
-        # export cut off between two files is refused on load instead of pairing old metadata with new weights.
+        # Each file is replaced atomically; the metadata, which names its weights' checksum, before the weights,
+        # so that an export cut off between the two leaves a pair that load_model refuses.
         if log is not None:
             write_bytes_atomic(out_dir / f"{name}.log.jsonl", Path(log).read_bytes())
         else:  # an older export's log describes another model's training
             (out_dir / f"{name}.log.jsonl").unlink(missing_ok=True)
-        write_bytes_atomic(out_dir / f"{name}.safetensors", weights_bytes)
         write_json_atomic(out_dir / f"{name}.json", meta)
+        write_bytes_atomic(out_dir / f"{name}.safetensors", weights_bytes)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return meta
