@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import re
 import pickle
 import tarfile
 import zlib
@@ -45,7 +46,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 DATASETS = {"cifar10": 10, "cifar100": 100}
 SPLITS = ("train", "test")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
-_CACHE_VERSION = 2  # 2: numbered class folders labelled by number
+_CACHE_VERSION = 2  # 2: class folders in natural order (numbers in names by value)
 # A CIFAR image is a few kilobytes: a member above this is not an image of these data sets, and reading it
 # whole into memory (as every member is) could exhaust it.
 MAX_IMAGE_BYTES = 16 << 20
@@ -244,24 +245,30 @@ def _decode(data: bytes, where: str) -> np.ndarray:
         raise DataError(f"cannot decode image {where!r}: {type(exc).__name__}: {exc}") from exc
 
 
+def _natural_key(name: str) -> tuple:
+    """Sort key that reads digit runs as numbers: "class2" before "class10", "7" before "10"."""
+    return tuple((0, int(part), "") if part.isdecimal() else (1, 0, part) for part in re.split(r"(\d+)", name))
+
+
 def _class_order(names: list[str], split: str, dataset: str, where: str) -> list[str]:
-    """The class folders in label order: CIFAR-10's names in its order, numbered folders by number, other
-    names sorted (CIFAR-100's label order is its sorted names); anything else is a DataError."""
+    """The class folders in label order: natural order (numbers in names by value), which is CIFAR-10's and
+    CIFAR-100's own label order for their class names and the numeric order for numbered folders. CIFAR-10
+    folders with other names are labelled in that order too, with a warning: a CIFAR-10 model's labels
+    follow its class names, which the folders do not name."""
     expected = DATASETS[dataset]
     shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
     if len(names) != expected:
         raise DataError(f"{where!r} split {split!r} has {len(names)} class folders ({shown}); "
                         f"{dataset} needs {expected}")
-    if all(n.isdecimal() for n in names):
-        if sorted(int(n) for n in names) != list(range(expected)):
-            raise DataError(f"{where!r} split {split!r} has numbered class folders ({shown}) that are not "
-                            f"0 to {expected - 1}")
-        return sorted(names, key=int)
-    if dataset == "cifar10" and set(names) != set(CIFAR10_CLASSES):
-        unknown = sorted(set(names) - set(CIFAR10_CLASSES))
-        raise DataError(f"{where!r} split {split!r} has class folders {unknown} that are not CIFAR-10 class "
-                        f"names {list(CIFAR10_CLASSES)} (nor numbered 0 to 9): their labels would be a guess")
-    return sorted(names, key=CIFAR10_CLASSES.index) if dataset == "cifar10" else names
+    ordered = sorted(names, key=_natural_key)
+    if all(n.isdecimal() for n in names) and [int(n) for n in ordered] != list(range(expected)):
+        raise DataError(f"{where!r} split {split!r} has numbered class folders ({shown}) that are not "
+                        f"0 to {expected - 1}")
+    if dataset == "cifar10" and set(names) != set(CIFAR10_CLASSES) and not all(n.isdecimal() for n in names):
+        _log.warning("%s split %r: class folders %s are not CIFAR-10's class names %s; labels 0-9 follow the "
+                     "folders' order, which a model trained on CIFAR-10 does not know", where, split, ordered,
+                     list(CIFAR10_CLASSES))
+    return ordered
 
 
 def _check_other_split(classes: list[str], other: set[str] | None, split: str, where: str) -> None:

@@ -219,19 +219,28 @@ def test_incomplete_or_truncated_torchvision_folder(tmp_path):
         load_dataset(tmp_path, "test")
 
 
-def test_class_folders_must_name_the_same_classes_in_a_known_order(tmp_path):
-    # CIFAR-10 folders must carry its class names: others would be labelled by their sorted order, silently
-    # unlike a CIFAR-10 model's labels
+def test_class_folders_are_labelled_in_natural_order_and_the_same_in_both_splits(tmp_path, caplog):
+    # CIFAR-10 folders without its class names are labelled in their order, with a warning naming them
     renamed = tuple(c.upper() if c == "cat" else c for c in CIFAR10_CLASSES)
     write_folder(tmp_path / "renamed", classes=renamed, per_class=1, splits=("test",))
-    with pytest.raises(DataError, match="CAT.*CIFAR-10 class names"):
+    with caplog.at_level("WARNING", logger="fsmooth.data"):
         load_dataset(tmp_path / "renamed", "test", use_cache=False)
-    # numbered folders are labelled by number, not by their sorted text ("10" after "1", before "2")
-    numbered = tuple(str(i) for i in range(100))
-    written, _ = write_folder(tmp_path / "numbered", classes=numbered, per_class=1, splits=("test",))["test"]
-    x, y = load_dataset(tmp_path / "numbered", "test", "cifar100", use_cache=False)
-    label_of = {bytes(image.numpy()): int(label) for image, label in zip(x, y)}
-    assert [label_of[bytes(image.numpy())] for image in written] == [int(n) for n in sorted(numbered)]
+    assert "CAT" in caplog.text and "not CIFAR-10's class names" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fsmooth.data"):
+        write_folder(tmp_path / "named", per_class=1, splits=("test",))
+        load_dataset(tmp_path / "named", "test", use_cache=False)
+    assert caplog.text == ""
+    # numbers in folder names are read by value, not as text ("10" after "1", before "2")
+    for name, pattern in (("numbered", "{}"), ("prefixed", "class{}")):
+        folders = tuple(pattern.format(i) for i in range(100))
+        written, _ = write_folder(tmp_path / name, classes=folders, per_class=1, splits=("test",))["test"]
+        x, y = load_dataset(tmp_path / name, "test", "cifar100", use_cache=False)
+        label_of = {bytes(image.numpy()): int(label) for image, label in zip(x, y)}
+        assert [label_of[bytes(image.numpy())] for image in written] == sorted(range(100), key=str)
+    write_folder(tmp_path / "gap", classes=tuple(str(i) for i in range(1, 11)), per_class=1, splits=("test",))
+    with pytest.raises(DataError, match="not 0 to 9"):
+        load_dataset(tmp_path / "gap", "test", use_cache=False)
     # the two splits of one source must hold the same classes, in either source kind
     names = tuple(f"c{i:02d}" for i in range(100))
     write_folder(tmp_path / "split", classes=names, per_class=1, splits=("train",))
