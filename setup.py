@@ -102,8 +102,9 @@ setup(
         "pillow",
         "matplotlib",
     ],
-    # pytest-timeout: the GPU test step interrupts a hung test (bench/gpu_suite.py, --timeout-method thread).
-    extras_require={"test": ["pytest", "pytest-timeout", "torchattacks"]},
+    # pytest-timeout: the GPU test step interrupts a hung test (bench/gpu_suite.py, --timeout-method thread);
+    # pytest-xdist: the README's test command runs on every core (-n auto).
+    extras_require={"test": ["pytest", "pytest-timeout", "pytest-xdist", "torchattacks"]},
     entry_points={"console_scripts": ["fsmooth = fsmooth.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -16,6 +16,9 @@ import torch
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # pytest -n N (pytest-xdist): share the cores between the workers instead of oversubscribing
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
     config.addinivalue_line("markers", "slow: slower CPU test (seconds, not minutes)")
     if not torch.cuda.is_available():
         previous = os.environ.get("TRITON_INTERPRET")
