@@ -25,8 +25,8 @@ import io
 import json
 import logging
 import os
-import re
 import pickle
+import re
 import tarfile
 import zlib
 from pathlib import Path
