@@ -82,6 +82,7 @@ def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *
     public_mode(tmp, 0o777)
     try:
         save_file(_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": FORMAT})
+        public_mode(tmp / WEIGHTS, 0o666)  # safetensors creates its file private
         fsync_file(tmp / WEIGHTS)
         if optimizer is not None or scheduler is not None or extra_state:
             state = dict(extra_state or {})

@@ -74,6 +74,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     public_mode(tmp, 0o666)
     try:
         yield Path(tmp)
+        public_mode(tmp, 0o666)  # again: a library may have replaced the file with a private one (safetensors)
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)

@@ -1,5 +1,6 @@
 """fsmooth.io: atomic writes survive a kill before the rename; the JSONL reader skips a torn last line."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -80,3 +81,20 @@ def test_jsonl_reader_refuses_a_corrupt_middle_line_unless_told(tmp_path):
         assert read_jsonl(log, corrupt="warn") == [{"epoch": 1}, {"epoch": 3}]
     with pytest.raises(ValueError, match="corrupt must be"):
         read_jsonl(log, corrupt="ignore")
+
+
+def test_atomic_writes_get_the_usual_permissions_whatever_the_library_creates(tmp_path):
+    """mkstemp's file is private, and safetensors (0.8) replaces it with a private file of its own: every
+    atomic write ends with the permissions a plain open() would give (0666 less the umask)."""
+    import stat
+
+    import torch
+    from fsmooth.io import write_json_atomic, write_safetensors_atomic
+    umask = os.umask(0)
+    os.umask(umask)
+    from fsmooth.checkpoint import save_checkpoint
+    from fsmooth.models import WideResNet
+    folder = save_checkpoint(tmp_path / "ck", WideResNet(10, 1, 10), {})
+    for path in (write_safetensors_atomic(tmp_path / "t.safetensors", {"a": torch.rand(3)}),
+                 write_json_atomic(tmp_path / "m.json", {"a": 1}), folder / "model.safetensors"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o666 & ~umask, path
