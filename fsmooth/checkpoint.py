@@ -27,11 +27,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors_bytes, load_file
 from torch import nn
 
-from .io import append_line, fsync_dir, fsync_file, public_mode, write_json_atomic, write_text_atomic
+from .io import (append_line, fsync_dir, fsync_file, public_mode, save_safetensors, write_json_atomic,
+                 write_text_atomic)
 from .models.wrn import WideResNet
 
 __all__ = ["save_checkpoint", "load_model", "load_meta", "load_training_state", "resolve_checkpoint",
@@ -81,8 +81,7 @@ def save_checkpoint(path_dir: str | os.PathLike, model: nn.Module, meta: dict, *
     tmp = Path(tempfile.mkdtemp(prefix=f".{path_dir.name}.", dir=path_dir.parent))
     public_mode(tmp, 0o777)
     try:
-        save_file(_state_dict(model, dtype), str(tmp / WEIGHTS), metadata={"format": FORMAT})
-        public_mode(tmp / WEIGHTS, 0o666)  # safetensors creates its file private
+        save_safetensors(tmp / WEIGHTS, _state_dict(model, dtype), metadata={"format": FORMAT})
         fsync_file(tmp / WEIGHTS)
         if optimizer is not None or scheduler is not None or extra_state:
             state = dict(extra_state or {})

@@ -38,12 +38,13 @@ from safetensors.torch import load_file
 from .io import write_safetensors_atomic
 
 __all__ = ["load_dataset", "evaluation_order", "synthetic_dataset", "DeviceLoader", "augment", "resolve_source",
-           "cache_dir", "DATASETS", "CIFAR10_CLASSES", "DataError"]
+           "cache_dir", "DATASETS", "DATASET_NAMES", "CIFAR10_CLASSES", "DataError"]
 
 _log = logging.getLogger(__name__)
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 DATASETS = {"cifar10": 10, "cifar100": 100}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}  # as tables and logs print them
 SPLITS = ("train", "test")
 _IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff")
 _CACHE_VERSION = 2  # 2: class folders in natural order (numbers in names by value)
@@ -261,10 +262,11 @@ def _class_order(names: list[str], split: str, dataset: str, where: str) -> list
         raise DataError(f"{where!r} split {split!r} has {len(names)} class folders ({shown}); "
                         f"{dataset} needs {expected}")
     ordered = sorted(names, key=_natural_key)
-    if all(n.isdecimal() for n in names) and [int(n) for n in ordered] != list(range(expected)):
+    numbered = all(n.isdecimal() for n in names)
+    if numbered and [int(n) for n in ordered] != list(range(expected)):
         raise DataError(f"{where!r} split {split!r} has numbered class folders ({shown}) that are not "
                         f"0 to {expected - 1}")
-    if dataset == "cifar10" and set(names) != set(CIFAR10_CLASSES) and not all(n.isdecimal() for n in names):
+    if dataset == "cifar10" and not numbered and set(names) != set(CIFAR10_CLASSES):
         _log.warning("%s split %r: class folders %s are not CIFAR-10's class names %s; labels 0-9 follow the "
                      "folders' order, which a model trained on CIFAR-10 does not know", where, split, ordered,
                      list(CIFAR10_CLASSES))
@@ -274,7 +276,7 @@ def _class_order(names: list[str], split: str, dataset: str, where: str) -> list
 def _check_other_split(classes: list[str], other: set[str] | None, split: str, where: str) -> None:
     """The source's other split, where it has one, must hold the same class folders (else their labels
     differ between the splits)."""
-    if other is None or not other or other == set(classes):
+    if not other or other == set(classes):
         return
     only_here, only_there = sorted(set(classes) - other), sorted(other - set(classes))
     raise DataError(f"{where!r}: split {split!r} and the other split name different class folders "

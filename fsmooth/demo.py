@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import CIFAR10_CLASSES, DataError, cache_dir, load_dataset
+from .data import CIFAR10_CLASSES, DATASET_NAMES, DataError, cache_dir, load_dataset
 from .defense import DefendedClassifier, DefenseConfig
 from .figures import figure4
 from .models import zoo
@@ -134,7 +134,8 @@ def run_demo(args) -> int:
     pct = lambda t: f"{100 * t.float().mean().item():6.2f}%"  # noqa: E731
     print(f"model: {label} ({meta.get('arch')}, trained {meta.get('epoch')} epochs on "
           f"{meta.get('device', '?')}); beta = {config.beta:g}, delta_test = {config.delta}; device: {device}")
-    dataset = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(meta.get("dataset", "cifar10"), meta.get("dataset"))
+    dataset = meta.get("dataset", "cifar10")
+    dataset = DATASET_NAMES.get(dataset, dataset)
     print(f"{n} test images of {dataset} ({_data_label(args.data)}); PGD L-inf eps {args.eps:g}/255, "
           f"{args.pgd_steps} steps, random start")
     rows = [("clean accuracy", pct(clean_ok), pct(clean_def_ok)),

@@ -74,7 +74,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     public_mode(tmp, 0o666)
     try:
         yield Path(tmp)
-        public_mode(tmp, 0o666)  # again: a library may have replaced the file with a private one (safetensors)
         fsync_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -102,11 +101,18 @@ def write_json_atomic(path: str | os.PathLike, obj, *, sort_keys: bool = True,
     return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=sort_keys, default=default) + "\n")
 
 
+def save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """``safetensors.torch.save_file``, then the usual permissions: safetensors (0.8) replaces the file it is
+    given with a private one of its own."""
+    save_file(tensors, str(path), metadata=metadata)
+    public_mode(path, 0o666)
+
+
 def write_safetensors_atomic(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> Path:
     """Save ``tensors`` (moved to the CPU, made contiguous) as a safetensors file, atomically."""
     tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+        save_safetensors(tmp, tensors, metadata)
     return Path(path)
 
 

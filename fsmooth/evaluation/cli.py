@@ -20,7 +20,7 @@ import torch
 from .._validation import check_device, check_out_dir
 from ..commands.argtypes import count, eps_255, positive, positive_int
 from ..commands.figures import run as run_figures  # its old home; kept for callers
-from ..data import evaluation_order, load_dataset
+from ..data import DATASET_NAMES, evaluation_order, load_dataset
 from ..defense.config import DefenseConfig
 from ..distributed import init_from_env, is_main_process, local_device
 from ..models import zoo
@@ -110,7 +110,7 @@ def _budget(args):
 def _dataset_label(args, dataset: str) -> str:
     if args.dataset_label:
         return args.dataset_label
-    name = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}[dataset]
+    name = DATASET_NAMES[dataset]
     source = str(args.data or "")
     return f"{name} (JPEG q75 copy)" if "jpeg" in source.lower() else f"{name} test split ({source or '$FSMOOTH_DATA'})"
 
