@@ -73,11 +73,48 @@ def test_apgd_best_loss_moves_every_image_where_the_default_leaves_the_misclassi
 
 def test_adaptive_apgd_with_lambda_zero_is_the_library_apgd(trained):
     model, x, y = trained
-    ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3)(x, y)
+    ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3, unfooled="clean")(x, y)
     library = APGD(model, eps=4 / 255, n_iter=8, seed=3)(x, y)
     assert torch.equal(ours, library)
-    moved = AdaptiveAPGD(model, model, eps=4 / 255, lam=50.0, delta=0.0, n_iter=8, seed=3)(x, y)
+    moved = AdaptiveAPGD(model, model, eps=4 / 255, lam=50.0, delta=0.0, n_iter=8, seed=3, unfooled="clean")(x, y)
     assert not torch.equal(moved, library)       # the L_F term changes the trajectory
+    # By default an image it does not fool comes back as its highest-loss point: APGD's unfooled="max-loss".
+    ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3)(x, y)
+    assert torch.equal(ours, APGD(model, eps=4 / 255, n_iter=8, seed=3, unfooled="max-loss")(x, y))
+    unfooled = (library == x).flatten(1).all(1)
+    assert unfooled.any() and not unfooled.all()  # some images survive, and those are the ones that differ
+    assert torch.equal((ours != library).flatten(1).any(1), unfooled)
+    with torch.no_grad():
+        ce = lambda a: torch.nn.functional.cross_entropy(model(a), y, reduction="none")  # noqa: E731
+        assert (ce(ours)[unfooled] > ce(x)[unfooled]).all()
+
+
+def test_unfooled_is_checked_and_recorded(trained):
+    model = trained[0]
+    assert AdaptiveAPGD(model, model).settings()["unfooled"] == "max-loss"
+    assert APGD(model).settings()["unfooled"] == "clean"
+    for make in (lambda: APGD(model, unfooled="best"), lambda: AdaptiveAPGD(model, model, unfooled=None),
+                 lambda: APGD(model, best_loss=True, unfooled="max-loss")):
+        with pytest.raises(ValueError, match="unfooled"):
+            make()
+
+
+def test_same_settings_reads_a_record_saved_before_a_setting_existed(trained):
+    """A chunk saved before ``unfooled`` existed was attacked with the clean choice: the adaptive attack's default
+    since is another attack's result, APGD's default is the same one."""
+    import json
+
+    model = trained[0]
+    for attack, before in ((APGD(model, seed=4), True), (AdaptiveAPGD(model, model, lam=1.0, seed=4), False),
+                           (AdaptiveAPGD(model, model, lam=1.0, seed=4, unfooled="clean"), True)):
+        saved = json.loads(json.dumps(attack.settings()))       # as a chunk's JSON reads back
+        assert attack.same_settings(saved)
+        older = {k: v for k, v in saved.items() if k != "unfooled"}
+        assert attack.same_settings(older) is before
+        assert not attack.same_settings({**saved, "seed": 5}) and not attack.same_settings(None)
+    eot = EOTPGD(model, steps=7)
+    assert eot.same_settings(json.loads(json.dumps(eot.settings())))
+    assert not eot.same_settings({**json.loads(json.dumps(eot.settings())), "steps": 8})
 
 
 def test_adaptive_loss_gradient_includes_the_feature_term():

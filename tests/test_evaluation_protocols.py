@@ -490,6 +490,27 @@ def test_a_rescore_chunk_is_recomputed_when_the_points_it_rescored_change(setup,
     assert [r["correct"] for r in again["runs"]] == [r["correct"] for r in reference["runs"]]
 
 
+def test_an_attack_chunk_saved_with_other_settings_is_recomputed(setup, tmp_path):
+    """A finished chunk records its attack's settings; one attacked otherwise (here: saved before ``unfooled``
+    existed, when the adaptive attack returned an image it did not fool clean) is not this attack's result."""
+    model, x, y = setup
+    kwargs = {**RESUME_KWARGS, "protocol": "adaptive", "budget": tiny_budget().replace(lambdas=(1.0,))}
+    out = tmp_path / "eval"
+    reference = evaluate(model, x, y, out=out, seed=3, **kwargs)
+    before = _chunk_walls(out)
+    legacy = out / "state" / "defended_ol1_eps8_adaptive+1" / "chunk00001.json"
+    meta = json.loads(legacy.read_text())
+    assert meta["settings"]["unfooled"] == "max-loss"
+    del meta["settings"]["unfooled"]
+    legacy.write_text(json.dumps(meta))
+    with pytest.warns(RuntimeWarning, match="recomputing chunk 1 of 'defended/ol1/eps8/adaptive\\+1'.*other settings"):
+        again = evaluate(model, x, y, out=out, seed=3, **kwargs)
+    changed = {key for key, wall in _chunk_walls(out).items() if before[key] != wall}
+    assert ("defended_ol1_eps8_adaptive+1", "chunk00001.json") in changed
+    assert not {key for key in changed if key[0].startswith("defended") and key != (legacy.parent.name, legacy.name)}
+    assert [r["correct"] for r in again["runs"]] == [r["correct"] for r in reference["runs"]]
+
+
 def _digests(folder):
     import hashlib
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

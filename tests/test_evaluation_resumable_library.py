@@ -41,6 +41,20 @@ def test_the_points_are_the_librarys(setup, n_restarts):
     assert (expected - x).abs().amax() <= EPS + 1e-6
 
 
+def _recorder(also=None):
+    """``(checkpoint, saved)``: a checkpoint that keeps every state it is given in ``saved``, as copies with the
+    global random state (as the caller saves them), and calls ``also()`` after each."""
+    saved = []
+
+    def checkpoint(make_state):
+        tensors, meta = make_state()
+        saved.append(({k: v.clone() for k, v in tensors.items()}, dict(meta), torch.get_rng_state()))
+        if also is not None:
+            also()
+
+    return checkpoint, saved
+
+
 def _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved, fresh=None):
     """Run killed at ``model``'s call ``limit``, then resumed from its last save with that save's random state
     (by ``fresh()``, a new attack as a new process would build it, when given): ``(points, saved meta)``, or
@@ -63,11 +77,7 @@ def _killed_then_resumed(attack, model, x, y, limit, checkpoint, saved, fresh=No
 def test_a_run_killed_between_queries_goes_on_with_the_same_points(setup, n_restarts):
     model, x, y = setup
     attack = ResumableSquare.like(_library(model, n_restarts))
-    saved = []
-
-    def checkpoint(make_state):  # save everything, with the global random state as the caller does
-        tensors, meta = make_state()
-        saved.append(({k: v.clone() for k, v in tensors.items()}, dict(meta), torch.get_rng_state()))
+    checkpoint, saved = _recorder()
 
     model.calls = 0
     torch.manual_seed(0)
@@ -135,11 +145,7 @@ def test_fab_t_points_are_the_librarys(setup):
 def test_fab_t_killed_inside_a_target_class_goes_on_from_its_start(setup):
     model, x, y = setup
     attack = ResumableFAB.like(_fab(model))
-    saved = []
-
-    def checkpoint(make_state):
-        tensors, meta = make_state()
-        saved.append(({k: v.clone() for k, v in tensors.items()}, dict(meta), torch.get_rng_state()))
+    checkpoint, saved = _recorder()
 
     model.calls = 0
     torch.manual_seed(0)
@@ -208,12 +214,8 @@ def test_apgd_killed_part_way_goes_on_with_the_same_points(setup, make, resumabl
         return resumable.like(make(model, eps=3 / 255, **settings))  # later restarts and targets have work
 
     attack = fresh()
-    saved, calls_at = [], []
-
-    def checkpoint(make_state):
-        tensors, meta = make_state()
-        saved.append(({k: v.clone() for k, v in tensors.items()}, dict(meta), torch.get_rng_state()))
-        calls_at.append(model.calls)
+    calls_at = []
+    checkpoint, saved = _recorder(lambda: calls_at.append(model.calls))
 
     model.calls = 0
     torch.manual_seed(0)
@@ -251,3 +253,82 @@ def test_apgd_what_cannot_resume_runs_whole_and_refuses_a_resume(setup):
     assert torch.equal(ResumableAPGDT.like(lib_t).perturb(x, y, checkpoint=_never), expected)
     with pytest.raises(ValueError, match="only the L-inf APGD-T attack"):
         ResumableAPGDT.like(lib_t).perturb(x, y, resume=({}, {}))
+
+
+def _max_loss_reference(lib, x, y):
+    """The library's restart loop (``APGDAttack.perturb``) written out around its own ``attack_single_run``,
+    keeping for every image it attacks the point of highest loss over its restarts: an image never fooled
+    comes back as that point, the others as the library's."""
+    lib.init_hyperparam(x)
+    acc = (lib.model.predict(x) if lib.is_tf_model else lib.model(x)).argmax(1) == y
+    adv, x_max = x.clone(), x.clone()
+    loss_max = torch.full((x.shape[0],), -float("inf"))
+    torch.random.manual_seed(lib.seed)
+    for _ in range(lib.n_restarts):
+        idx = acc.nonzero()[:, 0]
+        if idx.numel() == 0:
+            break
+        best, acc_run, loss, adv_run = lib.attack_single_run(x[idx], y[idx])
+        higher = loss > loss_max[idx]
+        x_max[idx[higher]], loss_max[idx[higher]] = best[higher], loss[higher]
+        fooled = ~acc_run.bool()
+        adv[idx[fooled]], acc[idx[fooled]] = adv_run[fooled], False
+    return torch.where((acc & torch.isfinite(loss_max))[:, None, None, None], x_max, adv)
+
+
+# eps small enough that some images survive every noisy pass of the run, large enough that some do not
+@pytest.mark.parametrize("make, settings, eps", [(_apgd, {"loss": "ce"}, 2 / 255),
+                                                 (_apgd, {"loss": "dlr", "n_restarts": 2}, 2.5 / 255),
+                                                 (_apgd_oracle, {"n_restarts": 2}, 2 / 255)])
+def test_apgd_max_loss_returns_the_highest_loss_point_of_an_image_it_did_not_fool(setup, make, settings, eps):
+    model, x, y = setup
+    lib = make(model, eps=eps, **settings)
+    torch.manual_seed(0)
+    expected = _max_loss_reference(lib, x, y)
+    torch.manual_seed(0)
+    got = ResumableAPGD.like(lib).perturb(x, y, unfooled="max-loss")
+    assert torch.equal(got, expected)
+    torch.manual_seed(0)
+    clean = ResumableAPGD.like(lib).perturb(x, y)                # the library's choice: such an image clean
+    same = (got == clean).flatten(1).all(1)
+    unmoved = (clean == x).flatten(1).all(1)
+    assert same.any() and (~same).any()                         # some fooled (same point), some not
+    assert torch.equal(~same, unmoved & ~(got == x).flatten(1).all(1))  # only points the library left clean move
+    assert (got - x).abs().amax() <= eps + 1e-6 and got.min() >= 0 and got.max() <= 1
+
+
+def test_apgd_max_loss_killed_part_way_goes_on_with_the_same_points(setup):
+    model, x, y = setup
+
+    class MaxLoss:  # the adaptive attack's call: unfooled images come back as their highest-loss points
+        def __init__(self):
+            self.attack = ResumableAPGD.like(_apgd_oracle(model, n_restarts=2, eps=2 / 255))  # some not fooled
+
+        def perturb(self, x, y, **kwargs):
+            return self.attack.perturb(x, y, unfooled="max-loss", **kwargs)
+
+    checkpoint, saved = _recorder()
+
+    model.calls = 0
+    torch.manual_seed(0)
+    straight = MaxLoss().perturb(x, y, checkpoint=checkpoint)
+    total = model.calls
+    assert {"x_max", "loss_max"} <= set(saved[-1][0])
+    torch.manual_seed(0)
+    assert not torch.equal(straight, MaxLoss().attack.perturb(x, y))  # some points are highest-loss ones
+    for limit in (3, total // 2, total - 2):
+        resumed, meta = _killed_then_resumed(MaxLoss(), model, x, y, limit, checkpoint, saved, MaxLoss)
+        assert torch.equal(resumed, straight), (limit, meta)
+    tensors, meta, _ = saved[-1]
+    without = {k: v for k, v in tensors.items() if k not in ("x_max", "loss_max")}  # saved by the clean choice
+    with pytest.raises(ValueError, match="lacks"):
+        MaxLoss().perturb(x, y, resume=(without, meta))
+
+
+def test_apgd_unfooled_is_checked(setup):
+    model, x, y = setup
+    attack = ResumableAPGD.like(_apgd(model, eps=4 / 255))
+    with pytest.raises(ValueError, match="unfooled must be one of"):
+        attack.perturb(x, y, unfooled="best")
+    with pytest.raises(ValueError, match="highest-loss points"):
+        attack.perturb(x, y, best_loss=True, unfooled="max-loss")

@@ -20,7 +20,8 @@ from pyautoattack.square import SquareAttack
 from .._validation import check_positive_int
 from ..functional import feature_loss
 from ..models.prefix import prefix as network_prefix
-from .resumable_library import ResumableAPGD, ResumableAPGDT, ResumableSquare
+from .resumable_library import UNFOOLED, ResumableAPGD, ResumableAPGDT, ResumableSquare
+from .store import json_value
 
 __all__ = ["Attack", "APGD", "APGDTargeted", "AdaptiveAPGD", "EOTPGD", "Square", "TorchattacksEOTPGD",
            "dlr_loss", "dlr_loss_targeted", "AA_LOGGER"]
@@ -30,9 +31,14 @@ AA_LOGGER = "auto-attack"
 
 
 class Attack:
-    """Base class: stores the hyperparameters named in ``_params`` and prints them."""
+    """Base class: stores the hyperparameters named in ``_params`` and prints them.
+
+    ``_since``: the hyperparameters added after results were saved with this attack, each with the value the
+    attack had before it existed; :meth:`same_settings` reads a saved record without them that way.
+    """
 
     _params: tuple[str, ...] = ()
+    _since: dict = {}
 
     def __init__(self, model, eps: float = 8 / 255, seed: int = 0):
         if not callable(model):
@@ -47,6 +53,13 @@ class Attack:
         """The hyperparameters, for reports."""
         return {"attack": type(self).__name__, "eps": self.eps, "seed": self.seed,
                 **{name: getattr(self, name) for name in self._params}}
+
+    def same_settings(self, saved) -> bool:
+        """Whether ``saved`` (:meth:`settings` as a finished chunk recorded them, read back from JSON) are this
+        attack's: a chunk attacked with other settings is not this attack's result."""
+        if not isinstance(saved, dict):
+            return False
+        return json_value({**self._since, **saved}) == json_value(self.settings())
 
     def __repr__(self) -> str:
         s = self.settings()
@@ -84,6 +97,12 @@ def set_apgd_iterations(attack: APGDAttack, n_iter: int) -> None:
     attack.size_decr = max(int(0.03 * n_iter), 1)
 
 
+def _check_unfooled(unfooled) -> str:
+    if unfooled not in UNFOOLED:
+        raise ValueError(f"unfooled must be one of {UNFOOLED}, got {unfooled!r}")
+    return unfooled
+
+
 class APGD(Attack):
     """pyautoattack's APGD (Croce & Hein 2020) on the CE or DLR loss; ``eot_iter`` > 1 averages gradients (EOT).
 
@@ -91,19 +110,26 @@ class APGD(Attack):
     ``perturb(best_loss=True)``), where by default an image the run does not fool comes back clean. A transfer
     attack carries these points to another model: each one moved, whether or not it fooled the model it was
     found on. That run is the library's whole run, which cannot save or resume part-way.
+    ``unfooled="max-loss"``: the library's run, resumable, but an image it attacked and did not fool comes back
+    as its highest-loss point instead of clean (:class:`ResumableAPGD`): against a randomized defense, the
+    point a fresh defense run most likely gets wrong.
     """
 
-    _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho", "best_loss")
+    _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho", "best_loss", "unfooled")
+    _since = {"unfooled": "clean"}  # 2026-11-28
 
     def __init__(self, model, eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
-                 loss: str = "ce", rho: float = 0.75, best_loss: bool = False, seed: int = 0):
+                 loss: str = "ce", rho: float = 0.75, best_loss: bool = False, unfooled: str = "clean",
+                 seed: int = 0):
         super().__init__(model, eps, seed)
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
         if not isinstance(best_loss, bool):
             raise TypeError(f"best_loss must be a bool, got {type(best_loss).__name__}")
+        if best_loss and _check_unfooled(unfooled) != "clean":
+            raise ValueError("best_loss already returns every image's highest-loss point: leave unfooled 'clean'")
         self.n_iter, self.n_restarts, self.eot_iter, self.loss, self.rho = n_iter, n_restarts, eot_iter, loss, rho
-        self.best_loss = best_loss
+        self.best_loss, self.unfooled = best_loss, _check_unfooled(unfooled)
         self.resumable = not best_loss  # best_loss is the library's whole run
 
     resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
@@ -114,7 +140,7 @@ class APGD(Attack):
                                device=x.device, logger=_logger())
         if self.best_loss:
             return attack.perturb(x, y, best_loss=True)
-        return attack.perturb(x, y, resume=resume, checkpoint=checkpoint)
+        return attack.perturb(x, y, unfooled=self.unfooled, resume=resume, checkpoint=checkpoint)
 
 
 class APGDTargeted(Attack):
@@ -184,16 +210,20 @@ class AdaptiveAPGD(Attack):
     ``lam > 0`` pushes ``L_F`` up, ``lam < 0`` pulls it below ``delta`` so the
     defense has little to undo. ``delta`` defaults to the defense's exit
     threshold (below it the defense does not move the input at all).
+    ``unfooled`` as in :class:`APGD`; here ``"max-loss"`` by default (the point of highest
+    ``CE + lam * max(L_F, delta)``, the attacker's best): before 2026-11-28 such an image came back clean.
     """
 
-    _params = ("lam", "delta", "layer", "n_iter", "n_restarts", "eot_iter", "rho")
+    _params = ("lam", "delta", "layer", "n_iter", "n_restarts", "eot_iter", "rho", "unfooled")
+    _since = {"unfooled": "clean"}  # 2026-11-28
 
     def __init__(self, model, base_model, eps: float = 8 / 255, lam: float = 1.0, delta: float = 0.0124,
                  layer: str | None = None, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
-                 rho: float = 0.75, seed: int = 0):
+                 rho: float = 0.75, unfooled: str = "max-loss", seed: int = 0):
         super().__init__(model, eps, seed)
         self.base_model, self.lam, self.delta, self.layer = base_model, float(lam), float(delta), layer
         self.n_iter, self.n_restarts, self.eot_iter, self.rho = n_iter, n_restarts, eot_iter, rho
+        self.unfooled = _check_unfooled(unfooled)
         self._feature_net = network_prefix(base_model, layer)
 
     resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
@@ -203,7 +233,7 @@ class AdaptiveAPGD(Attack):
         attack = ResumableAPGD(oracle, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts, eps=self.eps,
                                seed=self.seed, loss="ce", eot_iter=self.eot_iter, rho=self.rho, device=x.device,
                                is_tf_model=True, logger=_logger())
-        return attack.perturb(x, y, resume=resume, checkpoint=checkpoint)
+        return attack.perturb(x, y, unfooled=self.unfooled, resume=resume, checkpoint=checkpoint)
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,8 @@ Protocols
   paper        AutoAttack standard, and each of its attacks alone (Table 1 columns).
   autoattack   AutoAttack standard alone: paper's first run (same run id, so a finished one is reused),
                for a report while the attacks alone are still running.
-  adaptive     APGD-CE on CE + lam * max(L_F, delta), lam = 0 and +-``Budget.lambdas`` (Table 3).
+  adaptive     APGD-CE on CE + lam * max(L_F, delta), lam = 0 and +-``Budget.lambdas`` (Table 3); an image
+               it does not fool comes back as its highest-loss point, not clean (also in eps-sweep).
   rand         AutoAttack rand (APGD-CE, APGD-DLR, EOT over ``eot_draws``).
   eot          PGD with EOT through the straight-through gradient: CE and targeted DLR.
   eot-transfer eot at the first K only; at each further K, those points scored through the defense with K
@@ -248,7 +249,8 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                     # lam = 0 is APGD-CE through the same oracle: the control the other lambdas are read against.
                     for lam in sorted({0.0} | {s * abs(v) for v in budget.lambdas for s in (1, -1)}):
                         attack(protocol, "defended", k, eps, f"adaptive{_lambda_tag(lam)}", "AdaptiveAPGD",
-                               lam=lam, n_iter=budget.apgd_iter, eot_iter=budget.adaptive_eot_draws)
+                               lam=lam, n_iter=budget.apgd_iter, eot_iter=budget.adaptive_eot_draws,
+                               unfooled="max-loss")
                 elif protocol == "rand":
                     autoattack(protocol, "defended", k, eps, version="rand")
                 elif protocol == "eot":
@@ -282,7 +284,7 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
         if protocol == "eps-sweep":
             for eps in budget.eps_sweep:
                 attack(protocol, "defended", first_k, eps, "apgd-ce-sweep", "APGD", loss="ce",
-                       n_iter=budget.apgd_iter, eot_iter=budget.sweep_eot_draws)
+                       n_iter=budget.apgd_iter, eot_iter=budget.sweep_eot_draws, unfooled="max-loss")
         elif protocol == "torchattacks":
             attack(protocol, "defended", first_k, first_eps, "torchattacks-eotpgd", "TorchattacksEOTPGD",
                    steps=budget.pgd_steps, eot_iter=budget.eot_draws)

@@ -23,7 +23,9 @@ from pyautoattack.checks import check_zero_gradients
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
-__all__ = ["ResumableAPGD", "ResumableAPGDT", "ResumableFAB", "ResumableSquare"]
+__all__ = ["ResumableAPGD", "ResumableAPGDT", "ResumableFAB", "ResumableSquare", "UNFOOLED"]
+
+UNFOOLED = ("clean", "max-loss")  # ResumableAPGD's choices for an image its runs did not fool
 
 
 class _Like:
@@ -318,27 +320,37 @@ class _ResumableAPGDRun:
                     counter3 = 0
         return x_best, acc, loss_best, x_best_adv
 
-    def _start(self, x, y, resume):
-        """The restart loop's starting state: ``(x, y, adv, acc, where it resumes or None)``."""
+    def _start(self, x, y, resume, max_loss=False):
+        """The restart loop's starting state: ``(x, y, outer, where it resumes or None)``. ``outer`` holds the
+        loop's tensors, saved with every state: ``adv`` and ``acc`` (the library's), and with ``max_loss`` the
+        highest-loss point of every image so far (``x_max``) and its loss (``loss_max``, -inf before any run)."""
         self.init_hyperparam(x)
         x = x.detach().clone().float().to(self.device)
+        y = y.detach().clone().long().to(self.device)
         if resume is None:
             y_pred = self._predict(x).max(1)[1]
-            y = y.detach().clone().long().to(self.device)
-            adv, acc = x.clone(), y_pred == y
+            outer = {"adv": x.clone(), "acc": y_pred == y}
+            if max_loss:
+                outer.update(x_max=x.clone(), loss_max=torch.full((x.shape[0],), -math.inf, device=self.device))
             torch.random.manual_seed(self.seed)
             torch.cuda.random.manual_seed(self.seed)
-            return x, y, adv, acc, None
+            return x, y, outer, None
         tensors, meta = resume
-        y = y.detach().clone().long().to(self.device)
-        return x, y, tensors["adv"].to(self.device, x.dtype), tensors["acc"].to(self.device), meta
+        names = ("adv", "acc", "x_max", "loss_max") if max_loss else ("adv", "acc")
+        missing = [name for name in names if name not in tensors]
+        if missing:
+            raise ValueError(f"resume: the saved state lacks {missing} (saved with other settings)")
+        outer = {name: tensors[name].to(self.device) for name in names}
+        outer.update({name: outer[name].to(x.dtype) for name in ("adv", "x_max") if name in outer})
+        return x, y, outer, meta
 
-    def _restart(self, x, y, adv, acc, where, resume, checkpoint, before_run=None):
-        """One restart on the images ``acc`` still counts robust (``where``: its place in the loops, saved with
-        each state); updates ``adv`` and ``acc`` in place. ``before_run(x_to_fool)`` sets up a fresh run (APGD-T's
-        target labels) and returns the extra tensors to save with its states."""
+    def _restart(self, x, y, outer, where, resume, checkpoint, before_run=None):
+        """One restart on the images ``outer["acc"]`` still counts robust (``where``: its place in the loops, saved
+        with each state); updates ``outer``'s tensors in place. ``before_run(x_to_fool)`` sets up a fresh run
+        (APGD-T's target labels) and returns the extra tensors to save with its states."""
+        adv, acc = outer["adv"], outer["acc"]
         if checkpoint is not None:
-            checkpoint(lambda: ({"adv": adv, "acc": acc}, {**where, "iter": None}))
+            checkpoint(lambda: (dict(outer), {**where, "iter": None}))
         ind_to_fool = _to_fool(acc)
         if ind_to_fool is None:
             return
@@ -354,10 +366,14 @@ class _ResumableAPGDRun:
 
         def with_outer(make):  # a run's state, with the restart loop's around it
             tensors, meta = make()
-            return {**tensors, **extra, "adv": adv, "acc": acc}, {**meta, **where}
+            return {**tensors, **extra, **outer}, {**meta, **where}
 
         inner = None if checkpoint is None else (lambda make: checkpoint(lambda: with_outer(make)))
-        _, acc_curr, _, adv_curr = self._linf_run(x_to_fool, y_to_fool, run_resume, inner)
+        x_best, acc_curr, loss_best, adv_curr = self._linf_run(x_to_fool, y_to_fool, run_resume, inner)
+        if "loss_max" in outer:  # the highest loss over the restarts so far
+            higher = loss_best > outer["loss_max"][ind_to_fool]
+            outer["x_max"][ind_to_fool[higher]] = x_best[higher].clone()
+            outer["loss_max"][ind_to_fool[higher]] = loss_best[higher]
         ind_curr = (acc_curr == 0).nonzero().squeeze()
         acc[ind_to_fool[ind_curr]] = 0
         adv[ind_to_fool[ind_curr]] = adv_curr[ind_curr].clone()
@@ -371,23 +387,35 @@ class ResumableAPGD(_Like, _ResumableAPGDRun, APGDAttack):
     and each iteration; ``resume`` is such a state, from which the run goes on (the caller restores the global
     random state saved with it). Other norms, ``best_loss``, ``x_init``, the large-eps schedule and ``y=None``
     are the library's whole run: ``checkpoint`` is not called, and ``resume`` is refused.
+
+    ``unfooled``: what comes back for an image the restarts attacked but did not fool: ``"clean"`` (the
+    library's ``perturb``: the image itself) or ``"max-loss"`` (the point of highest loss its runs reached, the
+    one a fresh draw of a randomized defense most likely gets wrong). The points of the images it fooled, and
+    the images its first (clean) pass already got wrong (not attacked, as in the library), are the same either
+    way, and so are the random draws.
     """
 
     _library = APGDAttack
 
-    def perturb(self, x, y=None, best_loss=False, x_init=None, *, resume=None, checkpoint=None):
+    def perturb(self, x, y=None, best_loss=False, x_init=None, *, unfooled="clean", resume=None, checkpoint=None):
+        if unfooled not in UNFOOLED:
+            raise ValueError(f"unfooled must be one of {UNFOOLED}, got {unfooled!r}")
         if self._runs_whole(y, best_loss, x_init):
-            if resume is not None:
+            if resume is not None or unfooled != "clean":
                 raise ValueError("only the L-inf APGD attack with labels y, without best_loss, x_init or the "
-                                 "large-eps schedule, can resume")
+                                 "large-eps schedule, can resume or return its highest-loss points (unfooled)")
             return super().perturb(x, y, best_loss=best_loss, x_init=x_init)
         if self.loss not in ("ce", "dlr"):
             raise ValueError(f"APGD's loss must be 'ce' or 'dlr', got {self.loss!r}")
-        x, y, adv, acc, at = self._start(x, y, resume)
+        max_loss = unfooled == "max-loss"
+        x, y, outer, at = self._start(x, y, resume, max_loss)
         for counter in range(at["restart"] if at else 0, self.n_restarts):
-            self._restart(x, y, adv, acc, {"restart": counter}, resume, checkpoint)
+            self._restart(x, y, outer, {"restart": counter}, resume, checkpoint)
             resume = None
-        return adv
+        if not max_loss:
+            return outer["adv"]
+        attacked = outer["acc"] & torch.isfinite(outer["loss_max"])  # attacked and never fooled
+        return torch.where(attacked.view(-1, *([1] * (x.dim() - 1))), outer["x_max"], outer["adv"])
 
 
 class ResumableAPGDT(_Like, _ResumableAPGDRun, APGDAttack_targeted):
@@ -404,7 +432,7 @@ class ResumableAPGDT(_Like, _ResumableAPGDRun, APGDAttack_targeted):
             return super().perturb(x, y, x_init=x_init)
         if self.loss != "dlr-targeted":
             raise ValueError(f"APGD-T's loss must be 'dlr-targeted', got {self.loss!r}")
-        x, y, adv, acc, at = self._start(x, y, resume)
+        x, y, outer, at = self._start(x, y, resume)
         for target_class in range(2, self.n_target_classes + 2):
             def pick(x_to_fool, t=target_class):  # the library's choice of target: the t-th most likely class
                 return {"y_target": self._predict(x_to_fool).sort(dim=1)[1][:, -t]}
@@ -412,10 +440,10 @@ class ResumableAPGDT(_Like, _ResumableAPGDRun, APGDAttack_targeted):
             for counter in range(self.n_restarts):
                 if at is not None and (target_class, counter) < (at["target_class"], at["restart"]):
                     continue
-                self._restart(x, y, adv, acc, {"target_class": target_class, "restart": counter}, resume,
+                self._restart(x, y, outer, {"target_class": target_class, "restart": counter}, resume,
                               checkpoint, pick)
                 resume = None
-        return adv
+        return outer["adv"]
 
 
 def _to_fool(acc: torch.Tensor) -> torch.Tensor | None:

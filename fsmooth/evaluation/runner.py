@@ -222,6 +222,12 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
             _log.info("recomputing chunk %d of %r: the points it re-scored are not this evaluation's", c,
                       spec.run_id)
             got = None
+        if got is not None and spec.kind == "attack":
+            attack = _attack(ctx, spec, clf, chunk_seed(ctx.seed, spec.run_id, c))
+            if not attack.same_settings(got[1].get("settings")):
+                warnings.warn(f"recomputing chunk {c} of {spec.run_id!r}: it was attacked with other settings "
+                              f"({got[1].get('settings')}; now {attack.settings()})", RuntimeWarning, stacklevel=2)
+                got = None
         if got is None and ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
             raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
                                "above); a partial report attacks nothing, so it stops here")
