@@ -20,7 +20,7 @@ from pyautoattack.square import SquareAttack
 from .._validation import check_positive_int
 from ..functional import feature_loss
 from ..models.prefix import prefix as network_prefix
-from .resumable_library import UNFOOLED, ResumableAPGD, ResumableAPGDT, ResumableSquare
+from .resumable_library import ResumableAPGD, ResumableAPGDT, ResumableSquare, check_unfooled
 from .store import json_value
 
 __all__ = ["Attack", "APGD", "APGDTargeted", "AdaptiveAPGD", "EOTPGD", "Square", "TorchattacksEOTPGD",
@@ -97,12 +97,6 @@ def set_apgd_iterations(attack: APGDAttack, n_iter: int) -> None:
     attack.size_decr = max(int(0.03 * n_iter), 1)
 
 
-def _check_unfooled(unfooled) -> str:
-    if unfooled not in UNFOOLED:
-        raise ValueError(f"unfooled must be one of {UNFOOLED}, got {unfooled!r}")
-    return unfooled
-
-
 class APGD(Attack):
     """pyautoattack's APGD (Croce & Hein 2020) on the CE or DLR loss; ``eot_iter`` > 1 averages gradients (EOT).
 
@@ -126,10 +120,10 @@ class APGD(Attack):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
         if not isinstance(best_loss, bool):
             raise TypeError(f"best_loss must be a bool, got {type(best_loss).__name__}")
-        if best_loss and _check_unfooled(unfooled) != "clean":
+        if best_loss and check_unfooled(unfooled) != "clean":
             raise ValueError("best_loss already returns every image's highest-loss point: leave unfooled 'clean'")
         self.n_iter, self.n_restarts, self.eot_iter, self.loss, self.rho = n_iter, n_restarts, eot_iter, loss, rho
-        self.best_loss, self.unfooled = best_loss, _check_unfooled(unfooled)
+        self.best_loss, self.unfooled = best_loss, check_unfooled(unfooled)
         self.resumable = not best_loss  # best_loss is the library's whole run
 
     resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
@@ -223,7 +217,7 @@ class AdaptiveAPGD(Attack):
         super().__init__(model, eps, seed)
         self.base_model, self.lam, self.delta, self.layer = base_model, float(lam), float(delta), layer
         self.n_iter, self.n_restarts, self.eot_iter, self.rho = n_iter, n_restarts, eot_iter, rho
-        self.unfooled = _check_unfooled(unfooled)
+        self.unfooled = check_unfooled(unfooled)
         self._feature_net = network_prefix(base_model, layer)
 
     resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)

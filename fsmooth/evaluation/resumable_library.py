@@ -23,9 +23,16 @@ from pyautoattack.checks import check_zero_gradients
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
-__all__ = ["ResumableAPGD", "ResumableAPGDT", "ResumableFAB", "ResumableSquare", "UNFOOLED"]
+__all__ = ["ResumableAPGD", "ResumableAPGDT", "ResumableFAB", "ResumableSquare", "UNFOOLED", "check_unfooled"]
 
 UNFOOLED = ("clean", "max-loss")  # ResumableAPGD's choices for an image its runs did not fool
+
+
+def check_unfooled(unfooled) -> str:
+    """``unfooled`` when it is one of :data:`UNFOOLED`; a ``ValueError`` naming it otherwise."""
+    if unfooled not in UNFOOLED:
+        raise ValueError(f"unfooled must be one of {UNFOOLED}, got {unfooled!r}")
+    return unfooled
 
 
 class _Like:
@@ -398,16 +405,14 @@ class ResumableAPGD(_Like, _ResumableAPGDRun, APGDAttack):
     _library = APGDAttack
 
     def perturb(self, x, y=None, best_loss=False, x_init=None, *, unfooled="clean", resume=None, checkpoint=None):
-        if unfooled not in UNFOOLED:
-            raise ValueError(f"unfooled must be one of {UNFOOLED}, got {unfooled!r}")
         if self._runs_whole(y, best_loss, x_init):
-            if resume is not None or unfooled != "clean":
+            if resume is not None or check_unfooled(unfooled) != "clean":
                 raise ValueError("only the L-inf APGD attack with labels y, without best_loss, x_init or the "
                                  "large-eps schedule, can resume or return its highest-loss points (unfooled)")
             return super().perturb(x, y, best_loss=best_loss, x_init=x_init)
         if self.loss not in ("ce", "dlr"):
             raise ValueError(f"APGD's loss must be 'ce' or 'dlr', got {self.loss!r}")
-        max_loss = unfooled == "max-loss"
+        max_loss = check_unfooled(unfooled) == "max-loss"
         x, y, outer, at = self._start(x, y, resume, max_loss)
         for counter in range(at["restart"] if at else 0, self.n_restarts):
             self._restart(x, y, outer, {"restart": counter}, resume, checkpoint)
