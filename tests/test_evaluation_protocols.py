@@ -80,6 +80,13 @@ def test_every_protocol_runs_end_to_end(full_report):
     md = (out / "report.md").read_text()
     assert "worst case" in md and "adaptive" in md.lower() and "Flags" in md
     assert md == markdown(json.loads((out / "report.json").read_text()))  # report.json alone renders it again
+    adaptive_rows = [line for line in md.splitlines() if line.startswith("| defended |") and "/255 | " in line
+                     and line.count("|") == 7]
+    assert adaptive_rows and all(line.endswith("| max-loss |") for line in adaptive_rows)
+    older = json.loads((out / "report.json").read_text())
+    for r in older["runs"]:  # a report of before the setting was recorded: such an image came back clean
+        r["settings"].pop("unfooled", None)
+    assert "| clean |" in markdown(older)
     for s in report["settings"]:  # the fraction correct in every re-scoring run, with its interval
         if "rescore" in s:
             a, b = s["rescore"]["correct_in_all_runs"], s["rescore"]["strict_robust"]  # then the strict one

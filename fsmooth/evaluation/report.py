@@ -216,10 +216,12 @@ def markdown(report: dict) -> str:
     adaptive = [r for r in report["runs"] if r["column"].startswith("adaptive")]
     if adaptive:
         lines += ["", "## Adaptive attack: CE + lambda * max(L_F, delta) (robust accuracy %)", "",
-                  "| model | K | eps | lambda | accuracy [95% CI] |", "|---|---|---|---|---|"]
+                  "| model | K | eps | lambda | accuracy [95% CI] | an image not fooled comes back |",
+                  "|---|---|---|---|---|---|"]
         for r in adaptive:
+            # unfooled: recorded since 2026-11-28; runs before it returned such an image clean
             lines.append(f"| {r['target']} | {r['outer_loops']} | {r['eps_255']:g}/255 | {r['settings'].get('lam')} | "
-                         f"{_pct_ci(r)} |")
+                         f"{_pct_ci(r)} | {r['settings'].get('unfooled', 'clean')} |")
     if report.get("eps_sweep"):
         sw = report["eps_sweep"]
         lines += ["", f"## Eps sweep (APGD-CE, K = {sw['outer_loops']})", "", "| eps | accuracy |", "|---|---|"]
