@@ -516,6 +516,10 @@ def test_an_attack_chunk_saved_with_other_settings_is_recomputed(setup, tmp_path
     assert ("defended_ol1_eps8_adaptive+1", "chunk00001.json") in changed
     assert not {key for key in changed if key[0].startswith("defended") and key != (legacy.parent.name, legacy.name)}
     assert [r["correct"] for r in again["runs"]] == [r["correct"] for r in reference["runs"]]
+    from fsmooth.evaluation.summary import summarize, summary_markdown
+    joined = summarize([out])
+    assert [a["unfooled"] for a in joined["adaptive"]] == ["max-loss"] * 3   # lambda -1, 0 and 1
+    assert summary_markdown(joined).count("| max-loss |") == 3
 
 
 def _digests(folder):

@@ -145,6 +145,12 @@ def _eps_sweep(runs: dict) -> dict | None:
             "flag": eps_sweep_flag(acc)}
 
 
+def unfooled_of(run: dict) -> str:
+    """What a report's attack run returned for an image it did not fool (its ``unfooled`` setting): runs
+    recorded before the setting existed (2026-11-28) returned it clean."""
+    return run.get("settings", {}).get("unfooled", "clean")
+
+
 def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
@@ -219,9 +225,8 @@ def markdown(report: dict) -> str:
                   "| model | K | eps | lambda | accuracy [95% CI] | an image not fooled comes back |",
                   "|---|---|---|---|---|---|"]
         for r in adaptive:
-            # unfooled: recorded since 2026-11-28; runs before it returned such an image clean
             lines.append(f"| {r['target']} | {r['outer_loops']} | {r['eps_255']:g}/255 | {r['settings'].get('lam')} | "
-                         f"{_pct_ci(r)} | {r['settings'].get('unfooled', 'clean')} |")
+                         f"{_pct_ci(r)} | {unfooled_of(r)} |")
     if report.get("eps_sweep"):
         sw = report["eps_sweep"]
         lines += ["", f"## Eps sweep (APGD-CE, K = {sw['outer_loops']})", "", "| eps | accuracy |", "|---|---|"]
