@@ -384,7 +384,7 @@ def test_engine_start_parts_sum_to_the_start_in_the_state_dtype(bench_modules):
 def test_kernel_timing_on_cuda_keeps_every_timed_call(bench_modules, monkeypatch):
     """bench_kernel_ms on a GPU reports do_bench's every timed call (repeats is their number), and falls back to
     its three quantiles on a triton without return_mode="all"."""
-    import triton.testing
+    triton_testing = pytest.importorskip("triton.testing")
 
     benchlib, _ = bench_modules
     calls = []
@@ -393,7 +393,7 @@ def test_kernel_timing_on_cuda_keeps_every_timed_call(bench_modules, monkeypatch
         calls.append((warmup, rep, quantiles, return_mode))
         return [0.5, 0.25, 0.75, 0.5, 1.0, 0.5, 0.5] if return_mode == "all" else [0.25, 0.5, 1.0]
 
-    monkeypatch.setattr(triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(triton_testing, "do_bench", do_bench)
     row = benchlib.bench_kernel_ms(lambda: None, "cuda", warmup_ms=7, rep_ms=11).as_row()
     assert row == {"median_ms": 0.5, "min_ms": 0.25, "max_ms": 1.0, "repeats": 7}
     assert calls == [(7, 11, None, "all")]
@@ -402,5 +402,5 @@ def test_kernel_timing_on_cuda_keeps_every_timed_call(bench_modules, monkeypatch
         assert return_mode in ("min", "max", "mean", "median")
         return [0.25, 0.5, 1.0]
 
-    monkeypatch.setattr(triton.testing, "do_bench", older)
+    monkeypatch.setattr(triton_testing, "do_bench", older)
     assert benchlib.bench_kernel_ms(lambda: None, "cuda").as_row()["repeats"] == 3

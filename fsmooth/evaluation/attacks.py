@@ -105,8 +105,8 @@ class APGD(Attack):
     attack carries these points to another model: each one moved, whether or not it fooled the model it was
     found on. That run is the library's whole run, which cannot save or resume part-way.
     ``unfooled="max-loss"``: the library's run, resumable, but an image it attacked and did not fool comes back
-    as its highest-loss point instead of clean (:class:`ResumableAPGD`): against a randomized defense, the
-    point a fresh defense run most likely gets wrong.
+    as the point where its own loss (one draw of a randomized defense) was highest instead of clean
+    (:class:`ResumableAPGD`).
     """
 
     _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho", "best_loss", "unfooled")

@@ -396,8 +396,8 @@ class ResumableAPGD(_Like, _ResumableAPGDRun, APGDAttack):
     are the library's whole run: ``checkpoint`` is not called, and ``resume`` is refused.
 
     ``unfooled``: what comes back for an image the restarts attacked but did not fool: ``"clean"`` (the
-    library's ``perturb``: the image itself) or ``"max-loss"`` (the point of highest loss its runs reached, the
-    one a fresh draw of a randomized defense most likely gets wrong). The points of the images it fooled, and
+    library's ``perturb``: the image itself) or ``"max-loss"`` (the point where the attack's own loss, on one
+    draw of a randomized model, was highest). The points of the images it fooled, and
     the images its first (clean) pass already got wrong (not attacked, as in the library), are the same either
     way, and so are the random draws.
     """
@@ -419,7 +419,7 @@ class ResumableAPGD(_Like, _ResumableAPGDRun, APGDAttack):
             resume = None
         if not max_loss:
             return outer["adv"]
-        attacked = outer["acc"] & torch.isfinite(outer["loss_max"])  # attacked and never fooled
+        attacked = outer["acc"] & (outer["loss_max"] > -math.inf)  # attacked and never fooled (a NaN loss: clean)
         return torch.where(attacked.view(-1, *([1] * (x.dim() - 1))), outer["x_max"], outer["adv"])
 
 
