@@ -814,3 +814,15 @@ def test_eot_transfer_reuses_an_eot_run_and_scores_its_points_at_k(setup, tmp_pa
     assert "rescore" in k2
     header = next(line for line in markdown(report).splitlines() if line.startswith("| model | K |"))
     assert "| eot-pgd-ce | eot-pgd-ce-from-ol1 | eot-pgd-dlr-targeted | eot-pgd-dlr-targeted-from-ol1 |" in header
+
+
+def test_rescoring_falls_back_on_plain_losses_before_the_adaptive_lambdas():
+    """An image no attack fooled is re-scored on a cross-entropy point (lambda = 0, EOT-PGD) before the
+    adaptive runs whose objective trades cross-entropy for L_F."""
+    from fsmooth.evaluation.api import fallback_order
+
+    specs = plan(["adaptive", "eot"], (8 / 255,), (1,), tiny_budget().replace(lambdas=(1.0,)))
+    order = fallback_order([s for s in specs if s.kind == "attack"])
+    assert order[:3] == ["defended/ol1/eps8/adaptive+0", "defended/ol1/eps8/eot-pgd-ce",
+                         "defended/ol1/eps8/eot-pgd-dlr-targeted"]
+    assert set(order[3:]) == {"defended/ol1/eps8/adaptive-1", "defended/ol1/eps8/adaptive+1"}

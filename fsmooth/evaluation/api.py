@@ -261,6 +261,14 @@ def _config_dict(config) -> dict | None:
     return {k: getattr(config, k) for k in ("sigma", "beta", "delta", "max_iters", "clamp")}
 
 
+def fallback_order(group: list[RunSpec]) -> list[str]:
+    """The attack runs whose points re-score an image no run fooled, in order: plan order, but the adaptive
+    runs with lambda != 0 last (their highest-loss points trade cross-entropy for L_F; lambda = 0 is APGD-CE)."""
+    attacks = [s for s in group if s.kind == "attack"]
+    mixed = lambda s: s.options.get("name") == "AdaptiveAPGD" and s.options["kwargs"].get("lam", 0.0) != 0.0  # noqa: E731
+    return [s.run_id for s in sorted(attacks, key=mixed)]
+
+
 def settings_of(specs: list[RunSpec]) -> dict[Setting, list[RunSpec]]:
     """Attack runs grouped by their :class:`Setting`, plan order kept."""
     groups: dict[Setting, list[RunSpec]] = {}
@@ -280,7 +288,7 @@ def _rescore(ctx: Context, specs, results) -> dict:
         entry = {"robust": robust, "fooled_by": fooled_by, "runs": [s.run_id for s in group]}
         if setting.target != "undefended" and ctx.budget.rescore_runs > 0:
             x_adv = {s.run_id: results[s.run_id].x_adv for s in group if results[s.run_id].x_adv is not None}
-            fallback = [s.run_id for s in group if s.kind == "attack"] + list(x_adv)
+            fallback = fallback_order(group) + list(x_adv)
             candidates, source = choose_candidates(ctx.images.cpu(), x_adv, correct, fallback)
             # The run id names the attack runs the candidates come from: another protocol set, another rescore.
             tag = f"{zlib.crc32('|'.join(entry['runs']).encode()):08x}"
