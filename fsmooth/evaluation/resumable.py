@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from .._machine import machines_with
-from .store import json_value, rng_state, set_rng_state
+from .store import rng_state, set_rng_state
 
 __all__ = ["SAVE_EVERY_S", "Checkpoint", "batch_slices", "run_attack"]
 
@@ -56,7 +56,7 @@ def _restore(progress, attack, n: int, batch_size: int):
     if saved is None:
         return None
     tensors, meta = saved
-    if (meta.get("attack") != json_value(attack.settings()) or meta.get("n") != n
+    if (not attack.same_settings(meta.get("attack")) or meta.get("n") != n
             or meta.get("batch_size") != batch_size):
         warnings.warn(f"chunk {progress.chunk} starts over: its progress in {progress.meta_path} was saved by "
                       "another attack or for other images", RuntimeWarning, stacklevel=3)
