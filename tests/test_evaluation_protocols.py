@@ -512,6 +512,28 @@ def test_an_attack_chunk_saved_with_other_settings_is_recomputed(setup, tmp_path
     assert meta["settings"]["unfooled"] == "max-loss"
     del meta["settings"]["unfooled"]
     legacy.write_text(json.dumps(meta))
+    # A partial report attacks nothing: it ends before the chunk the evaluation will recompute, and says so.
+    state = _digests(out / "state")
+    with pytest.warns(RuntimeWarning, match="counted as not finished, chunk 1 of 'defended/ol1/eps8/adaptive\\+1'"):
+        partial = evaluate(model, x, y, out=out, seed=3, partial=True, **kwargs)
+    assert partial["info"]["partial"] == {"images": 4, "planned": 12, "chunks": 1, "left_out": []}
+    part = load_file(str(out / "partial" / "per_image.safetensors"))
+    whole = load_file(str(out / "per_image.safetensors"))
+    for key in part:
+        if not key.startswith(("candidates/", "examples/")):
+            assert torch.equal(part[key], whole[key][..., :4]), key
+    # Its first chunk too: the run is left out, as one that has finished nothing.
+    first = legacy.with_name("chunk00000.json")
+    kept = first.read_text()
+    older = json.loads(kept)
+    del older["settings"]["unfooled"]
+    first.write_text(json.dumps(older))
+    with pytest.warns(RuntimeWarning, match="counted as not finished, chunk 0 of"):
+        partial = evaluate(model, x, y, out=out, seed=3, partial=True, **kwargs)
+    assert partial["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3,
+                                          "left_out": ["defended/ol1/eps8/adaptive+1"]}
+    first.write_text(kept)
+    assert _digests(out / "state") == state
     with pytest.warns(RuntimeWarning, match="recomputing chunk 1 of 'defended/ol1/eps8/adaptive\\+1'.*other settings"):
         again = evaluate(model, x, y, out=out, seed=3, **kwargs)
     changed = {key for key, wall in _chunk_walls(out).items() if before[key] != wall}

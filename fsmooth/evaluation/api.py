@@ -1,6 +1,7 @@
 """``fsmooth.evaluate``: run protocols, score the worst case per image, re-score, report."""
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import math
@@ -16,7 +17,7 @@ from ..distributed import barrier, rank_and_world
 from ..models.prefix import resolve_layer
 from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, plan
 from .report import build_report, write_outputs
-from .runner import Context, RunResult, execute, rescore
+from .runner import Context, RunResult, execute, other_settings, rescore
 from .scoring import choose_candidates, worst_case
 from .store import ChunkedData, ChunkStore, OverlayStore, tensor_checksum as _checksum
 
@@ -141,8 +142,9 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         meta: extra fields recorded in the report (command line, dataset label, ...).
         partial: report on the images an evaluation still running (or stopped) under ``out`` has
             finished, attacking nothing: the first chunks that every attack run has finished, in order
-            (chunks 0 to j); an attack run that has finished no chunk is left out (``info["partial"]
-            ["left_out"]``, named in the report). Their re-scoring (``budget.rescore_runs`` defended forwards
+            (chunks 0 to j; a chunk attacked with other settings than the run's, which the evaluation will
+            recompute, has not finished: a warning names it); an attack run that has finished no chunk is left
+            out (``info["partial"]["left_out"]``, named in the report). Their re-scoring (``budget.rescore_runs`` defended forwards
             per image) and any missing clean pass are computed and kept in ``out/partial/state``, apart from
             the evaluation's state; the report (``info["partial"]``: images reported and planned) goes to
             ``out/partial/``, never over a finished report. One process only; needs ``out`` holding state and
@@ -190,16 +192,18 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     specs = plan(protocols, eps, outer_loops, budget, has_baseline=baseline_model is not None)
     planned_n = int(labels.shape[0])
     left_out: list[str] = []
-    if partial:
-        done, left_out = _finished_prefix(store, specs, planned_n, chunk_size)
-        specs = [spec for spec in specs if spec.run_id not in left_out]
-        images, labels = images[:done], labels[:done]
-        store = OverlayStore(store, ChunkStore(out / "partial" / "state", stamped, resume, data=data))
     ctx = Context(model=model, images=images, labels=labels, defense_config=config,
                   defended_factory=defended_factory or default_defended_factory, budget=budget,
                   baseline_model=baseline_model, baseline_config=baseline_config, layer=layer, seed=seed,
                   chunk_size=chunk_size, batch_size=batch_size, store=store, rank=rank, world=world, quiet=quiet,
                   num_classes=num_classes, attacks_frozen=partial)
+    if partial:
+        done, left_out = _finished_prefix(ctx, specs)
+        specs = [spec for spec in specs if spec.run_id not in left_out]
+        ctx = dataclasses.replace(ctx, images=images[:done], labels=labels[:done],
+                                  store=OverlayStore(store, ChunkStore(out / "partial" / "state", stamped, resume,
+                                                                       data=data)))
+        labels = ctx.labels
     started = datetime.datetime.now(datetime.timezone.utc)
     results: dict[str, RunResult] = {}
     for spec in specs:
@@ -235,24 +239,39 @@ def _check_partial(out: Path | None, resume: bool, world: int) -> None:
         raise ValueError(f"partial=True: {str(out / 'state')!r} holds no evaluation state to report on")
 
 
-def _finished_prefix(store: ChunkStore, specs, n: int, chunk_size: int) -> tuple[int, list[str]]:
+def _finished_prefix(ctx: Context, specs) -> tuple[int, list[str]]:
     """``(images, left_out)``: how many of the first images every attack run of ``specs`` that has finished its
-    first chunk has finished (chunks 0..j in order), and the attack runs left out for having finished none."""
-    n_chunks = math.ceil(n / chunk_size)
+    first chunk has finished (chunks 0..j in order), and the attack runs left out for having finished none.
+    A chunk attacked with other settings than the run's (:func:`~fsmooth.evaluation.runner.other_settings`) has
+    not finished: a partial report attacks nothing, so it ends before such a chunk."""
+    n_chunks = math.ceil(ctx.n / ctx.chunk_size)
     attacks = [spec for spec in specs if spec.kind != "clean"] or specs  # a clean-only protocol: its passes
-    left_out = [spec.run_id for spec in attacks if not store.finished(spec.run_id, 0)]
+    stale: list[str] = []
+
+    def finished(spec, chunk: int) -> bool:
+        meta = ctx.store.finished(spec.run_id, chunk)
+        if meta is None:
+            return False
+        other = other_settings(ctx, spec, chunk, meta)
+        if other is not None:
+            stale.append(f"chunk {chunk} of {spec.run_id!r}: {other}")
+        return other is None
+
+    left_out = [spec.run_id for spec in attacks if not finished(spec, 0)]
     if len(left_out) == len(attacks):
         raise ValueError(f"partial: no attack run has finished a chunk yet ({left_out[0]!r} has not finished "
-                         "its first chunk): nothing to report")
+                         "its first chunk with its present settings): nothing to report")
     done = n_chunks
     for spec in attacks:
         if spec.run_id in left_out:
             continue
         count = 0
-        while count < done and store.finished(spec.run_id, count):
+        while count < done and finished(spec, count):
             count += 1
         done = count
-    return min(done * chunk_size, n), left_out
+    for why in dict.fromkeys(stale):  # chunk 0 is asked twice
+        warnings.warn(f"partial report: counted as not finished, {why}", RuntimeWarning, stacklevel=3)
+    return min(done * ctx.chunk_size, ctx.n), left_out
 
 
 def _config_dict(config) -> dict | None:

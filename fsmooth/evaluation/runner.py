@@ -29,7 +29,7 @@ from .store import ChunkStore, tensor_checksum
 _log = logging.getLogger(__name__)
 CANDIDATES_KEY = "candidates_sha256"  # in a rescore chunk's JSON: the checksum of the points it re-scored
 
-__all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed"]
+__all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed", "other_settings"]
 
 
 def chunk_seed(seed: int, run_id: str, chunk: int) -> int:
@@ -197,6 +197,20 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
     return {**_scored_batched(clf, x_adv, batch), "x_adv": x_adv.detach().cpu()}, meta
 
 
+def other_settings(ctx: Context, spec: RunSpec, chunk: int, meta: dict) -> str | None:
+    """Why finished chunk ``chunk`` of ``spec`` (its JSON: ``meta``) is not this run's result, or ``None`` when it
+    is: an attack chunk records its attack's settings, and one attacked with others (another budget, or saved
+    before a setting existed whose default has changed since) is recomputed, never merged."""
+    if spec.kind != "attack":
+        return None
+    clf = ctx.classifier(spec.target, spec.outer_loops)
+    attack = _attack(ctx, spec, clf, chunk_seed(ctx.seed, spec.run_id, chunk))
+    saved = meta.get("settings")
+    if attack.same_settings(saved):
+        return None
+    return f"it was attacked with other settings ({saved}; now {attack.settings()})"
+
+
 def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
             candidates: torch.Tensor | None = None) -> RunResult:
     """Run (or load) this rank's chunks of ``spec``, gather all ranks' and merge them.
@@ -222,11 +236,10 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
             _log.info("recomputing chunk %d of %r: the points it re-scored are not this evaluation's", c,
                       spec.run_id)
             got = None
-        if got is not None and spec.kind == "attack":
-            attack = _attack(ctx, spec, clf, chunk_seed(ctx.seed, spec.run_id, c))
-            if not attack.same_settings(got[1].get("settings")):
-                warnings.warn(f"recomputing chunk {c} of {spec.run_id!r}: it was attacked with other settings "
-                              f"({got[1].get('settings')}; now {attack.settings()})", RuntimeWarning, stacklevel=2)
+        if got is not None:
+            other = other_settings(ctx, spec, c, got[1])
+            if other is not None:
+                warnings.warn(f"recomputing chunk {c} of {spec.run_id!r}: {other}", RuntimeWarning, stacklevel=2)
                 got = None
         if got is None and ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
             raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "

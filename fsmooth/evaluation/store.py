@@ -293,17 +293,17 @@ class ChunkStore:
             return None
         return ChunkProgress(self.root / _safe(run_id), chunk, self.stamp(chunk), self.accepted(chunk))
 
-    def finished(self, run_id: str, chunk: int) -> bool:
-        """Whether chunk ``chunk`` of ``run_id`` has finished for this evaluation (its JSON, stamped for this
-        evaluation, exists); reads the JSON only, not the tensors."""
+    def finished(self, run_id: str, chunk: int) -> dict | None:
+        """The JSON of chunk ``chunk`` of ``run_id`` if it has finished for this evaluation (stamped for this
+        evaluation), else ``None``; reads the JSON only, not the tensors."""
         if self.root is None or not self.resume:
-            return False
+            return None
         _, meta_path = self._paths(run_id, chunk)
         try:
             meta = json.loads(meta_path.read_text())
         except (OSError, ValueError):
-            return False
-        return isinstance(meta, dict) and meta.get(FINGERPRINT_KEY) in self.accepted(chunk)
+            return None
+        return meta if isinstance(meta, dict) and meta.get(FINGERPRINT_KEY) in self.accepted(chunk) else None
 
     def load(self, run_id: str, chunk: int):
         """``(tensors, meta)`` of a finished chunk of this evaluation, or ``None`` (to be computed)."""
@@ -341,7 +341,7 @@ class OverlayStore:
     def __init__(self, base: ChunkStore, overlay: ChunkStore):
         self.base, self.overlay = base, overlay
 
-    def finished(self, run_id: str, chunk: int) -> bool:
+    def finished(self, run_id: str, chunk: int) -> dict | None:
         return self.base.finished(run_id, chunk)
 
     def load(self, run_id: str, chunk: int):
