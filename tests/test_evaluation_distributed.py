@@ -55,6 +55,53 @@ def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
     assert chunks == ["chunk00000.json", "chunk00001.json", "chunk00002.json"]
 
 
+def _slow_rank_worker(rank, world, init_file, weights, out, results):
+    """Rank 1's chunks are slow: it sits in one while rank 0 has nothing left of that run."""
+    import time
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = TinyNet()
+        model.load_state_dict(torch.load(weights, weights_only=True))
+        if rank == 1:
+            import fsmooth.evaluation.runner as runner
+            run_chunk = runner._run_chunk
+
+            def slow(*args, **kwargs):
+                time.sleep(1.5)
+                return run_chunk(*args, **kwargs)
+            runner._run_chunk = slow
+        x, y = separable_data(n=12, seed=1)
+        report = evaluate(model.eval(), x, y, out=out, budget=tiny_budget(), **{**KWARGS, "protocol": "eot"})
+        with open(os.path.join(results, f"slow{rank}.json"), "w") as f:
+            json.dump(_summary(report), f)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_a_rank_free_of_one_runs_chunks_takes_the_next_runs(tmp_path):
+    """The chunks of the runs that need no other run's result are one list shared out over the ranks: while
+    the slow rank is still in its chunk of the first attack run, the fast rank finishes chunks of the second
+    (run by run, it would wait at the first run's gather). The results are the single process's."""
+    model = trained_tiny_net()
+    weights = tmp_path / "weights.pt"
+    torch.save(model.state_dict(), weights)
+    x, y = separable_data(n=12, seed=1)
+    single = evaluate(model, x, y, out=tmp_path / "single", budget=tiny_budget(), **{**KWARGS, "protocol": "eot"})
+    mp.spawn(_slow_rank_worker, args=(2, str(tmp_path / "init"), str(weights), str(tmp_path / "sharded"),
+                                      str(tmp_path)), nprocs=2, join=True)
+    expected = json.loads(json.dumps(_summary(single)))
+    assert [json.loads((tmp_path / f"slow{r}.json").read_text()) for r in range(2)] == [expected, expected]
+    state = tmp_path / "sharded" / "state"
+    finished_at = [sorted(p.stat().st_mtime_ns for p in (state / run["run_id"].replace("/", "_")).glob("chunk?????.json"))
+                   for run in single["runs"] if not run["run_id"].startswith("rescore")]  # in plan order
+    assert len(finished_at) >= 3 and all(len(times) == 3 for times in finished_at)
+    # Run by run, every chunk of a run would finish before any of the next run's.
+    assert any(finished_at[i][-1] > finished_at[j][0] for i in range(len(finished_at))
+               for j in range(i + 1, len(finished_at))), finished_at
+
+
 def _late_rank_worker(rank, world, port, timeout_s, delay_s, results):
     """torchrun's environment, init_from_env's group, and a rank that reaches the gather ``delay_s`` late."""
     import time

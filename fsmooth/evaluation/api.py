@@ -17,7 +17,7 @@ from ..distributed import barrier, rank_and_world
 from ..models.prefix import resolve_layer
 from .protocols import Budget, RunSpec, Setting, clean_run_id, parse_protocols, plan
 from .report import build_report, write_outputs
-from .runner import Context, RunResult, execute, other_settings, rescore
+from .runner import Context, RunResult, execute, other_settings, rescore, work_ahead
 from .scoring import choose_candidates, worst_case
 from .store import ChunkedData, ChunkStore, OverlayStore, tensor_checksum as _checksum
 
@@ -151,8 +151,11 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
             ``resume``. Raises ``ValueError`` when no attack run has finished a chunk, ``RuntimeError`` when a
             finished attack chunk cannot be read (it is never recomputed).
 
-    Under ``torchrun`` each rank runs a share of the chunks; all ranks return the
-    merged report and rank 0 writes it.
+    Under ``torchrun`` each rank runs a share of the chunks, taking the next chunk whenever it is free: with
+    ``out`` (and ``resume``), the chunks of all the runs that need no other run's result (clean passes,
+    attacks, AutoAttack) form one list, so a rank done with one run's chunks goes on to the next run's instead
+    of waiting for a slow chunk (:func:`~fsmooth.evaluation.runner.work_ahead`); all ranks return the merged
+    report and rank 0 writes it.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -206,6 +209,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         labels = ctx.labels
     started = datetime.datetime.now(datetime.timezone.utc)
     results: dict[str, RunResult] = {}
+    work_ahead(ctx, specs)  # torchrun: a rank free of one run's chunks takes the next run's
     for spec in specs:
         _log.info("running %s", spec.run_id)
         results[spec.run_id] = execute(ctx, spec, results)

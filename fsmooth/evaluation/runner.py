@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .._machine import machine
 from ..defense import DefenseDivergedWarning
-from ..distributed import Claims, all_gather_object
+from ..distributed import Claims, all_gather_object, barrier
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
 from .protocols import Budget, RunSpec
@@ -29,7 +29,7 @@ from .store import ChunkStore, tensor_checksum
 _log = logging.getLogger(__name__)
 CANDIDATES_KEY = "candidates_sha256"  # in a rescore chunk's JSON: the checksum of the points it re-scored
 
-__all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed", "other_settings"]
+__all__ = ["Context", "RunResult", "execute", "rescore", "chunk_seed", "other_settings", "work_ahead"]
 
 
 def chunk_seed(seed: int, run_id: str, chunk: int) -> int:
@@ -221,56 +221,11 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
     if (spec.kind == "rescore") != (candidates is not None):
         raise ValueError("a rescore run, and only a rescore run, takes candidates")
     sources = sources or {}
-    n_chunks = max(math.ceil(ctx.n / ctx.chunk_size), 1) if ctx.n else 0
-    claims = Claims(n_chunks)  # this rank's chunks: whichever are next when it is free
-    clf = ctx.classifier(spec.target, spec.outer_loops)
+    claims = Claims(_n_chunks(ctx))  # this rank's chunks: whichever are next when it is free
     local = {}
-    bar = tqdm(total=n_chunks, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
+    bar = tqdm(total=claims.n, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
     for c in claims:
-        lo, hi = c * ctx.chunk_size, min((c + 1) * ctx.chunk_size, ctx.n)
-        got = ctx.store.load(spec.run_id, c)
-        if (got is not None and spec.kind == "rescore"
-                and got[1].get(CANDIDATES_KEY) != tensor_checksum(candidates[lo:hi])):
-            # The stamp covers the clean images, not the points re-scored: an attack chunk recomputed since, or
-            # another choice of candidates, makes the stored fresh runs those of other points.
-            _log.info("recomputing chunk %d of %r: the points it re-scored are not this evaluation's", c,
-                      spec.run_id)
-            got = None
-        if got is not None:
-            other = other_settings(ctx, spec, c, got[1])
-            if other is not None:
-                warnings.warn(f"recomputing chunk {c} of {spec.run_id!r}: {other}", RuntimeWarning, stacklevel=2)
-                got = None
-        if got is None and ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
-            raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
-                               "above); a partial report attacks nothing, so it stops here")
-        if got is None:
-            seed = chunk_seed(ctx.seed, spec.run_id, c)
-            torch.manual_seed(seed)  # the defense noise and the attack libraries draw from the global RNG
-            if torch.cuda.is_available():
-                torch.cuda.manual_seed_all(seed)
-            start = time.perf_counter()
-            with warnings.catch_warnings():
-                # Counted from the defense's own report instead (iterations and the diverged column in the
-                # report, a line per chunk below); one per forward pass would drown the log.
-                warnings.filterwarnings("ignore", message=r".*reached max_iters.*")
-                warnings.filterwarnings("ignore", category=DefenseDivergedWarning)
-                tensors, meta = _run_chunk(ctx, spec, clf, ctx.images[lo:hi], ctx.labels[lo:hi], seed, sources,
-                                           lo, hi, c, candidates)
-            tripped = int((tensors["diverged"] > 0).sum()) if "diverged" in tensors else 0
-            if tripped:
-                _log.info("chunk %d of %r: %d of its %d scoring forwards tripped the defense's divergence guard "
-                          "(the report's diverged column)", c, spec.run_id, tripped, tensors["diverged"].numel())
-            if ctx.device.type == "cuda":
-                torch.cuda.synchronize(ctx.device)
-            # A chunk resumed from its saved progress also counts the time spent before the interruption.
-            wall_s = meta.pop("earlier_wall_s", 0.0) + time.perf_counter() - start
-            meta.update(wall_s=wall_s, seed=seed, lo=lo, hi=hi, machine=machine(ctx.device))
-            if spec.kind == "rescore":
-                meta[CANDIDATES_KEY] = tensor_checksum(candidates[lo:hi])
-            ctx.store.save(spec.run_id, c, tensors, meta)
-            got = (tensors, meta)
-        local[c] = got
+        local[c] = _chunk(ctx, spec, c, sources, candidates)
         claims.finish()
         bar.update(claims.done() - bar.n)
     bar.close()
@@ -279,7 +234,98 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
         for part in all_gather_object(local):
             merged.update(part)
         local = merged
-    return _merge(ctx, spec, [local[c] for c in range(n_chunks)])
+    return _merge(ctx, spec, [local[c] for c in range(claims.n)])
+
+
+# The run kinds whose chunks need no other run's result (transfer runs score a source run's points; a rescore
+# run, the candidates chosen from all the runs of its setting).
+INDEPENDENT = ("clean", "attack", "autoattack")
+
+
+def work_ahead(ctx: Context, specs: list[RunSpec]) -> int:
+    """Under ``torchrun``, with the chunks kept on disk: compute the chunks of every run of ``specs`` that needs no
+    other run's result, shared out over the ranks as one list (plan order), and wait for all ranks.
+
+    :func:`execute` then reads them back. Sharing out run by run, a rank done with one run's chunks waits at
+    the gather for a rank still in a slow chunk (a Square chunk whose images survive runs for hours); here it
+    takes the next run's chunk instead. Each chunk is seeded from ``(seed, run_id, c)`` as ever, so the results
+    are the same. Returns the chunks this rank computed or read; 0 (nothing done) with one process, without a
+    store on disk, with ``resume=False`` (a chunk is then never read back) or for a partial report.
+    """
+    store = ctx.store
+    if (ctx.world == 1 or ctx.attacks_frozen or not isinstance(store, ChunkStore) or store.root is None
+            or not store.resume):
+        return 0
+    n_chunks = _n_chunks(ctx)
+    items = [(spec, c) for spec in specs if spec.kind in INDEPENDENT for c in range(n_chunks)]
+    _log.info("working ahead: %d chunks of %d runs shared out over %d ranks", len(items),
+              len(items) // max(n_chunks, 1), ctx.world)
+    claims = Claims(len(items))
+    bar = tqdm(total=claims.n, desc="chunks", disable=ctx.quiet or ctx.rank != 0, leave=False)
+    mine = 0
+    for i in claims:
+        spec, c = items[i]
+        _chunk(ctx, spec, c, {}, None)
+        mine += 1
+        claims.finish()
+        bar.update(claims.done() - bar.n)
+    bar.close()
+    barrier()  # execute reads every chunk: none may still be in flight on another rank
+    return mine
+
+
+def _n_chunks(ctx: Context) -> int:
+    return max(math.ceil(ctx.n / ctx.chunk_size), 1) if ctx.n else 0
+
+
+def _chunk(ctx: Context, spec: RunSpec, c: int, sources: dict, candidates: torch.Tensor | None) -> tuple:
+    """``(tensors, meta)`` of chunk ``c`` of ``spec``: read back when it has finished for this evaluation, with
+    this run's settings and (a rescore run) on these candidates; else computed, seeded from ``(seed, run_id, c)``,
+    and saved."""
+    lo, hi = c * ctx.chunk_size, min((c + 1) * ctx.chunk_size, ctx.n)
+    got = ctx.store.load(spec.run_id, c)
+    if (got is not None and spec.kind == "rescore"
+            and got[1].get(CANDIDATES_KEY) != tensor_checksum(candidates[lo:hi])):
+        # The stamp covers the clean images, not the points re-scored: an attack chunk recomputed since, or
+        # another choice of candidates, makes the stored fresh runs those of other points.
+        _log.info("recomputing chunk %d of %r: the points it re-scored are not this evaluation's", c, spec.run_id)
+        got = None
+    if got is not None:
+        other = other_settings(ctx, spec, c, got[1])
+        if other is not None:
+            warnings.warn(f"recomputing chunk {c} of {spec.run_id!r}: {other}", RuntimeWarning, stacklevel=3)
+            got = None
+    if got is not None:
+        return got
+    if ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
+        raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
+                           "above); a partial report attacks nothing, so it stops here")
+    clf = ctx.classifier(spec.target, spec.outer_loops)
+    seed = chunk_seed(ctx.seed, spec.run_id, c)
+    torch.manual_seed(seed)  # the defense noise and the attack libraries draw from the global RNG
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        # Counted from the defense's own report instead (iterations and the diverged column in the
+        # report, a line per chunk below); one per forward pass would drown the log.
+        warnings.filterwarnings("ignore", message=r".*reached max_iters.*")
+        warnings.filterwarnings("ignore", category=DefenseDivergedWarning)
+        tensors, meta = _run_chunk(ctx, spec, clf, ctx.images[lo:hi], ctx.labels[lo:hi], seed, sources,
+                                   lo, hi, c, candidates)
+    tripped = int((tensors["diverged"] > 0).sum()) if "diverged" in tensors else 0
+    if tripped:
+        _log.info("chunk %d of %r: %d of its %d scoring forwards tripped the defense's divergence guard "
+                  "(the report's diverged column)", c, spec.run_id, tripped, tensors["diverged"].numel())
+    if ctx.device.type == "cuda":
+        torch.cuda.synchronize(ctx.device)
+    # A chunk resumed from its saved progress also counts the time spent before the interruption.
+    wall_s = meta.pop("earlier_wall_s", 0.0) + time.perf_counter() - start
+    meta.update(wall_s=wall_s, seed=seed, lo=lo, hi=hi, machine=machine(ctx.device))
+    if spec.kind == "rescore":
+        meta[CANDIDATES_KEY] = tensor_checksum(candidates[lo:hi])
+    ctx.store.save(spec.run_id, c, tensors, meta)
+    return tensors, meta
 
 
 def rescore(ctx: Context, spec: RunSpec, candidates: torch.Tensor) -> RunResult:
