@@ -9,7 +9,8 @@
 # leaves as it was (times included). The order inside a queue is the
 # issue's priority order; attack budgets are the published defaults (never lowered: n is lowered instead).
 # FSMOOTH_NPROC=2 runs each evaluation on two ranks (torchrun, one core each; a rank that is free takes the next
-# chunk, since 2026-11-27: before, rank r ran chunks r, r + 2, ...),
+# chunk, since 2026-11-27: before, rank r ran chunks r, r + 2, ...; since 2026-11-29 also the next run's chunk,
+# when the runs need no other run's result: before, it waited for the other rank's last chunk of the run),
 # reusing the chunks a one-rank run finished: fs-adaptive was finished that way once queue a was done.
 # Image order: the reports without "-mixed" in their name (results/eval/fs-clean, fs-adaptive, ...) took the
 # first n test images of the JPEG copy, which is sorted by class: all of them airplanes (class 0). Since

@@ -19,16 +19,29 @@ def _summary(report):
         [(s["target"], s["worst_case"]["correct"], s.get("rescore", {}).get("per_run")) for s in report["settings"]]
 
 
-def _worker(rank, world, init_file, weights, out, results):
+def _worker(rank, world, init_file, weights, out, results, name="rank", protocol=KWARGS["protocol"], slow_rank=-1):
+    """One rank of an evaluation; ``slow_rank``'s chunks each start 1.5 s late (it sits in one while the other
+    rank has nothing left of that run)."""
+    import time
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = TinyNet()
         model.load_state_dict(torch.load(weights, weights_only=True))
+        import fsmooth.evaluation.runner as runner
+        run_chunk, computed = runner._run_chunk, []
+
+        def counted(*args, **kwargs):  # every chunk this rank computes
+            computed.append(1)
+            if rank == slow_rank:
+                time.sleep(1.5)
+            return run_chunk(*args, **kwargs)
+        runner._run_chunk = counted
         x, y = separable_data(n=12, seed=1)
-        report = evaluate(model.eval(), x, y, out=out, budget=tiny_budget(), **KWARGS)
-        with open(os.path.join(results, f"rank{rank}.json"), "w") as f:
-            json.dump({"summary": _summary(report), "world": report["info"]["world_size"]}, f)
+        report = evaluate(model.eval(), x, y, out=out, budget=tiny_budget(), **{**KWARGS, "protocol": protocol})
+        with open(os.path.join(results, f"{name}{rank}.json"), "w") as f:
+            json.dump({"summary": _summary(report), "world": report["info"]["world_size"], "computed": len(computed)},
+                      f)
     finally:
         dist.destroy_process_group()
 
@@ -55,44 +68,25 @@ def test_two_gloo_processes_merge_to_the_single_process_result(tmp_path):
     assert chunks == ["chunk00000.json", "chunk00001.json", "chunk00002.json"]
 
 
-def _slow_rank_worker(rank, world, init_file, weights, out, results):
-    """Rank 1's chunks are slow: it sits in one while rank 0 has nothing left of that run."""
-    import time
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        model = TinyNet()
-        model.load_state_dict(torch.load(weights, weights_only=True))
-        if rank == 1:
-            import fsmooth.evaluation.runner as runner
-            run_chunk = runner._run_chunk
-
-            def slow(*args, **kwargs):
-                time.sleep(1.5)
-                return run_chunk(*args, **kwargs)
-            runner._run_chunk = slow
-        x, y = separable_data(n=12, seed=1)
-        report = evaluate(model.eval(), x, y, out=out, budget=tiny_budget(), **{**KWARGS, "protocol": "eot"})
-        with open(os.path.join(results, f"slow{rank}.json"), "w") as f:
-            json.dump(_summary(report), f)
-    finally:
-        dist.destroy_process_group()
-
-
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
-def test_a_rank_free_of_one_runs_chunks_takes_the_next_runs(tmp_path):
+def test_a_rank_free_of_one_runs_chunks_takes_the_next_runs(tmp_path, monkeypatch):
     """The chunks of the runs that need no other run's result are one list shared out over the ranks: while
-    the slow rank is still in its chunk of the first attack run, the fast rank finishes chunks of the second
-    (run by run, it would wait at the first run's gather). The results are the single process's."""
+    the slow rank is still in a chunk of one run, the fast rank finishes chunks of later runs (run by run, it
+    would wait at the run's gather). Every chunk is computed once, and the results are the single process's."""
+    import fsmooth.evaluation.runner as runner
     model = trained_tiny_net()
     weights = tmp_path / "weights.pt"
     torch.save(model.state_dict(), weights)
     x, y = separable_data(n=12, seed=1)
+    run_chunk, computed = runner._run_chunk, []
+    monkeypatch.setattr(runner, "_run_chunk", lambda *a, **k: computed.append(1) or run_chunk(*a, **k))
     single = evaluate(model, x, y, out=tmp_path / "single", budget=tiny_budget(), **{**KWARGS, "protocol": "eot"})
-    mp.spawn(_slow_rank_worker, args=(2, str(tmp_path / "init"), str(weights), str(tmp_path / "sharded"),
-                                      str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(weights), str(tmp_path / "sharded"), str(tmp_path),
+                            "slow", "eot", 1), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"slow{r}.json").read_text()) for r in range(2)]
     expected = json.loads(json.dumps(_summary(single)))
-    assert [json.loads((tmp_path / f"slow{r}.json").read_text()) for r in range(2)] == [expected, expected]
+    assert [r["summary"] for r in ranks] == [expected] * 2
+    assert ranks[0]["computed"] + ranks[1]["computed"] == len(computed) and ranks[1]["computed"] >= 1
     state = tmp_path / "sharded" / "state"
     finished_at = [sorted(p.stat().st_mtime_ns for p in (state / run["run_id"].replace("/", "_")).glob("chunk?????.json"))
                    for run in single["runs"] if not run["run_id"].startswith("rescore")]  # in plan order

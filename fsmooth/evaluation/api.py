@@ -151,11 +151,10 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
             ``resume``. Raises ``ValueError`` when no attack run has finished a chunk, ``RuntimeError`` when a
             finished attack chunk cannot be read (it is never recomputed).
 
-    Under ``torchrun`` each rank runs a share of the chunks, taking the next chunk whenever it is free: with
-    ``out`` (and ``resume``), the chunks of all the runs that need no other run's result (clean passes,
-    attacks, AutoAttack) form one list, so a rank done with one run's chunks goes on to the next run's instead
-    of waiting for a slow chunk (:func:`~fsmooth.evaluation.runner.work_ahead`); all ranks return the merged
-    report and rank 0 writes it.
+    Under ``torchrun`` each rank runs a share of the chunks, taking the next chunk whenever it is free: the
+    chunks of all the runs that need no other run's result (clean passes, attacks, AutoAttack) form one list,
+    so a rank done with one run's chunks goes on to the next run's instead of waiting for a slow chunk
+    (:func:`~fsmooth.evaluation.runner.work_ahead`); all ranks return the merged report and rank 0 writes it.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -209,10 +208,10 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         labels = ctx.labels
     started = datetime.datetime.now(datetime.timezone.utc)
     results: dict[str, RunResult] = {}
-    work_ahead(ctx, specs)  # torchrun: a rank free of one run's chunks takes the next run's
+    ahead = work_ahead(ctx, specs)  # torchrun: a rank free of one run's chunks takes the next run's
     for spec in specs:
         _log.info("running %s", spec.run_id)
-        results[spec.run_id] = execute(ctx, spec, results)
+        results[spec.run_id] = execute(ctx, spec, results, ahead=ahead.pop(spec.run_id, None))
     rescored = _rescore(ctx, specs, results)
     info = {
         "started": started.isoformat(timespec="seconds"),
@@ -273,7 +272,7 @@ def _finished_prefix(ctx: Context, specs) -> tuple[int, list[str]]:
         while count < done and finished(spec, count):
             count += 1
         done = count
-    for why in dict.fromkeys(stale):  # chunk 0 is asked twice
+    for why in stale:
         warnings.warn(f"partial report: counted as not finished, {why}", RuntimeWarning, stacklevel=3)
     return min(done * ctx.chunk_size, ctx.n), left_out
 

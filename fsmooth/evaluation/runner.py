@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .._machine import machine
 from ..defense import DefenseDivergedWarning
-from ..distributed import Claims, all_gather_object, barrier
+from ..distributed import Claims, all_gather_object
 from . import attacks as attack_classes
 from .autoattack import autoattack_settings, build_autoattack, run_autoattack
 from .protocols import Budget, RunSpec
@@ -199,7 +199,7 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
 
 def other_settings(ctx: Context, spec: RunSpec, chunk: int, meta: dict) -> str | None:
     """Why finished chunk ``chunk`` of ``spec`` (its JSON: ``meta``) is not this run's result, or ``None`` when it
-    is: an attack chunk records its attack's settings, and one attacked with others (another budget, or saved
+    is: a chunk of an attack run (kind ``"attack"``) records its attack's settings, and one attacked with others (another budget, or saved
     before a setting existed whose default has changed since) is recomputed, never merged."""
     if spec.kind != "attack":
         return None
@@ -212,29 +212,32 @@ def other_settings(ctx: Context, spec: RunSpec, chunk: int, meta: dict) -> str |
 
 
 def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
-            candidates: torch.Tensor | None = None) -> RunResult:
+            candidates: torch.Tensor | None = None, ahead: dict | None = None) -> RunResult:
     """Run (or load) this rank's chunks of ``spec``, gather all ranks' and merge them.
 
     ``sources``: the finished runs a transfer run scores the points of; ``candidates``: the images a
-    rescore run scores (see :func:`rescore`).
+    rescore run scores (see :func:`rescore`); ``ahead``: this rank's chunks of ``spec`` that
+    :func:`work_ahead` made (``{chunk: (tensors, meta)}``; every rank passes one, or none does).
     """
     if (spec.kind == "rescore") != (candidates is not None):
         raise ValueError("a rescore run, and only a rescore run, takes candidates")
     sources = sources or {}
-    claims = Claims(_n_chunks(ctx))  # this rank's chunks: whichever are next when it is free
-    local = {}
-    bar = tqdm(total=claims.n, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
-    for c in claims:
-        local[c] = _chunk(ctx, spec, c, sources, candidates)
-        claims.finish()
-        bar.update(claims.done() - bar.n)
-    bar.close()
+    n_chunks = _n_chunks(ctx)
+    local = dict(ahead) if ahead is not None else {}
+    if ahead is None:
+        claims = Claims(n_chunks)  # this rank's chunks: whichever are next when it is free
+        bar = tqdm(total=claims.n, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
+        for c in claims:
+            local[c] = _chunk(ctx, spec, c, sources, candidates)
+            claims.finish()
+            bar.update(claims.done() - bar.n)
+        bar.close()
     if ctx.world > 1:
         merged = {}
         for part in all_gather_object(local):
             merged.update(part)
         local = merged
-    return _merge(ctx, spec, [local[c] for c in range(claims.n)])
+    return _merge(ctx, spec, [local[c] for c in range(n_chunks)])
 
 
 # The run kinds whose chunks need no other run's result (transfer runs score a source run's points; a rescore
@@ -242,36 +245,34 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
 INDEPENDENT = ("clean", "attack", "autoattack")
 
 
-def work_ahead(ctx: Context, specs: list[RunSpec]) -> int:
-    """Under ``torchrun``, with the chunks kept on disk: compute the chunks of every run of ``specs`` that needs no
-    other run's result, shared out over the ranks as one list (plan order), and wait for all ranks.
+def work_ahead(ctx: Context, specs: list[RunSpec]) -> dict[str, dict]:
+    """Under ``torchrun``: the chunks of every run of ``specs`` that needs no other run's result, shared out over
+    the ranks as one list (plan order), run or read back as :func:`execute` would.
 
-    :func:`execute` then reads them back. Sharing out run by run, a rank done with one run's chunks waits at
-    the gather for a rank still in a slow chunk (a Square chunk whose images survive runs for hours); here it
-    takes the next run's chunk instead. Each chunk is seeded from ``(seed, run_id, c)`` as ever, so the results
-    are the same. Returns the chunks this rank computed or read; 0 (nothing done) with one process, without a
-    store on disk, with ``resume=False`` (a chunk is then never read back) or for a partial report.
+    Shared out run by run, a rank done with one run's chunks waits at the run's gather for a rank still in a slow
+    chunk (a Square chunk whose images survive runs for hours); here it takes the next run's chunk instead. Each
+    chunk is seeded from ``(seed, run_id, c)`` as ever, so the results are the same. Returns this rank's chunks
+    by run id (a run it took none of: ``{}``), for ``execute(..., ahead=...)``, which gathers them; ``{}`` with
+    one process or for a partial report (its chunks are read, in order). A rank whose peer has failed goes on
+    through its share of the list before it waits at the first gather (the chunks it saves are kept).
     """
-    store = ctx.store
-    if (ctx.world == 1 or ctx.attacks_frozen or not isinstance(store, ChunkStore) or store.root is None
-            or not store.resume):
-        return 0
+    if ctx.world == 1 or ctx.attacks_frozen:
+        return {}
     n_chunks = _n_chunks(ctx)
     items = [(spec, c) for spec in specs if spec.kind in INDEPENDENT for c in range(n_chunks)]
-    _log.info("working ahead: %d chunks of %d runs shared out over %d ranks", len(items),
-              len(items) // max(n_chunks, 1), ctx.world)
+    done: dict[str, dict] = {spec.run_id: {} for spec, _ in items}
+    if ctx.rank == 0:
+        _log.info("working ahead: %d chunks of %d runs shared out over %d ranks", len(items), len(done),
+                  ctx.world)
     claims = Claims(len(items))
     bar = tqdm(total=claims.n, desc="chunks", disable=ctx.quiet or ctx.rank != 0, leave=False)
-    mine = 0
     for i in claims:
         spec, c = items[i]
-        _chunk(ctx, spec, c, {}, None)
-        mine += 1
+        done[spec.run_id][c] = _chunk(ctx, spec, c, {}, None)
         claims.finish()
         bar.update(claims.done() - bar.n)
     bar.close()
-    barrier()  # execute reads every chunk: none may still be in flight on another rank
-    return mine
+    return done
 
 
 def _n_chunks(ctx: Context) -> int:
