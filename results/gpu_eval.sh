@@ -46,7 +46,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 started=$(date +%s)
-[ $# -ge 1 ] || { echo "usage: bash results/gpu_eval.sh QUEUE [QUEUE...] (gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-row6|gpu-eot-100|gpu-rand|gpu-paper)" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "usage: bash results/gpu_eval.sh QUEUE [QUEUE...] (gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-row6|gpu-eot-100|gpu-rand|gpu-paper|gpu-fabt)" >&2; exit 2; }
 queues=("$@")
 runs=()
 for queue in "${queues[@]}"; do
@@ -59,7 +59,8 @@ for queue in "${queues[@]}"; do
         gpu-eot-100) runs+=(fs-eot-gpu-100) ;;
         gpu-rand) runs+=(fs-rand-gpu) ;;
         gpu-paper) runs+=(fs-paper-gpu) ;;
-        *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2, gpu-row7, gpu-row6, gpu-eot-100, gpu-rand or gpu-paper" >&2; exit 2 ;;
+        gpu-fabt) runs+=(fs-fabt-gpu) ;;
+        *) echo "unknown GPU queue $queue: gpu-adaptive-200, gpu-adaptive, gpu-row2, gpu-row7, gpu-row6, gpu-eot-100, gpu-rand, gpu-paper or gpu-fabt" >&2; exit 2 ;;
     esac
 done
 name=$(IFS=+; echo "${queues[*]}")   # the archive: eval-<queue>.tar.gz, eval-<q1>+<q2>.tar.gz for several

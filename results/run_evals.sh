@@ -197,6 +197,13 @@ case "${1:-}" in
         ev fs-paper-gpu "$FS" --protocol paper --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|s|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-row6|gpu-eot-100|gpu-rand|gpu-paper" >&2
+    gpu-fabt)   # row 3's one attack not run anywhere yet: FAB-T alone (the `paper` protocol's run of it; APGD-CE, APGD-T
+                # and AutoAttack standard ran on CPU in queue c, Square alone in queue s), n = 200, one chunk. Its
+                # 9 target classes x 100 iterations, a defended forward and backward each, at about 0.33 s per
+                # step at batch 200: some 5-10 minutes (an estimate); it resumes between target classes
+        ev fs-fabt-gpu "$FS" --protocol fab-t --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
+            --batch-size 200
+        ;;
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|s|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-row6|gpu-eot-100|gpu-rand|gpu-paper|gpu-fabt" >&2
         exit 2 ;;
 esac

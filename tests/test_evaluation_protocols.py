@@ -38,8 +38,8 @@ def full_report(setup, tmp_path_factory):
 def test_every_protocol_runs_end_to_end(full_report):
     report, out = full_report
     runs = {r["run_id"]: r for r in report["runs"]}
-    # square and autoattack dedupe into paper
-    assert {r["protocol"] for r in report["runs"]} >= set(PROTOCOLS) - {"square", "autoattack"}
+    # square, fab-t and autoattack dedupe into paper
+    assert {r["protocol"] for r in report["runs"]} >= set(PROTOCOLS) - {"square", "fab-t", "autoattack"}
     for k in (1, 2):
         for column in ("aa-standard", "apgd-ce", "apgd-t", "fab-t", "square", "aa-rand", "eot-pgd-ce",
                        "eot-pgd-dlr-targeted", "transfer", "transfer-maxloss", "adaptive-0.1", "adaptive+0",
@@ -182,6 +182,14 @@ def test_plan_covers_protocols_without_duplicates():
     assert sum(s.column == "apgd-ce-sweep" for s in specs) == len(tiny_budget().eps_sweep)
     with pytest.raises(ValueError, match="unknown protocol"):
         parse_protocols("paper,nope")
+    # Each of the paper's attacks alone has a protocol of its own with the paper's run id.
+    paper = {s.run_id: s for s in plan(["paper"], (8 / 255,), (1,), tiny_budget())}
+    for name in ("square", "fab-t"):
+        (alone,) = [s for s in plan([name], (8 / 255,), (1,), tiny_budget()) if s.kind != "clean"]
+        twin = paper[alone.run_id]
+        assert alone.run_id == f"defended/ol1/eps8/{name}" and alone.options == twin.options == {
+            "version": "standard", "attacks": [name]}
+        assert (alone.kind, alone.threat) == (twin.kind, twin.threat)
 
 
 def test_autoattack_protocol_is_papers_first_run_alone():

@@ -68,6 +68,7 @@ def _stub_env(tmp_path, **extra):
     ("gpu-row7", "std-row7-gpu", ["eot", "square"], 200, [8.0, 16.0], [1]),
     ("gpu-row6", "fs-row6-gpu", ["eot"], 100, [8.0], [10]),
     ("gpu-paper", "fs-paper-gpu", ["paper"], 200, [8.0], [1]),
+    ("gpu-fabt", "fs-fabt-gpu", ["fab-t"], 200, [8.0], [1]),
     ("gpu-rand", "fs-rand-gpu", ["rand"], 100, [8.0], [1]),
     ("gpu-eot-100", "fs-eot-gpu-100", ["eot"], 100, [8.0], [1]),
 ])

@@ -22,7 +22,8 @@ Protocols
   transfer     points found on the undefended model, scored on the defended one: AutoAttack standard's
                (``transfer``), and APGD-CE's highest-loss point of every image (``transfer-maxloss``; AutoAttack
                leaves the images the bare model gets wrong clean, and those must be attacked too).
-  square       Square alone (gradient-masking check against the white-box attacks).
+  square       Square alone (gradient-masking check against the white-box attacks): paper's run of it.
+  fab-t        FAB-T alone: paper's run of it (so the one attack a session can afford runs by itself).
   eps-sweep    APGD-CE at 2, 4, 8, 16, 32 / 255: accuracy must fall towards 0.
   torchattacks torchattacks.EOTPGD at the first eps and outer loop (independent library).
   baselines    AutoAttack standard on the undefended model and on the standard model + Active Defense.
@@ -38,7 +39,7 @@ __all__ = ["Budget", "RunSpec", "Setting", "PROTOCOLS", "GROUPS", "plan", "parse
            "clean_run_id", "carried_column", "carried_from"]
 
 PROTOCOLS = ("clean", "paper", "autoattack", "adaptive", "rand", "eot", "eot-transfer", "transfer", "square",
-             "eps-sweep", "torchattacks", "baselines")
+             "fab-t", "eps-sweep", "torchattacks", "baselines")
 EOT_LOSSES = ("ce", "dlr-targeted")
 GROUPS = {"beyond": ("rand", "eot", "transfer", "square", "eps-sweep", "torchattacks"),
           "all": PROTOCOLS[1:]}
@@ -274,8 +275,8 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                         add(RunSpec(Setting("defended", k, eps, column).id, protocol, column, "transfer",
                                     "defended", k, eps, source=Setting("undefended", 0, eps, source).id,
                                     threat="transfer"))
-                elif protocol == "square":
-                    autoattack(protocol, "defended", k, eps, attacks=["square"])
+                elif protocol in ("square", "fab-t"):  # one of the paper protocol's attacks alone
+                    autoattack(protocol, "defended", k, eps, attacks=[protocol])
                 elif protocol == "baselines":
                     autoattack(protocol, "undefended", 0, eps)
                     if has_baseline:
