@@ -88,8 +88,9 @@ def test_a_rank_free_of_one_runs_chunks_takes_the_next_runs(tmp_path, monkeypatc
     assert [r["summary"] for r in ranks] == [expected] * 2
     assert ranks[0]["computed"] + ranks[1]["computed"] == len(computed) and ranks[1]["computed"] >= 1
     state = tmp_path / "sharded" / "state"
-    finished_at = [sorted(p.stat().st_mtime_ns for p in (state / run["run_id"].replace("/", "_")).glob("chunk?????.json"))
-                   for run in single["runs"] if not run["run_id"].startswith("rescore")]  # in plan order
+    folders = [state / run["run_id"].replace("/", "_") for run in single["runs"]
+               if not run["run_id"].startswith("rescore")]  # in plan order
+    finished_at = [sorted(p.stat().st_mtime_ns for p in folder.glob("chunk?????.json")) for folder in folders]
     assert len(finished_at) >= 3 and all(len(times) == 3 for times in finished_at)
     # Run by run, every chunk of a run would finish before any of the next run's.
     assert any(finished_at[i][-1] > finished_at[j][0] for i in range(len(finished_at))

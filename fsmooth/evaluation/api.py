@@ -140,16 +140,16 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         defended_factory: ``(model, config, outer_loops, layer) -> nn.Module``; default
             :class:`fsmooth.defense.DefendedClassifier`.
         meta: extra fields recorded in the report (command line, dataset label, ...).
-        partial: report on the images an evaluation still running (or stopped) under ``out`` has
-            finished, attacking nothing: the first chunks that every attack run has finished, in order
-            (chunks 0 to j; a chunk attacked with other settings than the run's, which the evaluation will
-            recompute, has not finished: a warning names it); an attack run that has finished no chunk is left
-            out (``info["partial"]["left_out"]``, named in the report). Their re-scoring (``budget.rescore_runs`` defended forwards
-            per image) and any missing clean pass are computed and kept in ``out/partial/state``, apart from
-            the evaluation's state; the report (``info["partial"]``: images reported and planned) goes to
-            ``out/partial/``, never over a finished report. One process only; needs ``out`` holding state and
-            ``resume``. Raises ``ValueError`` when no attack run has finished a chunk, ``RuntimeError`` when a
-            finished attack chunk cannot be read (it is never recomputed).
+        partial: report on the images an evaluation still running (or stopped) under ``out`` has finished, attacking
+            nothing: the first chunks that every attack run has finished, in order (chunks 0 to j; a chunk attacked
+            with other settings than the run's, which the evaluation will recompute, has not finished: a warning
+            names it); an attack run that has finished no chunk is left out (``info["partial"]["left_out"]``, named
+            in the report). Their re-scoring (``budget.rescore_runs`` defended forwards per image) and any missing
+            clean pass are computed and kept in ``out/partial/state``, apart from the evaluation's state; the report
+            (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a finished
+            report. One process only; needs ``out`` holding state and ``resume``. Raises ``ValueError`` when no
+            attack run has finished a chunk, ``RuntimeError`` when a finished attack chunk cannot be read (it is
+            never recomputed).
 
     Under ``torchrun`` each rank runs a share of the chunks, taking the next chunk whenever it is free: the
     chunks of all the runs that need no other run's result (clean passes, attacks, AutoAttack) form one list,

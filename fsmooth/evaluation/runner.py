@@ -199,8 +199,9 @@ def _run_chunk(ctx: Context, spec: RunSpec, clf, x, y, seed: int, sources: dict,
 
 def other_settings(ctx: Context, spec: RunSpec, chunk: int, meta: dict) -> str | None:
     """Why finished chunk ``chunk`` of ``spec`` (its JSON: ``meta``) is not this run's result, or ``None`` when it
-    is: a chunk of an attack run (kind ``"attack"``) records its attack's settings, and one attacked with others (another budget, or saved
-    before a setting existed whose default has changed since) is recomputed, never merged."""
+    is: a chunk of an attack run (kind ``"attack"``) records its attack's settings, and one attacked with others
+    (another budget, or saved before a setting existed whose default has changed since) is recomputed, never
+    merged."""
     if spec.kind != "attack":
         return None
     clf = ctx.classifier(spec.target, spec.outer_loops)
