@@ -199,8 +199,9 @@ case "${1:-}" in
         ;;
     gpu-fabt)   # row 3's one attack not run anywhere yet: FAB-T alone (the `paper` protocol's run of it; APGD-CE, APGD-T
                 # and AutoAttack standard ran on CPU in queue c, Square alone in queue s), n = 200, one chunk. Its
-                # 9 target classes x 100 iterations, a defended forward and backward each, at about 0.33 s per
-                # step at batch 200: some 5-10 minutes (an estimate); it resumes between target classes
+                # 9 target classes x 100 iterations, each a defended forward and backward and another forward,
+                # at about 0.33 s per step at batch 200: some 10 minutes or more (an estimate, maybe two device
+                # calls); it resumes between target classes
         ev fs-fabt-gpu "$FS" --protocol fab-t --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
