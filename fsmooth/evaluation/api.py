@@ -210,8 +210,9 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     results: dict[str, RunResult] = {}
     ahead = work_ahead(ctx, specs)  # torchrun: a rank free of one run's chunks takes the next run's
     for spec in specs:
-        _log.info("running %s", spec.run_id)
-        results[spec.run_id] = execute(ctx, spec, results, ahead=ahead.pop(spec.run_id, None))
+        chunks = ahead.pop(spec.run_id, None)
+        _log.info("%s %s", "running" if chunks is None else "gathering the chunks worked ahead of", spec.run_id)
+        results[spec.run_id] = execute(ctx, spec, results, ahead=chunks)
     rescored = _rescore(ctx, specs, results)
     info = {
         "started": started.isoformat(timespec="seconds"),
