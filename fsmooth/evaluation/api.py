@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import logging
-import math
 import warnings
 import zlib
 from pathlib import Path
@@ -205,7 +204,6 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         ctx = dataclasses.replace(ctx, images=images[:done], labels=labels[:done],
                                   store=OverlayStore(store, ChunkStore(out / "partial" / "state", stamped, resume,
                                                                        data=data)))
-        labels = ctx.labels
     started = datetime.datetime.now(datetime.timezone.utc)
     results: dict[str, RunResult] = {}
     ahead = work_ahead(ctx, specs)  # torchrun: a rank free of one run's chunks takes the next run's
@@ -217,7 +215,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     info = {
         "started": started.isoformat(timespec="seconds"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "protocols": protocols, "n": int(labels.shape[0]), "eps": list(eps), "outer_loops": list(outer_loops),
+        "protocols": protocols, "n": ctx.n, "eps": list(eps), "outer_loops": list(outer_loops),
         "seed": seed, "chunk_size": chunk_size, "batch_size": batch_size, "world_size": world,
         "budget": budget.as_dict(),
         "defense": _config_dict(config), "baseline_defense": _config_dict(baseline_config),
@@ -225,8 +223,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         "fingerprint": fingerprint, **(meta or {}),
     }
     if partial:
-        info["partial"] = {"images": int(labels.shape[0]), "planned": planned_n,
-                           "chunks": math.ceil(int(labels.shape[0]) / chunk_size), "left_out": left_out}
+        info["partial"] = {"images": ctx.n, "planned": planned_n, "chunks": ctx.n_chunks, "left_out": left_out}
     report = build_report(ctx, specs, results, rescored, info)
     if out is not None and rank == 0:
         write_outputs(report, results, rescored, out / "partial" if partial else out, ctx)
@@ -248,7 +245,6 @@ def _finished_prefix(ctx: Context, specs) -> tuple[int, list[str]]:
     first chunk has finished (chunks 0..j in order), and the attack runs left out for having finished none.
     A chunk attacked with other settings than the run's (:func:`~fsmooth.evaluation.runner.other_settings`) has
     not finished: a partial report attacks nothing, so it ends before such a chunk."""
-    n_chunks = math.ceil(ctx.n / ctx.chunk_size)
     attacks = [spec for spec in specs if spec.kind != "clean"] or specs  # a clean-only protocol: its passes
     stale: list[str] = []
 
@@ -265,7 +261,7 @@ def _finished_prefix(ctx: Context, specs) -> tuple[int, list[str]]:
     if len(left_out) == len(attacks):
         raise ValueError(f"partial: no attack run has finished a chunk yet ({left_out[0]!r} has not finished "
                          "its first chunk with its present settings): nothing to report")
-    done = n_chunks
+    done = ctx.n_chunks
     for spec in attacks:
         if spec.run_id in left_out:
             continue

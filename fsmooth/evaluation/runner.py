@@ -65,6 +65,10 @@ class Context:
         return self.labels.shape[0]
 
     @property
+    def n_chunks(self) -> int:
+        return math.ceil(self.n / self.chunk_size)
+
+    @property
     def device(self) -> torch.device:
         return self.images.device
 
@@ -223,22 +227,16 @@ def execute(ctx: Context, spec: RunSpec, sources: dict | None = None, *,
     if (spec.kind == "rescore") != (candidates is not None):
         raise ValueError("a rescore run, and only a rescore run, takes candidates")
     sources = sources or {}
-    n_chunks = _n_chunks(ctx)
-    local = dict(ahead) if ahead is not None else {}
-    if ahead is None:
-        claims = Claims(n_chunks)  # this rank's chunks: whichever are next when it is free
-        bar = tqdm(total=claims.n, desc=spec.run_id, disable=ctx.quiet or ctx.rank != 0, leave=False)
-        for c in claims:
-            local[c] = _chunk(ctx, spec, c, sources, candidates)
-            claims.finish()
-            bar.update(claims.done() - bar.n)
-        bar.close()
+    if ahead is not None:
+        local = dict(ahead)
+    else:
+        local = {c: _chunk(ctx, spec, c, sources, candidates) for c in _claimed(ctx, ctx.n_chunks, spec.run_id)}
     if ctx.world > 1:
         merged = {}
         for part in all_gather_object(local):
             merged.update(part)
         local = merged
-    return _merge(ctx, spec, [local[c] for c in range(n_chunks)])
+    return _merge(ctx, spec, [local[c] for c in range(ctx.n_chunks)])
 
 
 # The run kinds whose chunks need no other run's result (transfer runs score a source run's points; a rescore
@@ -259,25 +257,27 @@ def work_ahead(ctx: Context, specs: list[RunSpec]) -> dict[str, dict]:
     """
     if ctx.world == 1 or ctx.attacks_frozen:
         return {}
-    n_chunks = _n_chunks(ctx)
-    items = [(spec, c) for spec in specs if spec.kind in INDEPENDENT for c in range(n_chunks)]
+    items = [(spec, c) for spec in specs if spec.kind in INDEPENDENT for c in range(ctx.n_chunks)]
     done: dict[str, dict] = {spec.run_id: {} for spec, _ in items}
     if ctx.rank == 0:
         _log.info("working ahead: %d chunks of %d runs shared out over %d ranks", len(items), len(done),
                   ctx.world)
-    claims = Claims(len(items))
-    bar = tqdm(total=claims.n, desc="chunks", disable=ctx.quiet or ctx.rank != 0, leave=False)
-    for i in claims:
+    for i in _claimed(ctx, len(items), "chunks"):
         spec, c = items[i]
         done[spec.run_id][c] = _chunk(ctx, spec, c, {}, None)
-        claims.finish()
-        bar.update(claims.done() - bar.n)
-    bar.close()
     return done
 
 
-def _n_chunks(ctx: Context) -> int:
-    return max(math.ceil(ctx.n / ctx.chunk_size), 1) if ctx.n else 0
+def _claimed(ctx: Context, n: int, desc: str):
+    """This rank's items of ``0 .. n - 1``, whichever are next when it is free (:class:`Claims`): each is marked
+    finished when the loop asks for the next; rank 0 shows the progress of all ranks."""
+    claims = Claims(n)
+    bar = tqdm(total=n, desc=desc, disable=ctx.quiet or ctx.rank != 0, leave=False)
+    for item in claims:
+        yield item
+        claims.finish()
+        bar.update(claims.done() - bar.n)
+    bar.close()
 
 
 def _chunk(ctx: Context, spec: RunSpec, c: int, sources: dict, candidates: torch.Tensor | None) -> tuple:
