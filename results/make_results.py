@@ -182,14 +182,17 @@ def _section_tables(sec: dict, level: str) -> list[str]:
                    + f" | {_pct(r['worst_case'])} | {_pct(r['strict'])} | {attacks} | {paper} |")
     out += ["", f"{level} Table 3 layout: adaptive APGD-CE on CE + lambda * max(L_F, delta)", "",
             f"Paper: {PAPER['table3']} (the issue quotes no number). lambda = 0 is APGD-CE through the same "
-            "oracle, the control. `not fooled`: what the attack returned for an image it did not fool (the "
-            "report's `unfooled`; `clean` before 2026-11-28).", "",
-            "| model | K | eps | lambda | accuracy | not fooled | report |", "|---|---|---|---|---|---|---|"]
+            "oracle, the control. `attacked`: `all`, or only the images the first defended pass got right (the "
+            "library's choice, before 2026-11-29: an image that one draw got wrong came back clean, unattacked, "
+            "and was scored on a fresh draw). `not fooled`: what the attack returned for an image it attacked "
+            "and did not fool (the report's `unfooled`; `clean` before 2026-11-28).", "",
+            "| model | K | eps | lambda | accuracy | attacked | not fooled | report |",
+            "|---|---|---|---|---|---|---|---|"]
     for a in sec["adaptive"]:
         out.append(f"| `{a['model']}` | {a['outer_loops']} | {a['eps_255']:g}/255 | {a['lam']:g} | {_pct(a)} | "
-                   f"{a['unfooled']} | `{a['report']}` |")
+                   f"{a['attacked']} | {a['unfooled']} | `{a['report']}` |")
     if not sec["adaptive"]:
-        out.append("| - | - | - | - | not run yet | - | - |")
+        out.append("| - | - | - | - | not run yet | - | - | - |")
     out += ["", f"{level} Defense cost (clean passes; CPU rows: one core per process)", "",
             "| model | K | defense iterations mean / max | s per image | device | report |", "|---|---|---|---|---|---|"]
     for c in sec["cost"]:

@@ -73,13 +73,18 @@ def test_apgd_best_loss_moves_every_image_where_the_default_leaves_the_misclassi
 
 def test_adaptive_apgd_with_lambda_zero_is_the_library_apgd(trained):
     model, x, y = trained
-    ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3, unfooled="clean")(x, y)
+    ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3, unfooled="clean",
+                        attack_all=False)(x, y)
     library = APGD(model, eps=4 / 255, n_iter=8, seed=3)(x, y)
     assert torch.equal(ours, library)
-    moved = AdaptiveAPGD(model, model, eps=4 / 255, lam=50.0, delta=0.0, n_iter=8, seed=3, unfooled="clean")(x, y)
+    moved = AdaptiveAPGD(model, model, eps=4 / 255, lam=50.0, delta=0.0, n_iter=8, seed=3, unfooled="clean",
+                         attack_all=False)(x, y)
     assert not torch.equal(moved, library)       # the L_F term changes the trajectory
-    # By default an image it does not fool comes back as its highest-loss point: APGD's unfooled="max-loss".
+    # By default an image it does not fool comes back as its highest-loss point: APGD's unfooled="max-loss"
+    # (this model gets all 20 images right, so attack_all, the default too, attacks the same ones).
+    assert accuracy(model, x, y) == 1.0
     ours = AdaptiveAPGD(model, model, eps=4 / 255, lam=0.0, n_iter=8, seed=3)(x, y)
+    assert torch.equal(ours, APGD(model, eps=4 / 255, n_iter=8, seed=3, unfooled="max-loss", attack_all=True)(x, y))
     assert torch.equal(ours, APGD(model, eps=4 / 255, n_iter=8, seed=3, unfooled="max-loss")(x, y))
     unfooled = (library == x).flatten(1).all(1)
     assert unfooled.any() and not unfooled.all()  # some images survive, and those are the ones that differ
@@ -93,10 +98,47 @@ def test_unfooled_is_checked_and_recorded(trained):
     model = trained[0]
     assert AdaptiveAPGD(model, model).settings()["unfooled"] == "max-loss"
     assert APGD(model).settings()["unfooled"] == "clean"
+    assert AdaptiveAPGD(model, model).settings()["attack_all"] is True and APGD(model).settings()["attack_all"] is False
     for make in (lambda: APGD(model, unfooled="best"), lambda: AdaptiveAPGD(model, model, unfooled=None),
-                 lambda: APGD(model, best_loss=True, unfooled="max-loss")):
+                 lambda: APGD(model, best_loss=True, unfooled="max-loss"),
+                 lambda: APGD(model, best_loss=True, attack_all=True)):
         with pytest.raises(ValueError, match="unfooled"):
             make()
+    for make in (lambda: APGD(model, attack_all=1), lambda: AdaptiveAPGD(model, model, attack_all="yes")):
+        with pytest.raises(TypeError, match="attack_all"):
+            make()
+
+
+class _FirstPassWrong(torch.nn.Module):
+    """A stand-in for a randomized defense whose first draw happens to get every image wrong: the first forward
+    pass returns the logits negated, every later one the model's own."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, x):
+        self.calls += 1
+        logits = self.model(x)
+        return -logits if self.calls == 1 else logits
+
+
+@pytest.mark.parametrize("make", [
+    lambda m: APGD(m, eps=EPS, n_iter=10, seed=5, unfooled="max-loss", attack_all=True),
+    lambda m: AdaptiveAPGD(m, m.model, eps=EPS, lam=1.0, n_iter=10, seed=5),
+], ids=["apgd", "adaptive"])
+def test_attack_all_attacks_the_images_one_draw_got_wrong(trained, make):
+    """The library attacks only the images its first pass gets right; through a randomized defense that pass is
+    one draw, and an image it got wrong comes back clean, to be scored on a fresh draw: unattacked."""
+    model, x, y = trained
+    assert accuracy(model, x, y) == 1.0
+    with torch.no_grad():
+        assert (_FirstPassWrong(model)(x).argmax(1) != y).all()        # the first draw gets every image wrong
+    skipped = APGD(_FirstPassWrong(model), eps=EPS, n_iter=10, seed=5, unfooled="max-loss")(x, y)
+    assert torch.equal(skipped, x) and accuracy(model, skipped, y) == 1.0   # all left clean, all "robust"
+    x_adv = make(_FirstPassWrong(model))(x, y)
+    assert perturbation_check(x, x_adv, EPS)["ok"]
+    assert accuracy(model, x_adv, y) <= 0.1                            # attacked, they fall
 
 
 def test_same_settings_reads_a_record_saved_before_a_setting_existed(trained):
@@ -106,10 +148,10 @@ def test_same_settings_reads_a_record_saved_before_a_setting_existed(trained):
 
     model = trained[0]
     for attack, before in ((APGD(model, seed=4), True), (AdaptiveAPGD(model, model, lam=1.0, seed=4), False),
-                           (AdaptiveAPGD(model, model, lam=1.0, seed=4, unfooled="clean"), True)):
+                           (AdaptiveAPGD(model, model, lam=1.0, seed=4, unfooled="clean", attack_all=False), True)):
         saved = json.loads(json.dumps(attack.settings()))       # as a chunk's JSON reads back
         assert attack.same_settings(saved)
-        older = {k: v for k, v in saved.items() if k != "unfooled"}
+        older = {k: v for k, v in saved.items() if k not in ("unfooled", "attack_all")}
         assert attack.same_settings(older) is before
         assert not attack.same_settings({**saved, "seed": 5}) and not attack.same_settings(None)
     eot = EOTPGD(model, steps=7)

@@ -81,14 +81,16 @@ def test_every_protocol_runs_end_to_end(full_report):
     assert "worst case" in md and "adaptive" in md.lower() and "Flags" in md
     assert md == markdown(json.loads((out / "report.json").read_text()))  # report.json alone renders it again
     adaptive_rows = [line for line in md.splitlines() if line.startswith("| defended |") and "/255 | " in line
-                     and line.count("|") == 7]
-    assert adaptive_rows and all(line.endswith("| max-loss |") for line in adaptive_rows)
+                     and line.count("|") == 8]
+    assert adaptive_rows and all(line.endswith("| all | max-loss |") for line in adaptive_rows)
     older = json.loads((out / "report.json").read_text())
-    for r in older["runs"]:  # a report of before the setting was recorded: such an image came back clean
+    for r in older["runs"]:  # a report of before the settings were recorded: the library's choices
         r["settings"].pop("unfooled", None)
+        r["settings"].pop("attack_all", None)
     older_rows = [line for line in markdown(older).splitlines() if line.startswith("| defended |")
-                  and "/255 | " in line and line.count("|") == 7]
-    assert len(older_rows) == len(adaptive_rows) and all(line.endswith("| clean |") for line in older_rows)
+                  and "/255 | " in line and line.count("|") == 8]
+    assert len(older_rows) == len(adaptive_rows)
+    assert all(line.endswith("| first pass right | clean |") for line in older_rows)
     for s in report["settings"]:  # the fraction correct in every re-scoring run, with its interval
         if "rescore" in s:
             a, b = s["rescore"]["correct_in_all_runs"], s["rescore"]["strict_robust"]  # then the strict one
@@ -517,7 +519,7 @@ def test_an_attack_chunk_saved_with_other_settings_is_recomputed(setup, tmp_path
     before = _chunk_walls(out)
     legacy = out / "state" / "defended_ol1_eps8_adaptive+1" / "chunk00001.json"
     meta = json.loads(legacy.read_text())
-    assert meta["settings"]["unfooled"] == "max-loss"
+    assert meta["settings"]["unfooled"] == "max-loss" and meta["settings"]["attack_all"] is True
     del meta["settings"]["unfooled"]
     legacy.write_text(json.dumps(meta))
     # A partial report attacks nothing: it ends before the chunk the evaluation will recompute, and says so.
@@ -551,7 +553,8 @@ def test_an_attack_chunk_saved_with_other_settings_is_recomputed(setup, tmp_path
     from fsmooth.evaluation.summary import summarize, summary_markdown
     joined = summarize([out])
     assert [a["unfooled"] for a in joined["adaptive"]] == ["max-loss"] * 3   # lambda -1, 0 and 1
-    assert summary_markdown(joined).count("| max-loss |") == 3
+    assert [a["attacked"] for a in joined["adaptive"]] == ["all"] * 3
+    assert summary_markdown(joined).count("| all | max-loss |") == 3
 
 
 def _digests(folder):

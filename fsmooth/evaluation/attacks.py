@@ -106,24 +106,27 @@ class APGD(Attack):
     found on. That run is the library's whole run, which cannot save or resume part-way.
     ``unfooled="max-loss"``: the library's run, resumable, but an image it attacked and did not fool comes back
     as the point where its own loss (one draw of a randomized defense) was highest instead of clean
-    (:class:`ResumableAPGD`).
+    (:class:`ResumableAPGD`). ``attack_all``: attack also the images the library would skip because its first
+    pass got them wrong, which through a randomized defense is one draw (:class:`ResumableAPGD`).
     """
 
-    _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho", "best_loss", "unfooled")
-    _since = {"unfooled": "clean"}  # 2026-11-28
+    _params = ("n_iter", "n_restarts", "eot_iter", "loss", "rho", "best_loss", "unfooled", "attack_all")
+    _since = {"unfooled": "clean", "attack_all": False}  # 2026-11-28, 2026-11-29
 
     def __init__(self, model, eps: float = 8 / 255, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
                  loss: str = "ce", rho: float = 0.75, best_loss: bool = False, unfooled: str = "clean",
-                 seed: int = 0):
+                 attack_all: bool = False, seed: int = 0):
         super().__init__(model, eps, seed)
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
-        if not isinstance(best_loss, bool):
-            raise TypeError(f"best_loss must be a bool, got {type(best_loss).__name__}")
-        if best_loss and check_unfooled(unfooled) != "clean":
-            raise ValueError("best_loss already returns every image's highest-loss point: leave unfooled 'clean'")
+        for name, value in (("best_loss", best_loss), ("attack_all", attack_all)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        if best_loss and (check_unfooled(unfooled) != "clean" or attack_all):
+            raise ValueError("best_loss already attacks every image and returns its highest-loss point: leave "
+                             "unfooled 'clean' and attack_all False")
         self.n_iter, self.n_restarts, self.eot_iter, self.loss, self.rho = n_iter, n_restarts, eot_iter, loss, rho
-        self.best_loss, self.unfooled = best_loss, check_unfooled(unfooled)
+        self.best_loss, self.unfooled, self.attack_all = best_loss, check_unfooled(unfooled), attack_all
         self.resumable = not best_loss  # best_loss is the library's whole run
 
     resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
@@ -134,7 +137,8 @@ class APGD(Attack):
                                device=x.device, logger=_logger())
         if self.best_loss:
             return attack.perturb(x, y, best_loss=True)
-        return attack.perturb(x, y, unfooled=self.unfooled, resume=resume, checkpoint=checkpoint)
+        return attack.perturb(x, y, unfooled=self.unfooled, attack_all=self.attack_all, resume=resume,
+                              checkpoint=checkpoint)
 
 
 class APGDTargeted(Attack):
@@ -204,20 +208,24 @@ class AdaptiveAPGD(Attack):
     ``lam > 0`` pushes ``L_F`` up, ``lam < 0`` pulls it below ``delta`` so the
     defense has little to undo. ``delta`` defaults to the defense's exit
     threshold (below it the defense does not move the input at all).
-    ``unfooled`` as in :class:`APGD`; here ``"max-loss"`` by default (the point of highest
-    ``CE + lam * max(L_F, delta)``, the attacker's best): before 2026-11-28 such an image came back clean.
+    ``unfooled`` and ``attack_all`` as in :class:`APGD`; here ``"max-loss"`` (the point of highest
+    ``CE + lam * max(L_F, delta)``, the attacker's best) and ``True`` (every image attacked, also one the first
+    defended pass happened to get wrong) by default: before 2026-11-28 an image it did not fool came back
+    clean, and before 2026-11-29 an image that first pass got wrong was not attacked.
     """
 
-    _params = ("lam", "delta", "layer", "n_iter", "n_restarts", "eot_iter", "rho", "unfooled")
-    _since = {"unfooled": "clean"}  # 2026-11-28
+    _params = ("lam", "delta", "layer", "n_iter", "n_restarts", "eot_iter", "rho", "unfooled", "attack_all")
+    _since = {"unfooled": "clean", "attack_all": False}  # 2026-11-28, 2026-11-29
 
     def __init__(self, model, base_model, eps: float = 8 / 255, lam: float = 1.0, delta: float = 0.0124,
                  layer: str | None = None, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
-                 rho: float = 0.75, unfooled: str = "max-loss", seed: int = 0):
+                 rho: float = 0.75, unfooled: str = "max-loss", attack_all: bool = True, seed: int = 0):
         super().__init__(model, eps, seed)
+        if not isinstance(attack_all, bool):
+            raise TypeError(f"attack_all must be a bool, got {type(attack_all).__name__}")
         self.base_model, self.lam, self.delta, self.layer = base_model, float(lam), float(delta), layer
         self.n_iter, self.n_restarts, self.eot_iter, self.rho = n_iter, n_restarts, eot_iter, rho
-        self.unfooled = check_unfooled(unfooled)
+        self.unfooled, self.attack_all = check_unfooled(unfooled), attack_all
         self._feature_net = network_prefix(base_model, layer)
 
     resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)
@@ -227,7 +235,8 @@ class AdaptiveAPGD(Attack):
         attack = ResumableAPGD(oracle, n_iter=self.n_iter, norm="Linf", n_restarts=self.n_restarts, eps=self.eps,
                                seed=self.seed, loss="ce", eot_iter=self.eot_iter, rho=self.rho, device=x.device,
                                is_tf_model=True, logger=_logger())
-        return attack.perturb(x, y, unfooled=self.unfooled, resume=resume, checkpoint=checkpoint)
+        return attack.perturb(x, y, unfooled=self.unfooled, attack_all=self.attack_all, resume=resume,
+                              checkpoint=checkpoint)
 
 
 def dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -251,7 +251,7 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
                     for lam in sorted({0.0} | {s * abs(v) for v in budget.lambdas for s in (1, -1)}):
                         attack(protocol, "defended", k, eps, f"adaptive{_lambda_tag(lam)}", "AdaptiveAPGD",
                                lam=lam, n_iter=budget.apgd_iter, eot_iter=budget.adaptive_eot_draws,
-                               unfooled="max-loss")
+                               unfooled="max-loss", attack_all=True)
                 elif protocol == "rand":
                     autoattack(protocol, "defended", k, eps, version="rand")
                 elif protocol == "eot":
@@ -285,7 +285,8 @@ def plan(protocols, eps_list, outer_loops, budget: Budget, *, has_baseline: bool
         if protocol == "eps-sweep":
             for eps in budget.eps_sweep:
                 attack(protocol, "defended", first_k, eps, "apgd-ce-sweep", "APGD", loss="ce",
-                       n_iter=budget.apgd_iter, eot_iter=budget.sweep_eot_draws, unfooled="max-loss")
+                       n_iter=budget.apgd_iter, eot_iter=budget.sweep_eot_draws, unfooled="max-loss",
+                       attack_all=True)
         elif protocol == "torchattacks":
             attack(protocol, "defended", first_k, first_eps, "torchattacks-eotpgd", "TorchattacksEOTPGD",
                    steps=budget.pgd_steps, eot_iter=budget.eot_draws)

@@ -151,6 +151,13 @@ def unfooled_of(run: dict) -> str:
     return run.get("settings", {}).get("unfooled", "clean")
 
 
+def attacked_of(run: dict) -> str:
+    """Which images a report's APGD run attacked (its ``attack_all`` setting): ``"all"``, or ``"first pass
+    right"``, the library's choice (runs recorded before the setting existed, 2026-11-29), which leaves an image
+    its first defended pass got wrong clean."""
+    return "all" if run.get("settings", {}).get("attack_all", False) else "first pass right"
+
+
 def _pct(value) -> str:
     return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.2f}"
 
@@ -222,11 +229,11 @@ def markdown(report: dict) -> str:
     adaptive = [r for r in report["runs"] if r["column"].startswith("adaptive")]
     if adaptive:
         lines += ["", "## Adaptive attack: CE + lambda * max(L_F, delta) (robust accuracy %)", "",
-                  "| model | K | eps | lambda | accuracy [95% CI] | an image not fooled comes back |",
-                  "|---|---|---|---|---|---|"]
+                  "| model | K | eps | lambda | accuracy [95% CI] | images attacked | an image not fooled comes back |",
+                  "|---|---|---|---|---|---|---|"]
         for r in adaptive:
             lines.append(f"| {r['target']} | {r['outer_loops']} | {r['eps_255']:g}/255 | {r['settings'].get('lam')} | "
-                         f"{_pct_ci(r)} | {unfooled_of(r)} |")
+                         f"{_pct_ci(r)} | {attacked_of(r)} | {unfooled_of(r)} |")
     if report.get("eps_sweep"):
         sw = report["eps_sweep"]
         lines += ["", f"## Eps sweep (APGD-CE, K = {sw['outer_loops']})", "", "| eps | accuracy |", "|---|---|"]

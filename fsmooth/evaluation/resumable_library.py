@@ -327,16 +327,18 @@ class _ResumableAPGDRun:
                     counter3 = 0
         return x_best, acc, loss_best, x_best_adv
 
-    def _start(self, x, y, resume, max_loss=False):
+    def _start(self, x, y, resume, max_loss=False, attack_all=False):
         """The restart loop's starting state: ``(x, y, outer, where it resumes or None)``. ``outer`` holds the
-        loop's tensors, saved with every state: ``adv`` and ``acc`` (the library's), and with ``max_loss`` the
+        loop's tensors, saved with every state: ``adv`` and ``acc`` (the library's: the images still to attack,
+        those its first pass got right, or with ``attack_all`` every image), and with ``max_loss`` the
         highest-loss point of every image so far (``x_max``) and its loss (``loss_max``, -inf before any run)."""
         self.init_hyperparam(x)
         x = x.detach().clone().float().to(self.device)
         y = y.detach().clone().long().to(self.device)
         if resume is None:
-            y_pred = self._predict(x).max(1)[1]
-            outer = {"adv": x.clone(), "acc": y_pred == y}
+            y_pred = self._predict(x).max(1)[1]  # drawn with attack_all too: the random draws stay the library's
+            acc = torch.ones_like(y, dtype=torch.bool) if attack_all else y_pred == y
+            outer = {"adv": x.clone(), "acc": acc}
             if max_loss:
                 outer.update(x_max=x.clone(), loss_max=torch.full((x.shape[0],), -math.inf, device=self.device))
             torch.random.manual_seed(self.seed)
@@ -400,20 +402,27 @@ class ResumableAPGD(_Like, _ResumableAPGDRun, APGDAttack):
     draw of a randomized model, was highest). The points of the images it fooled, and
     the images its first (clean) pass already got wrong (not attacked, as in the library), are the same either
     way, and so are the random draws.
+    ``attack_all``: attack those images too. The library counts them fooled by that first pass; through a
+    randomized defense that pass is one draw, so an image it happened to get wrong would come back clean and
+    be scored on a fresh draw, unattacked.
     """
 
     _library = APGDAttack
 
-    def perturb(self, x, y=None, best_loss=False, x_init=None, *, unfooled="clean", resume=None, checkpoint=None):
+    def perturb(self, x, y=None, best_loss=False, x_init=None, *, unfooled="clean", attack_all=False, resume=None,
+                checkpoint=None):
+        if not isinstance(attack_all, bool):
+            raise TypeError(f"attack_all must be a bool, got {type(attack_all).__name__}")
         if self._runs_whole(y, best_loss, x_init):
-            if resume is not None or check_unfooled(unfooled) != "clean":
+            if resume is not None or check_unfooled(unfooled) != "clean" or attack_all:
                 raise ValueError("only the L-inf APGD attack with labels y, without best_loss, x_init or the "
-                                 "large-eps schedule, can resume or return its highest-loss points (unfooled)")
+                                 "large-eps schedule, can resume, return its highest-loss points (unfooled) or "
+                                 "attack every image (attack_all)")
             return super().perturb(x, y, best_loss=best_loss, x_init=x_init)
         if self.loss not in ("ce", "dlr"):
             raise ValueError(f"APGD's loss must be 'ce' or 'dlr', got {self.loss!r}")
         max_loss = check_unfooled(unfooled) == "max-loss"
-        x, y, outer, at = self._start(x, y, resume, max_loss)
+        x, y, outer, at = self._start(x, y, resume, max_loss, attack_all)
         for counter in range(at["restart"] if at else 0, self.n_restarts):
             self._restart(x, y, outer, {"restart": counter}, resume, checkpoint)
             resume = None

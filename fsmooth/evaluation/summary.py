@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ..models.wrn import WideResNet
 from .protocols import Setting
-from .report import device_text, unfooled_of
+from .report import attacked_of, device_text, unfooled_of
 from .scoring import accuracy_summary
 
 __all__ = ["summarize", "summary_markdown"]
@@ -127,7 +127,8 @@ def summarize(folders, names: dict | None = None) -> dict:
                 columns[run["column"]] = row  # an attack run in two reports: the one on more images
             if run["column"].startswith("adaptive"):
                 adaptive.append({"model": model, "outer_loops": run["outer_loops"], "eps_255": run["eps_255"],
-                                 "lam": run["settings"].get("lam"), "unfooled": unfooled_of(run), **_pct_ci(run),
+                                 "lam": run["settings"].get("lam"), "attacked": attacked_of(run),
+                                 "unfooled": unfooled_of(run), **_pct_ci(run),
                                  **source})
     settings = []
     for (model, setting), g in groups.items():
@@ -174,9 +175,9 @@ def summary_markdown(summary: dict) -> str:
                          f"all above |")
     if summary["adaptive"]:
         lines += ["", "## Adaptive APGD-CE on CE + lambda * max(L_F, delta) (%) [95% CI] (n)", "",
-                  "| model | K | eps | lambda | accuracy | an image not fooled comes back | report |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| model | K | eps | lambda | accuracy | images attacked | an image not fooled comes back | report |",
+                  "|---|---|---|---|---|---|---|---|"]
         for a in summary["adaptive"]:
             lines.append(f"| {a['model']} | {a['outer_loops']} | {a['eps_255']:g}/255 | {a['lam']:g} | {_acc(a)} | "
-                         f"{a['unfooled']} | `{a['report']}` |")
+                         f"{a['attacked']} | {a['unfooled']} | `{a['report']}` |")
     return "\n".join(lines) + "\n"
