@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pyautoattack.autopgd_base import APGDAttack
 from pyautoattack.square import SquareAttack
 
-from .._validation import check_positive_int
+from .._validation import check_bool, check_positive_int
 from ..functional import feature_loss
 from ..models.prefix import prefix as network_prefix
 from .resumable_library import ResumableAPGD, ResumableAPGDT, ResumableSquare, check_unfooled
@@ -119,9 +119,8 @@ class APGD(Attack):
         super().__init__(model, eps, seed)
         if loss not in ("ce", "dlr"):
             raise ValueError(f"loss must be 'ce' or 'dlr', got {loss!r}")
-        for name, value in (("best_loss", best_loss), ("attack_all", attack_all)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+        check_bool(best_loss, "best_loss")
+        check_bool(attack_all, "attack_all")
         if best_loss and (check_unfooled(unfooled) != "clean" or attack_all):
             raise ValueError("best_loss already attacks every image and returns its highest-loss point: leave "
                              "unfooled 'clean' and attack_all False")
@@ -221,11 +220,9 @@ class AdaptiveAPGD(Attack):
                  layer: str | None = None, n_iter: int = 100, n_restarts: int = 1, eot_iter: int = 1,
                  rho: float = 0.75, unfooled: str = "max-loss", attack_all: bool = True, seed: int = 0):
         super().__init__(model, eps, seed)
-        if not isinstance(attack_all, bool):
-            raise TypeError(f"attack_all must be a bool, got {type(attack_all).__name__}")
         self.base_model, self.lam, self.delta, self.layer = base_model, float(lam), float(delta), layer
         self.n_iter, self.n_restarts, self.eot_iter, self.rho = n_iter, n_restarts, eot_iter, rho
-        self.unfooled, self.attack_all = check_unfooled(unfooled), attack_all
+        self.unfooled, self.attack_all = check_unfooled(unfooled), check_bool(attack_all, "attack_all")
         self._feature_net = network_prefix(base_model, layer)
 
     resumable = True  # the library's run, saved and resumed between iterations (ResumableAPGD)

@@ -23,6 +23,8 @@ from pyautoattack.checks import check_zero_gradients
 from pyautoattack.fab_pt import FABAttack_PT
 from pyautoattack.square import SquareAttack
 
+from .._validation import check_bool
+
 __all__ = ["ResumableAPGD", "ResumableAPGDT", "ResumableFAB", "ResumableSquare", "UNFOOLED", "check_unfooled"]
 
 UNFOOLED = ("clean", "max-loss")  # ResumableAPGD's choices for an image its runs did not fool
@@ -411,8 +413,7 @@ class ResumableAPGD(_Like, _ResumableAPGDRun, APGDAttack):
 
     def perturb(self, x, y=None, best_loss=False, x_init=None, *, unfooled="clean", attack_all=False, resume=None,
                 checkpoint=None):
-        if not isinstance(attack_all, bool):
-            raise TypeError(f"attack_all must be a bool, got {type(attack_all).__name__}")
+        check_bool(attack_all, "attack_all")
         if self._runs_whole(y, best_loss, x_init):
             if resume is not None or check_unfooled(unfooled) != "clean" or attack_all:
                 raise ValueError("only the L-inf APGD attack with labels y, without best_loss, x_init or the "
