@@ -469,12 +469,17 @@ def test_corrupt_and_foreign_chunks_are_recomputed_with_a_warning(setup, tmp_pat
     torn.write_text(torn.read_text()[:25])                              # torn JSON
     for suffix in (".safetensors", ".json"):                            # a chunk of another evaluation
         shutil.copy(tmp_path / "other" / "state" / folder.name / f"chunk00002{suffix}", folder)
+    # A record without its tensors (as results/ commits finished chunks): said so, not called unreadable.
+    (out / "state" / "defended_ol1_eps8_eot-pgd-dlr-targeted" / "chunk00001.safetensors").unlink()
     with pytest.warns(RuntimeWarning) as record:
         again = evaluate(model, x, y, out=out, seed=3, **RESUME_KWARGS)
     messages = [str(w.message) for w in record if "recomputing chunk" in str(w.message)]
-    assert len(messages) == 3, messages
-    assert "chunk00000.safetensors" in messages[0] and "chunk00001.json" in messages[1]
+    assert len(messages) == 4, messages
+    assert "chunk00000.safetensors" in messages[0] and "cannot be read" in messages[0]
+    assert "chunk00001.json" in messages[1] and "cannot be read" in messages[1]
     assert "chunk00002.json" in messages[2] and "another evaluation" in messages[2]
+    assert "eot-pgd-dlr-targeted" in messages[3] and "cannot be read" not in messages[3]
+    assert "chunk00001.json is here but its tensors chunk00001.safetensors are not" in messages[3]
     assert _strip(again) == _strip(reference) and _same_outputs(tmp_path / "straight", out)
     with warnings.catch_warnings(record=True) as later:                 # repaired: nothing left to recompute
         warnings.simplefilter("always")

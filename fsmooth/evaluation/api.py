@@ -147,8 +147,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
             clean pass are computed and kept in ``out/partial/state``, apart from the evaluation's state; the report
             (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a finished
             report. One process only; needs ``out`` holding state and ``resume``. Raises ``ValueError`` when no
-            attack run has finished a chunk, ``RuntimeError`` when a finished attack chunk cannot be read (it is
-            never recomputed).
+            attack run has finished a chunk, ``RuntimeError`` when a finished attack chunk cannot be used: unreadable,
+            or its tensors missing (it is never recomputed).
 
     Under ``torchrun`` each rank runs a share of the chunks, taking the next chunk whenever it is free: the
     chunks of all the runs that need no other run's result (clean passes, attacks, AutoAttack) form one list,

@@ -300,7 +300,7 @@ def _chunk(ctx: Context, spec: RunSpec, c: int, sources: dict, candidates: torch
     if got is not None:
         return got
     if ctx.attacks_frozen and spec.kind not in ("clean", "rescore"):
-        raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be read (see the warning "
+        raise RuntimeError(f"partial report: chunk {c} of {spec.run_id!r} cannot be used (see the warning "
                            "above); a partial report attacks nothing, so it stops here")
     clf = ctx.classifier(spec.target, spec.outer_loops)
     seed = chunk_seed(ctx.seed, spec.run_id, c)

@@ -113,9 +113,14 @@ def _read_stamped(tensor_path, meta_path: Path, accepted: tuple, why: str):
         path = tensor_path(meta) if callable(tensor_path) else tensor_path
         tensors = load_file(str(path))
     except Exception as exc:
-        names = f"{path.name} / {meta_path.name}" if path is not None else meta_path.name
-        warnings.warn(f"{why}: {names} in {meta_path.parent} cannot be read ({type(exc).__name__}: {exc})",
-                      RuntimeWarning, stacklevel=3)
+        if path is not None and isinstance(exc, FileNotFoundError):
+            # Not damage: results/ commits a finished chunk's record without its (large) tensors, so a clone
+            # holds the JSON alone (results/PLAN.md says which commit brings them back).
+            what = f"{meta_path.name} is here but its tensors {path.name} are not (left out of the tree, or deleted)"
+        else:
+            names = f"{path.name} / {meta_path.name}" if path is not None else meta_path.name
+            what = f"{names} cannot be read ({type(exc).__name__}: {exc})"
+        warnings.warn(f"{why}: {what}, in {meta_path.parent}", RuntimeWarning, stacklevel=3)
         return None
     if meta.get(FINGERPRINT_KEY) not in accepted:
         warnings.warn(f"{why}: {meta_path} belongs to another evaluation (its fingerprint differs)", RuntimeWarning,
