@@ -194,6 +194,8 @@ def _section_tables(sec: dict, level: str) -> list[str]:
     if not sec["adaptive"]:
         out.append("| - | - | - | - | not run yet | - | - | - |")
     out += ["", f"{level} Defense cost (clean passes; CPU rows: one core per process)", "",
+            "`device`: the machine the clean pass's chunks record having run on (`not recorded`: saved before "
+            "2026-11-27 05:40 UTC), not the one that wrote the report.", "",
             "| model | K | defense iterations mean / max | s per image | device | report |", "|---|---|---|---|---|---|"]
     for c in sec["cost"]:
         it = c["defense_iterations"]

@@ -143,8 +143,21 @@ def test_a_report_whose_device_text_named_torch_names_it_once(tmp_path):
     environment = report["info"]["environment"]
     if "torch" not in environment["device"]:
         environment["device"] += f", torch {environment['torch']}"
+    for run in report["runs"]:
+        run.pop("machines", None)  # as those reports were: the device column falls back on the report's machine
     (folder / "report.json").write_text(json.dumps(report))
     header = markdown(report).splitlines()[2]
     assert header.count("torch ") == 1 and "(AVX512, 1 threads), torch 2.14.1" in header
     devices = {c["device"] for c in summarize([folder])["clean"]}
     assert devices == {"Intel(R) Xeon(R) Processor (AVX512, 1 threads)"}   # the cost table's device column
+
+
+def test_the_cost_tables_device_is_where_the_chunks_ran_not_where_the_report_was_written():
+    """std-row7-gpu's partial report was rendered on a CPU machine from chunks computed on an H100: its times
+    are the H100's, and so must its device column be."""
+    folder = ROOT / "results" / "eval" / "std-row7-gpu" / "partial"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a partial report says so
+        clean = summarize([folder])["clean"]
+    assert json.loads((folder / "report.json").read_text())["info"]["environment"]["machine"]["gpu"] is None
+    assert {c["device"] for c in clean} == {"NVIDIA H100 80GB HBM3 (AVX512, 1 threads)"}
