@@ -161,3 +161,17 @@ def test_the_cost_tables_device_is_where_the_chunks_ran_not_where_the_report_was
         clean = summarize([folder])["clean"]
     assert json.loads((folder / "report.json").read_text())["info"]["environment"]["machine"]["gpu"] is None
     assert {c["device"] for c in clean} == {"NVIDIA H100 80GB HBM3 (AVX512, 1 threads)"}
+
+
+@pytest.mark.parametrize("order", [1, -1])
+def test_an_attack_in_two_reports_shows_the_stronger_run_before_the_larger(order):
+    """fs-adaptive-gpu (n = 1000) attacked only the images its first defended pass got right and returned the
+    others clean; fs-adaptive-mixed (n = 100) attacked every image and kept its highest-loss points. The column
+    is the stronger attack's, whichever report comes first; both still count in the worst case."""
+    folders = [ROOT / "results" / "eval" / run for run in ("fs-adaptive-gpu", "fs-adaptive-mixed")][::order]
+    summary = summarize(folders)
+    setting = next(s for s in summary["settings"] if s["target"] == "defended" and s["eps_255"] == 8)
+    for lam in ("-10", "-1", "+0", "+1", "+10"):
+        column = setting["columns"][f"adaptive{lam}"]
+        assert column["n"] == 100 and column["report"].endswith("fs-adaptive-mixed"), (lam, column)
+    assert len(summary["adaptive"]) == 10  # Table 3 lists both

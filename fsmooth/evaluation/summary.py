@@ -63,6 +63,13 @@ def _pct_ci(summary: dict) -> dict:
     return {k: summary[k] for k in ("n", "correct", "accuracy", "ci95")}
 
 
+def _strength(run: dict) -> tuple[bool, bool]:
+    """How strong an attack run's settings are, for choosing between the same attack in two reports before their
+    numbers of images: a run that attacked every image and returned an image it did not fool at its highest loss
+    beats one recorded before those settings (which left images clean: a weaker attack, a higher accuracy)."""
+    return attacked_of(run) == "all", unfooled_of(run) != "clean"
+
+
 def _ran_on(run: dict, reported: str) -> str:
     """Where ``run``'s chunks were computed, from the machines they record; ``reported`` (the machine that wrote
     the report) for a report without that record. A report resumed or re-rendered elsewhere (a partial report of
@@ -122,7 +129,8 @@ def summarize(folders, names: dict | None = None) -> dict:
             setting = Setting(s["target"], s["outer_loops"], s["eps"])
             robust = tensors[f"robust/{setting.id}"].bool()
             rescore = tensors.get(f"rescore_correct/{setting.id}")
-            g = groups.setdefault((model, setting), {"robust": [], "strict": [], "columns": {}, "sources": []})
+            g = groups.setdefault((model, setting), {"robust": [], "strict": [], "columns": {}, "ranks": {},
+                                                     "sources": []})
             g["robust"].append(robust)
             g["strict"].append(robust & rescore.bool().all(0) if rescore is not None else None)
             g["sources"].append(source)
@@ -133,9 +141,10 @@ def summarize(folders, names: dict | None = None) -> dict:
                 clean.append({"model": model, "target": run["target"], "outer_loops": run["outer_loops"], **row,
                               **source, "device": _ran_on(run, source["device"])})
                 continue
-            columns = groups[(model, Setting(run["target"], run["outer_loops"], run["eps"]))]["columns"]
-            if run["column"] not in columns or row["n"] >= columns[run["column"]]["n"]:
-                columns[run["column"]] = row  # an attack run in two reports: the one on more images
+            g = groups[(model, Setting(run["target"], run["outer_loops"], run["eps"]))]
+            rank = (_strength(run), row["n"])
+            if run["column"] not in g["columns"] or rank >= g["ranks"][run["column"]]:
+                g["columns"][run["column"]], g["ranks"][run["column"]] = row, rank
             if run["column"].startswith("adaptive"):
                 adaptive.append({"model": model, "outer_loops": run["outer_loops"], "eps_255": run["eps_255"],
                                  "lam": run["settings"].get("lam"), "attacked": attacked_of(run),
