@@ -175,3 +175,4 @@ def test_an_attack_in_two_reports_shows_the_stronger_run_before_the_larger(order
         column = setting["columns"][f"adaptive{lam}"]
         assert column["n"] == 100 and column["report"].endswith("fs-adaptive-mixed"), (lam, column)
     assert len(summary["adaptive"]) == 10  # Table 3 lists both
+    assert setting["worst_case"]["n"] == 100 and len(setting["reports"]) == 2  # joined on the images both have
