@@ -269,6 +269,17 @@ def device_text(environment: dict) -> str:
     return machine_text(m, versions=False) if m else environment["device"]
 
 
+def run_device_text(run: dict, environment: dict) -> str:
+    """Where a report's ``run`` was computed, from the machines its chunks record; the report's own machine
+    (:func:`device_text`) for a report without that record. A report resumed or re-rendered elsewhere (a partial
+    report of GPU chunks, written here) is written by one machine and timed by another."""
+    machines = run.get("machines")
+    if not machines:
+        return device_text(environment)
+    texts = ("not recorded" if m["machine"] is None else machine_text(m["machine"], versions=False) for m in machines)
+    return "; ".join(dict.fromkeys(texts))
+
+
 def machine_text(m: dict | None, versions: bool = True) -> str:
     if m is None:
         return "not recorded (chunks saved before 2026-11-27 05:40 UTC)"

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ..models.wrn import WideResNet
 from .protocols import Setting
-from .report import attacked_of, device_text, machine_text, unfooled_of
+from .report import attacked_of, device_text, run_device_text, unfooled_of
 from .scoring import accuracy_summary
 
 __all__ = ["summarize", "summary_markdown"]
@@ -68,17 +68,6 @@ def _strength(run: dict) -> tuple[bool, bool]:
     numbers of images: a run that attacked every image and returned an image it did not fool at its highest loss
     beats one recorded before those settings (which left images clean: a weaker attack, a higher accuracy)."""
     return attacked_of(run) == "all", unfooled_of(run) != "clean"
-
-
-def _ran_on(run: dict, reported: str) -> str:
-    """Where ``run``'s chunks were computed, from the machines they record; ``reported`` (the machine that wrote
-    the report) for a report without that record. A report resumed or re-rendered elsewhere (a partial report of
-    GPU chunks, written here) is written by one machine and timed by another."""
-    machines = run.get("machines")
-    if not machines:
-        return reported
-    texts = ("not recorded" if m["machine"] is None else machine_text(m["machine"], versions=False) for m in machines)
-    return "; ".join(dict.fromkeys(texts))
 
 
 def summarize(folders, names: dict | None = None) -> dict:
@@ -139,7 +128,7 @@ def summarize(folders, names: dict | None = None) -> dict:
                    "wall_per_image_s": run["wall_per_image_s"]}
             if run["kind"] == "clean":
                 clean.append({"model": model, "target": run["target"], "outer_loops": run["outer_loops"], **row,
-                              **source, "device": _ran_on(run, source["device"])})
+                              **source, "device": run_device_text(run, info["environment"])})
                 continue
             g = groups[(model, Setting(run["target"], run["outer_loops"], run["eps"]))]
             rank = (_strength(run), row["n"])
