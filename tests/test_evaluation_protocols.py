@@ -636,6 +636,25 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
         evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
 
 
+def test_a_run_ahead_of_the_others_is_reported_at_its_own_n_by_selecting_it(setup, tmp_path):
+    """A partial report has one n, the images every selected run has finished; the same command with fewer eps
+    selects the run that is ahead and reports it at its own n, equal to the finished evaluation's numbers."""
+    model, x, y = setup
+    both = {**RESUME_KWARGS, "eps": (8 / 255, 16 / 255)}
+    out = tmp_path / "eval"
+    finished = evaluate(model, x, y, out=out, seed=7, **both)
+    behind = out / "state" / "defended_ol1_eps16_eot-pgd-dlr-targeted"
+    for path in behind.glob("chunk00002.*"):  # eps 16 as if still running its last chunk
+        path.unlink()
+    (out / "report.json").unlink()
+    assert evaluate(model, x, y, out=out, seed=7, partial=True, **both)["info"]["partial"]["images"] == 8
+    ahead = evaluate(model, x, y, out=out, seed=7, partial=True, **{**both, "eps": (8 / 255,)})
+    assert ahead["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": []}
+    full = {r["run_id"]: r["correct"] for r in finished["runs"]}
+    assert ahead["runs"] and all(r["correct"] == full[r["run_id"]] for r in ahead["runs"])
+    assert all("eps16" not in r["run_id"] for r in ahead["runs"])
+
+
 def test_bad_arguments_are_named(setup):
     model, x, y = setup
     with pytest.raises(ValueError, match="eps"):

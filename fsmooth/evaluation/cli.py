@@ -88,7 +88,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "(default on; --no-resume deletes the state first)")
     p.add_argument("--partial", action="store_true",
                    help="report on the images a running or interrupted evaluation in --out has finished, "
-                        "attacking nothing new (written to OUT/partial/)")
+                        "attacking nothing new (written to OUT/partial/): the first images every selected run has "
+                        "finished; select fewer --eps/--outer-loops to report a run ahead of the others at its n")
     p.add_argument("--device", default=None, help="default: cuda:LOCAL_RANK if available, else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no table")
     _budget_args(p)
