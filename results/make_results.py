@@ -112,6 +112,7 @@ def _reports_info(reports: list[Path]) -> dict:
         run = r.parent if r.name == "partial" else r
         info[str(r)] = {"log": f"{run}.log", "partial": run != r,
                         "left_out": (meta.get("partial") or {}).get("left_out", []),
+                        "not_selected": (meta.get("partial") or {}).get("not_selected", []),
                         **{k: v for k, v in meta.items() if k in ("command", "started", "finished", "n", "image_order")}}
     return info
 
@@ -205,8 +206,10 @@ def _section_tables(sec: dict, level: str) -> list[str]:
     out += ["", f"{level} Reports behind the numbers", ""]
     if partial:
         def named(p):
-            left_out = sec["reports"][p]["left_out"]
-            return f"`{p}`" + (f" (left out, no chunk finished yet: {', '.join(left_out)})" if left_out else "")
+            r = sec["reports"][p]
+            why = ([f"left out, no chunk finished yet: {', '.join(r['left_out'])}"] if r["left_out"] else []) + (
+                [f"other runs in its state, not selected: {', '.join(r['not_selected'])}"] if r["not_selected"] else [])
+            return f"`{p}`" + (f" ({'; '.join(why)})" if why else "")
         out += ["Not finished yet, and read through `fsmooth eval --partial` (the chunks each had finished, re-scored): "
                 + ", ".join(named(p) for p in partial) + ".", ""]
     out += ["| report | log | n | command |", "|---|---|---|---|"]

@@ -531,7 +531,8 @@ def test_an_attack_chunk_saved_with_other_settings_is_recomputed(setup, tmp_path
     state = _digests(out / "state")
     with pytest.warns(RuntimeWarning, match="counted as not finished, chunk 1 of 'defended/ol1/eps8/adaptive\\+1'"):
         partial = evaluate(model, x, y, out=out, seed=3, partial=True, **kwargs)
-    assert partial["info"]["partial"] == {"images": 4, "planned": 12, "chunks": 1, "left_out": []}
+    assert partial["info"]["partial"] == {"images": 4, "planned": 12, "chunks": 1, "left_out": [],
+                                          "not_selected": []}
     part = load_file(str(out / "partial" / "per_image.safetensors"))
     whole = load_file(str(out / "per_image.safetensors"))
     for key in part:
@@ -546,7 +547,7 @@ def test_an_attack_chunk_saved_with_other_settings_is_recomputed(setup, tmp_path
     with pytest.warns(RuntimeWarning, match="counted as not finished, chunk 0 of"):
         partial = evaluate(model, x, y, out=out, seed=3, partial=True, **kwargs)
     assert partial["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3,
-                                          "left_out": ["defended/ol1/eps8/adaptive+1"]}
+                                          "left_out": ["defended/ol1/eps8/adaptive+1"], "not_selected": []}
     first.write_text(kept)
     assert _digests(out / "state") == state
     with pytest.warns(RuntimeWarning, match="recomputing chunk 1 of 'defended/ol1/eps8/adaptive\\+1'.*other settings"):
@@ -588,7 +589,8 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
         elif not finished_dlr:  # the run with no finished chunk is left out, and the report says so
             ce_only = evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
             dlr = "defended/ol1/eps8/eot-pgd-dlr-targeted"
-            assert ce_only["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": [dlr]}
+            assert ce_only["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": [dlr],
+                                                 "not_selected": []}
             assert dlr not in {r["run_id"] for r in ce_only["runs"]}
             assert "defended/ol1/eps8/eot-pgd-ce" in {r["run_id"] for r in ce_only["runs"]}
             assert f"Left out, not having finished a chunk yet (the worst case here is without them): `{dlr}`" in \
@@ -597,7 +599,8 @@ def test_partial_report_covers_the_finished_chunks_and_attacks_nothing(setup, tm
     report = evaluate(model, x, y, out=out, seed=5, partial=True, **RESUME_KWARGS)
     assert _digests(out / "state") == before  # no chunk computed, rewritten or added
     assert any((out / "partial" / "state").glob("rescore_*/chunk*.json"))  # its re-scoring lives apart
-    assert report["info"]["partial"] == {"images": 8, "planned": 12, "chunks": 2, "left_out": []}
+    assert report["info"]["partial"] == {"images": 8, "planned": 12, "chunks": 2, "left_out": [],
+                                          "not_selected": []}
     assert report["info"]["n"] == 8
     assert not (out / "report.json").exists() and (out / "partial" / "report.json").is_file()
     assert "**Partial report:** the first 8 of the 12 planned images" in (out / "partial" / "report.md").read_text()
@@ -649,7 +652,12 @@ def test_a_run_ahead_of_the_others_is_reported_at_its_own_n_by_selecting_it(setu
     (out / "report.json").unlink()
     assert evaluate(model, x, y, out=out, seed=7, partial=True, **both)["info"]["partial"]["images"] == 8
     ahead = evaluate(model, x, y, out=out, seed=7, partial=True, **{**both, "eps": (8 / 255,)})
-    assert ahead["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": []}
+    behind_runs = ["defended_ol1_eps16_eot-pgd-ce", "defended_ol1_eps16_eot-pgd-dlr-targeted"]  # and it says so
+    assert ahead["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": [],
+                                        "not_selected": behind_runs}
+    assert ("Not selected by this command, though the state holds their work (select them to report them): "
+            "`defended_ol1_eps16_eot-pgd-ce`, `defended_ol1_eps16_eot-pgd-dlr-targeted`.") in \
+        (out / "partial" / "report.md").read_text()
     full = {r["run_id"]: r["correct"] for r in finished["runs"]}
     assert ahead["runs"] and all(r["correct"] == full[r["run_id"]] for r in ahead["runs"])
     assert all("eps16" not in r["run_id"] for r in ahead["runs"])
@@ -732,7 +740,8 @@ def test_cli_eval_and_figures_on_a_real_checkpoint_and_image_folder(tmp_path, mo
                  "--n", "4", "--eps", "8", "--outer-loops", "1", "--out", str(out), "--budget", "tiny",
                  "--max-iters", "2", "--sweep-eps", "4", "32", "--partial", "--quiet"]) == 0
     partial = json.loads((out / "partial" / "report.json").read_text())
-    assert partial["info"]["partial"] == {"images": 4, "planned": 4, "chunks": 1, "left_out": []}
+    assert partial["info"]["partial"] == {"images": 4, "planned": 4, "chunks": 1, "left_out": [],
+                                           "not_selected": []}
     assert [r["correct"] for r in partial["runs"]] == [r["correct"] for r in report["runs"]]
     with pytest.raises(SystemExit):                       # a model source is required, and only one
         main(["eval", "--checkpoint", "a", "--pretrained", "b"])

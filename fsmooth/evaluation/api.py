@@ -143,12 +143,14 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
             nothing: the first chunks that every attack run has finished, in order (chunks 0 to j; a chunk attacked
             with other settings than the run's, which the evaluation will recompute, has not finished: a warning
             names it); an attack run that has finished no chunk is left out (``info["partial"]["left_out"]``, named
-            in the report). Their re-scoring (``budget.rescore_runs`` defended forwards per image) and any missing
-            clean pass are computed and kept in ``out/partial/state``, apart from the evaluation's state; the report
-            (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a finished
-            report. One process only; needs ``out`` holding state and ``resume``. Raises ``ValueError`` when no
-            attack run has finished a chunk, ``RuntimeError`` when a finished attack chunk cannot be used: unreadable,
-            or its tensors missing (it is never recomputed).
+            in the report), and so is a run whose state is under ``out`` but which these arguments do not select
+            (``info["partial"]["not_selected"]``, its state folder: select fewer eps to report a run that is ahead
+            of the others at its own n). Their re-scoring (``budget.rescore_runs`` defended forwards per image) and
+            any missing clean pass are computed and kept in ``out/partial/state``, apart from the evaluation's state;
+            the report (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a
+            finished report. One process only; needs ``out`` holding state and ``resume``. Raises ``ValueError``
+            when no attack run has finished a chunk, ``RuntimeError`` when a finished attack chunk cannot be used:
+            unreadable, or its tensors missing (it is never recomputed).
 
     Under ``torchrun`` each rank runs a share of the chunks, taking the next chunk whenever it is free: the
     chunks of all the runs that need no other run's result (clean passes, attacks, AutoAttack) form one list,
@@ -199,6 +201,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
                   chunk_size=chunk_size, batch_size=batch_size, store=store, rank=rank, world=world, quiet=quiet,
                   num_classes=num_classes, attacks_frozen=partial)
     if partial:
+        not_selected = store.other_runs(spec.run_id for spec in specs)
         done, left_out = _finished_prefix(ctx, specs)
         specs = [spec for spec in specs if spec.run_id not in left_out]
         ctx = dataclasses.replace(ctx, images=images[:done], labels=labels[:done],
@@ -223,7 +226,8 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
         "fingerprint": fingerprint, **(meta or {}),
     }
     if partial:
-        info["partial"] = {"images": ctx.n, "planned": planned_n, "chunks": ctx.n_chunks, "left_out": left_out}
+        info["partial"] = {"images": ctx.n, "planned": planned_n, "chunks": ctx.n_chunks, "left_out": left_out,
+                           "not_selected": not_selected}
     report = build_report(ctx, specs, results, rescored, info)
     if out is not None and rank == 0:
         write_outputs(report, results, rescored, out / "partial" if partial else out, ctx)

@@ -199,6 +199,9 @@ def markdown(report: dict) -> str:
         if part.get("left_out"):
             lines += ["Left out, not having finished a chunk yet (the worst case here is without them): "
                       + ", ".join(f"`{r}`" for r in part["left_out"]) + ".", ""]
+        if part.get("not_selected"):
+            lines += ["Not selected by this command, though the state holds their work (select them to report them): "
+                      + ", ".join(f"`{r}`" for r in part["not_selected"]) + ".", ""]
     if info.get("command"):
         lines += [f"Command: `{info['command']}`", ""]
     # An attack's points scored at another K (eot-transfer: "eot-pgd-ce-from-ol1") stand after the attack.

@@ -292,6 +292,16 @@ class ChunkStore:
         folder = self.root / _safe(run_id)
         return folder / f"chunk{chunk:05d}.safetensors", folder / f"chunk{chunk:05d}.json"
 
+    def other_runs(self, run_ids) -> list[str]:
+        """The state folders of attack or clean runs other than ``run_ids`` that hold a finished chunk or work in
+        flight (re-scoring left aside): what a partial report on ``run_ids`` does not show."""
+        if self.root is None or not self.root.is_dir():
+            return []
+        mine = {_safe(r) for r in run_ids}
+        return sorted(p.name for p in self.root.iterdir()
+                      if p.is_dir() and p.name not in mine and not p.name.startswith("rescore_")
+                      and any(p.glob("chunk*.json")))
+
     def progress(self, run_id: str, chunk: int) -> "ChunkProgress | None":
         """Where chunk ``chunk`` of ``run_id`` keeps its work in flight (``None`` when nothing is kept)."""
         if self.root is None:
