@@ -650,7 +650,13 @@ def test_a_run_ahead_of_the_others_is_reported_at_its_own_n_by_selecting_it(setu
     for path in behind.glob("chunk00002.*"):  # eps 16 as if still running its last chunk
         path.unlink()
     (out / "report.json").unlink()
-    assert evaluate(model, x, y, out=out, seed=7, partial=True, **both)["info"]["partial"]["images"] == 8
+    assert evaluate(model, x, y, out=out, seed=7, partial=True, **both)["info"]["partial"] == {
+        "images": 8, "planned": 12, "chunks": 2, "left_out": [], "not_selected": []}
+    in_flight = out / "state" / "defended_ol1_eps16_eot-pgd-ce"  # holding work in flight only, no finished chunk
+    meta = (in_flight / "chunk00000.json").read_text()
+    for path in in_flight.glob("chunk?????.*"):
+        path.unlink()
+    (in_flight / "chunk00000.progress.json").write_text(meta)
     ahead = evaluate(model, x, y, out=out, seed=7, partial=True, **{**both, "eps": (8 / 255,)})
     behind_runs = ["defended_ol1_eps16_eot-pgd-ce", "defended_ol1_eps16_eot-pgd-dlr-targeted"]  # and it says so
     assert ahead["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": [],
