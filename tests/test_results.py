@@ -137,8 +137,8 @@ def test_a_partial_report_names_the_runs_it_did_not_select(make_results, copied)
     the runs whose state it left aside; the generated list of unfinished reports repeats them."""
     run = Path("results") / "eval" / "fs-square-mixed"
     (copied / run / "report.json").unlink(missing_ok=True)  # a run with no finished report counts by its partial one
-    shown = [run / "partial"]
-    path = copied / shown[0] / "report.json"
+    partial = run / "partial"
+    path = copied / partial / "report.json"
     report = json.loads(path.read_text())
     report["info"]["partial"]["not_selected"] = ["defended_ol1_eps32_square"]
     path.write_text(json.dumps(report))
@@ -146,9 +146,9 @@ def test_a_partial_report_names_the_runs_it_did_not_select(make_results, copied)
         warnings.simplefilter("ignore", RuntimeWarning)
         assert make_results.main([]) == 0
     readme = (copied / "results" / "README.md").read_text()
-    assert f"`{shown[0]}` (" in readme and "other runs in its state, not selected: defended_ol1_eps32_square)" in readme
+    assert f"`{partial}` (other runs in its state, not selected: defended_ol1_eps32_square)" in readme
     assert "Not selected by this command, though the state holds their work (select them to report them): " \
-        "`defended_ol1_eps32_square`." in (copied / shown[0] / "report.md").read_text()
+        "`defended_ol1_eps32_square`." in (copied / partial / "report.md").read_text()
 
 
 def test_a_report_whose_device_text_named_torch_names_it_once(tmp_path):
