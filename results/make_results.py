@@ -110,9 +110,9 @@ def _reports_info(reports: list[Path]) -> dict:
     for r in reports:
         meta = json.loads((ROOT / r / "report.json").read_text())["info"]
         run = r.parent if r.name == "partial" else r
+        part = meta.get("partial") or {}
         info[str(r)] = {"log": f"{run}.log", "partial": run != r,
-                        "left_out": (meta.get("partial") or {}).get("left_out", []),
-                        "not_selected": (meta.get("partial") or {}).get("not_selected", []),
+                        **{k: part.get(k, []) for k in ("left_out", "not_selected")},
                         **{k: v for k, v in meta.items() if k in ("command", "started", "finished", "n", "image_order")}}
     return info
 
