@@ -125,6 +125,14 @@ case "${1:-}" in
         # attacks at eps 8 on n = 200 on an H100 in 6 minutes (std-row7-gpu)
         ev std-eot-mixed "$STD" --protocol eot --num-images 200 --eps 8 --outer-loops 1 --chunk-size 10 --batch-size 10
         ;;
+    j)  # row 7's EOT-PGD at eps 16 on CPU (queue h's move for the standard model): std-eot-mixed's eps-8 chunks are
+        # read back (the state's fingerprint holds neither eps nor protocol) and only eps 16 is computed, n = 100 in
+        # chunks of 10, CE then targeted DLR. Estimate from queue h (the same attack on the feature-smoothed model at
+        # eps 16: about 5.8 core-hours for CE and 6 for DLR) and queue g (the standard model at eps 8: 5.1 and 4.2):
+        # some 8-12 core-hours, over several sessions; gpu-row7 runs it on a GPU at n = 200 with Square
+        ev std-eot-mixed "$STD" --protocol eot --num-images 100 --eps 8 16 --outer-loops 1 --chunk-size 10 \
+            --batch-size 10
+        ;;
     r)  # 2026-11-28, after commit ff3e546 (re-scoring on an attack's point for every image; the transfer attack's
         # second set of points, APGD-CE's highest-loss point of every image on the bare model): the finished
         # evaluations again, their commands unchanged. Each reads its attack chunks back (adversarial images
@@ -205,6 +213,6 @@ case "${1:-}" in
         ev fs-fabt-gpu "$FS" --protocol fab-t --num-images 200 --eps 8 --outer-loops 1 --chunk-size 200 \
             --batch-size 200
         ;;
-    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|r|s|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-row6|gpu-eot-100|gpu-rand|gpu-paper|gpu-fabt" >&2
+    *)  echo "usage: bash results/run_evals.sh a|b|c|d|e|f|g|h|i|j|r|s|gpu-adaptive-200|gpu-adaptive|gpu-row2|gpu-row7|gpu-row6|gpu-eot-100|gpu-rand|gpu-paper|gpu-fabt" >&2
         exit 2 ;;
 esac
