@@ -401,6 +401,20 @@ def test_a_rank_that_does_not_own_the_state_reads_the_legacy_stamps(tmp_path):
     assert json.loads((tmp_path / "fingerprint.json").read_text())["images"] == 6
 
 
+def test_chunks_and_work_in_flight_record_their_run_id_which_loading_leaves_out(tmp_path):
+    from fsmooth.evaluation.store import ChunkStore
+
+    store = ChunkStore(tmp_path, {"data": ["a"], "seed": 0})
+    store.save("defended/ol1/eps8/square", 0, {"t": torch.ones(1)}, {"hi": 4})
+    store.progress("defended/ol1/eps16/square", 0).save({"t": torch.zeros(1)}, {"state": {"query": 3}})
+    assert json.loads((tmp_path / "defended_ol1_eps8_square" / "chunk00000.json").read_text())["run"] == \
+        "defended/ol1/eps8/square"
+    assert store.other_runs([]) == ["defended/ol1/eps16/square", "defended/ol1/eps8/square"]
+    assert store.other_runs(["defended/ol1/eps8/square"]) == ["defended/ol1/eps16/square"]
+    assert store.load("defended/ol1/eps8/square", 0)[1] == {"hi": 4}  # the run id stays in the file
+    assert store.progress("defended/ol1/eps16/square", 0).load()[1] == {"state": {"query": 3}}
+
+
 def test_a_rerun_that_computes_nothing_keeps_the_reports_times(setup, tmp_path):
     import json
 
@@ -658,12 +672,16 @@ def test_a_run_ahead_of_the_others_is_reported_at_its_own_n_by_selecting_it(setu
         path.unlink()
     (in_flight / "chunk00000.progress.json").write_text(meta)
     ahead = evaluate(model, x, y, out=out, seed=7, partial=True, **{**both, "eps": (8 / 255,)})
-    behind_runs = ["defended_ol1_eps16_eot-pgd-ce", "defended_ol1_eps16_eot-pgd-dlr-targeted"]  # and it says so
+    behind_runs = ["defended/ol1/eps16/eot-pgd-ce", "defended/ol1/eps16/eot-pgd-dlr-targeted"]  # and it says so
     assert ahead["info"]["partial"] == {"images": 12, "planned": 12, "chunks": 3, "left_out": [],
                                         "not_selected": behind_runs}
     assert ("Not selected by this command, though the state holds their work (select them to report them): "
-            "`defended_ol1_eps16_eot-pgd-ce`, `defended_ol1_eps16_eot-pgd-dlr-targeted`.") in \
+            "`defended/ol1/eps16/eot-pgd-ce`, `defended/ol1/eps16/eot-pgd-dlr-targeted`.") in \
         (out / "partial" / "report.md").read_text()
+    for path in behind.glob("chunk*.json"):  # state saved before chunks recorded their run: named by its folder
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "run"}))
+    older = evaluate(model, x, y, out=out, seed=7, partial=True, **{**both, "eps": (8 / 255,)})
+    assert older["info"]["partial"]["not_selected"] == [behind_runs[0], "defended_ol1_eps16_eot-pgd-dlr-targeted"]
     full = {r["run_id"]: r["correct"] for r in finished["runs"]}
     assert ahead["runs"] and all(r["correct"] == full[r["run_id"]] for r in ahead["runs"])
     assert all("eps16" not in r["run_id"] for r in ahead["runs"])

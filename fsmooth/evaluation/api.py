@@ -144,11 +144,12 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
             with other settings than the run's, which the evaluation will recompute, has not finished: a warning
             names it); an attack run that has finished no chunk is left out (``info["partial"]["left_out"]``, named
             in the report), and so is a run whose state is under ``out`` but which these arguments do not select
-            (``info["partial"]["not_selected"]``, its state folder: select fewer eps to report a run that is ahead
-            of the others at its own n). Their re-scoring (``budget.rescore_runs`` defended forwards per image) and
-            any missing clean pass are computed and kept in ``out/partial/state``, apart from the evaluation's state;
-            the report (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a
-            finished report. One process only; needs ``out`` holding state and ``resume``. Raises ``ValueError``
+            (``info["partial"]["not_selected"]``, its run id, or its state folder for state saved before
+            2026-11-29: select fewer eps to report a run that is ahead of the others at its own n). Their
+            re-scoring (``budget.rescore_runs`` defended forwards per image) and any missing clean pass are
+            computed and kept in ``out/partial/state``, apart from the evaluation's state; the report
+            (``info["partial"]``: images reported and planned) goes to ``out/partial/``, never over a finished
+            report. One process only; needs ``out`` holding state and ``resume``. Raises ``ValueError``
             when no attack run has finished a chunk, ``RuntimeError`` when a finished attack chunk cannot be used:
             unreadable, or its tensors missing (it is never recomputed).
 

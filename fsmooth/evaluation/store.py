@@ -25,6 +25,7 @@ __all__ = ["ChunkStore", "ChunkProgress", "ChunkedData", "OverlayStore", "atomic
 _log = logging.getLogger(__name__)
 FINGERPRINT_KEY = "fingerprint_sha256"  # in every chunk's JSON: the evaluation the chunk belongs to
 _TENSORS_KEY = "tensors_file"  # in a progress JSON: which of its two tensor files it goes with
+_RUN_KEY = "run"  # in a chunk's or a progress JSON since 2026-11-29: the run id its folder holds (for reports)
 _LEGACY_KEY = "legacy_stamps"  # in fingerprint.json: stamps of chunks written before per-chunk stamps, still good
 _IMAGES_KEY = "images"  # in fingerprint.json: how many images the evaluation that wrote it had
 
@@ -88,6 +89,18 @@ def _safe(run_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]", "_", run_id)
 
 
+def _recorded_run(folder: Path) -> str:
+    """The run id that ``folder``'s chunk or progress JSONs record, else the folder's name."""
+    for path in sorted(folder.glob("chunk*.json")):
+        try:
+            run = _read_json_object(path).get(_RUN_KEY)
+        except (OSError, ValueError):
+            continue
+        if isinstance(run, str) and _safe(run) == folder.name:
+            return run
+    return folder.name
+
+
 def json_value(obj):
     """``obj`` as it reads back from :func:`write_json` (lists for tuples, None for NaN, ...)."""
     return json.loads(json.dumps(_finite(obj), default=_json_default))
@@ -126,7 +139,7 @@ def _read_stamped(tensor_path, meta_path: Path, accepted: tuple, why: str):
         warnings.warn(f"{why}: {meta_path} belongs to another evaluation (its fingerprint differs)", RuntimeWarning,
                       stacklevel=3)
         return None
-    return tensors, {k: v for k, v in meta.items() if k not in (FINGERPRINT_KEY, _TENSORS_KEY)}
+    return tensors, {k: v for k, v in meta.items() if k not in (FINGERPRINT_KEY, _TENSORS_KEY, _RUN_KEY)}
 
 
 def _digest(fingerprint) -> str:
@@ -293,12 +306,13 @@ class ChunkStore:
         return folder / f"chunk{chunk:05d}.safetensors", folder / f"chunk{chunk:05d}.json"
 
     def other_runs(self, run_ids) -> list[str]:
-        """The state folders of attack or clean runs other than ``run_ids`` that hold a finished chunk or work in
-        flight (re-scoring left aside): what a partial report on ``run_ids`` does not show."""
+        """The attack or clean runs other than ``run_ids`` whose state holds a finished chunk or work in flight
+        (re-scoring left aside): what a partial report on ``run_ids`` does not show. Each is named by the run id
+        its chunks record, or by its state folder when they record none (saved before 2026-11-29)."""
         if self.root is None or not self.root.is_dir():
             return []
         mine = {_safe(r) for r in run_ids}
-        return sorted(p.name for p in self.root.iterdir()
+        return sorted(_recorded_run(p) for p in self.root.iterdir()
                       if p.is_dir() and p.name not in mine and not p.name.startswith("rescore_")
                       and any(p.glob("chunk*.json")))
 
@@ -306,7 +320,7 @@ class ChunkStore:
         """Where chunk ``chunk`` of ``run_id`` keeps its work in flight (``None`` when nothing is kept)."""
         if self.root is None:
             return None
-        return ChunkProgress(self.root / _safe(run_id), chunk, self.stamp(chunk), self.accepted(chunk))
+        return ChunkProgress(self.root / _safe(run_id), chunk, self.stamp(chunk), self.accepted(chunk), run_id=run_id)
 
     def finished(self, run_id: str, chunk: int) -> dict | None:
         """The JSON of chunk ``chunk`` of ``run_id`` if it has finished for this evaluation (stamped for this
@@ -342,7 +356,8 @@ class ChunkStore:
             return
         tensor_path, meta_path = self._paths(run_id, chunk)
         write_safetensors_atomic(tensor_path, tensors)
-        write_json(meta_path, {**meta, FINGERPRINT_KEY: self.stamp(chunk)})  # written last: marks the chunk complete
+        # written last: marks the chunk complete
+        write_json(meta_path, {**meta, _RUN_KEY: run_id, FINGERPRINT_KEY: self.stamp(chunk)})
         self.progress(run_id, chunk).clear()  # the chunk's work in flight is done
 
 
@@ -380,8 +395,9 @@ class ChunkProgress:
     warning (the chunk starts over). :meth:`ChunkStore.save` removes it once the chunk is done.
     """
 
-    def __init__(self, folder: Path, chunk: int, digest: str | None, accepted: tuple | None = None):
-        self.folder = Path(folder)
+    def __init__(self, folder: Path, chunk: int, digest: str | None, accepted: tuple | None = None,
+                 run_id: str | None = None):
+        self.folder, self.run_id = Path(folder), run_id
         self.meta_path = self.folder / f"chunk{chunk:05d}.progress.json"
         self._files = [self.folder / f"chunk{chunk:05d}.progress.{g}.safetensors" for g in (0, 1)]
         self._legacy = self.folder / f"chunk{chunk:05d}.progress.safetensors"  # saved before 2026-11-27 06:30 UTC
@@ -409,7 +425,9 @@ class ChunkProgress:
         new = self._files[1] if current == self._files[0] else self._files[0]
         self.folder.mkdir(parents=True, exist_ok=True)
         write_safetensors_atomic(new, tensors)
-        write_json(self.meta_path, {**meta, _TENSORS_KEY: new.name, FINGERPRINT_KEY: self.digest})  # the switch
+        named = {_RUN_KEY: self.run_id} if self.run_id is not None else {}
+        # the switch
+        write_json(self.meta_path, {**meta, **named, _TENSORS_KEY: new.name, FINGERPRINT_KEY: self.digest})
         for path in (*self._files, self._legacy):
             if path != new:
                 path.unlink(missing_ok=True)
